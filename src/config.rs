@@ -1,0 +1,653 @@
+//! Configuration: one TOML file, every key optional with a documented default.
+//!
+//! The file is read in two steps: TOML syntax first, then every key by hand against the
+//! schema below. Doing the second step by hand (rather than with serde) lets wsgate report
+//! *every* problem at once, each with its key path, and reject unknown keys, so a typo is
+//! never silently ignored. `config.example.toml` documents every key and is parsed by a
+//! test, so it cannot drift from this file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::session::Timers;
+
+/// The whole configuration, with defaults filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Where clients connect. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// The one backend everything is forwarded to. Default `http://127.0.0.1:5080`.
+    pub backend: Backend,
+    /// Client TCP connections (HTTP and WebSocket) served at once; the next one gets a
+    /// 503. Each WebSocket also holds a backend socket, so the file descriptors used are
+    /// about twice this. Default 10000.
+    pub max_connections: usize,
+    pub http: HttpConfig,
+    pub websocket: WebSocketConfig,
+    pub shutdown: ShutdownConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+/// `[http]`: the HTTP side of both legs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpConfig {
+    /// TCP connect to the backend; past it the client gets 502. Default 5s.
+    pub connect_timeout: Duration,
+    /// A client must send a whole request header within this. Default 10s.
+    pub header_read_timeout: Duration,
+    /// The backend must answer (response head) within this, else 504; `None` waits
+    /// forever ("0s"). Default 60s.
+    pub response_timeout: Option<Duration>,
+    /// Largest request header section accepted from a client. Default 64 KiB.
+    pub max_header_size: usize,
+}
+
+/// `[websocket]`: how relayed WebSocket connections are kept alive and ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebSocketConfig {
+    /// wsgate pings a side that sent nothing for this long; `None` ("0s") disables
+    /// liveness pings. Default 20s.
+    pub ping_interval: Option<Duration>,
+    /// A pinged side must send something back within this. Default 10s.
+    pub pong_timeout: Duration,
+    /// How long to wait for a Close reply, and then for the peer to close TCP. Default 5s.
+    pub close_timeout: Duration,
+    /// No data frame either way for this long ends the connection; `None` ("0s", the
+    /// default) disables it.
+    pub idle_timeout: Option<Duration>,
+    /// Connections end with 1001 at this age; `None` ("0s", the default) disables it.
+    pub max_lifetime: Option<Duration>,
+    /// Writes toward a side that make no progress for this long end the connection;
+    /// `None` ("0s") disables it. Default 30s.
+    pub write_timeout: Option<Duration>,
+    /// Largest frame payload accepted from either side, else Close 1009; `None` (0, the
+    /// default) accepts any size. Frames are streamed, so this bounds no memory.
+    pub max_frame_size: Option<u64>,
+}
+
+impl WebSocketConfig {
+    pub fn timers(&self) -> Timers {
+        Timers {
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
+            close_timeout: self.close_timeout,
+            idle_timeout: self.idle_timeout,
+            max_lifetime: self.max_lifetime,
+            write_timeout: self.write_timeout,
+        }
+    }
+}
+
+/// `[shutdown]`: graceful shutdown on SIGTERM/SIGINT.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShutdownConfig {
+    /// How long open connections get to close after the signal before they are aborted.
+    /// Keep it below the pod's `terminationGracePeriodSeconds`. Default 25s.
+    pub drain_timeout: Duration,
+}
+
+/// `[admin]`: the operator's listener (`/livez`, `/readyz`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminConfig {
+    /// Address of the admin listener; `None` ("") disables it. Default `127.0.0.1:9090`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`: what the logs look like.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text (the default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The backend, from a URL such as `http://127.0.0.1:5080`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// `host:port` as it goes into absolute URIs (IPv6 in brackets).
+    pub authority: String,
+}
+
+impl Backend {
+    /// Parses `http://host[:port][/]`.
+    pub fn parse(url: &str) -> Result<Backend, String> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(format!(
+                    "scheme {other:?} is not supported: use http://host:port"
+                ));
+            }
+            None => return Err(format!("{url:?} has no scheme: use http://host:port")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{url:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err("user info in the backend URL is not supported".into());
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "{url:?} has a path or query: wsgate forwards paths unchanged, give only http://host:port"
+            ));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Backend {
+            host: host.to_string(),
+            port,
+            authority,
+        })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            backend: Backend {
+                host: "127.0.0.1".into(),
+                port: 5080,
+                authority: "127.0.0.1:5080".into(),
+            },
+            max_connections: 10_000,
+            http: HttpConfig {
+                connect_timeout: Duration::from_secs(5),
+                header_read_timeout: Duration::from_secs(10),
+                response_timeout: Some(Duration::from_secs(60)),
+                max_header_size: 64 * 1024,
+            },
+            websocket: WebSocketConfig {
+                ping_interval: Some(Duration::from_secs(20)),
+                pong_timeout: Duration::from_secs(10),
+                close_timeout: Duration::from_secs(5),
+                idle_timeout: None,
+                max_lifetime: None,
+                write_timeout: Some(Duration::from_secs(30)),
+                max_frame_size: None,
+            },
+            shutdown: ShutdownConfig {
+                drain_timeout: Duration::from_secs(25),
+            },
+            admin: AdminConfig {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+            },
+        }
+    }
+}
+
+/// One problem in the configuration, with the key it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `websocket.ping_interval`; empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a configuration could not be loaded: every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file was read but is invalid; fix each problem listed.
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(vec![Problem {
+                key: String::new(),
+                message: format!("invalid TOML: {}", e.to_string().trim_end()),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let config = read(&table, &mut problems);
+        config.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Checks the relations between keys that single values cannot show.
+    fn validate(&self, problems: &mut Vec<Problem>) {
+        let mut problem = |key: &str, message: &str| {
+            problems.push(Problem {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        let ws = &self.websocket;
+        if ws.ping_interval.is_some() && ws.pong_timeout.is_zero() {
+            problem(
+                "websocket.pong_timeout",
+                "must be above 0s while ping_interval is on",
+            );
+        }
+        if ws.close_timeout.is_zero() {
+            problem(
+                "websocket.close_timeout",
+                "must be above 0s: every Close handshake needs a bound",
+            );
+        }
+        if self.shutdown.drain_timeout.is_zero() {
+            problem("shutdown.drain_timeout", "must be above 0s");
+        }
+        if self.http.connect_timeout.is_zero() {
+            problem("http.connect_timeout", "must be above 0s");
+        }
+        if self.http.header_read_timeout.is_zero() {
+            problem("http.header_read_timeout", "must be above 0s");
+        }
+        if self.max_connections == 0 {
+            problem("max_connections", "must be at least 1");
+        }
+        if self.http.max_header_size < 1024 {
+            problem("http.max_header_size", "must be at least 1024 bytes");
+        }
+    }
+}
+
+/// Reads the known keys of `root`, recording a problem for each bad or unknown one.
+fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
+    let d = Config::default();
+    let mut top = Section::new(root, "", problems);
+    let listen = top.parsed("listen", d.listen, parse_addr);
+    let backend = top.parsed("backend", d.backend, Backend::parse);
+    let max_connections = top.integer("max_connections", d.max_connections as u64) as usize;
+    let http = top.table("http");
+    let websocket = top.table("websocket");
+    let shutdown = top.table("shutdown");
+    let admin = top.table("admin");
+    let log = top.table("log");
+    top.finish();
+
+    let mut s = Section::new(&http, "http", problems);
+    let http = HttpConfig {
+        connect_timeout: s.duration("connect_timeout", d.http.connect_timeout),
+        header_read_timeout: s.duration("header_read_timeout", d.http.header_read_timeout),
+        response_timeout: s.optional_duration("response_timeout", d.http.response_timeout),
+        max_header_size: s.integer("max_header_size", d.http.max_header_size as u64) as usize,
+    };
+    s.finish();
+
+    let w = d.websocket;
+    let mut s = Section::new(&websocket, "websocket", problems);
+    let websocket = WebSocketConfig {
+        ping_interval: s.optional_duration("ping_interval", w.ping_interval),
+        pong_timeout: s.duration("pong_timeout", w.pong_timeout),
+        close_timeout: s.duration("close_timeout", w.close_timeout),
+        idle_timeout: s.optional_duration("idle_timeout", w.idle_timeout),
+        max_lifetime: s.optional_duration("max_lifetime", w.max_lifetime),
+        write_timeout: s.optional_duration("write_timeout", w.write_timeout),
+        max_frame_size: Some(s.integer("max_frame_size", w.max_frame_size.unwrap_or(0)))
+            .filter(|n| *n > 0),
+    };
+    s.finish();
+
+    let mut s = Section::new(&shutdown, "shutdown", problems);
+    let shutdown = ShutdownConfig {
+        drain_timeout: s.duration("drain_timeout", d.shutdown.drain_timeout),
+    };
+    s.finish();
+
+    let mut s = Section::new(&admin, "admin", problems);
+    let admin = AdminConfig {
+        listen: s.parsed("listen", d.admin.listen, |v| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                parse_addr(v).map(Some)
+            }
+        }),
+    };
+    s.finish();
+
+    let mut s = Section::new(&log, "log", problems);
+    let log = LogConfig {
+        format: s.parsed("format", d.log.format, |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!(
+                "{v:?} is not a log format: use \"text\" or \"json\""
+            )),
+        }),
+    };
+    s.finish();
+
+    Config {
+        listen,
+        backend,
+        max_connections,
+        http,
+        websocket,
+        shutdown,
+        admin,
+        log,
+    }
+}
+
+fn parse_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse()
+        .map_err(|_| format!("{v:?} is not an address: use IP:PORT, e.g. \"0.0.0.0:8080\""))
+}
+
+/// Parses a duration such as "15s", "2m" or "1h 30m".
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v)
+        .map_err(|e| format!("{v:?} is not a duration ({e}): use e.g. \"15s\", \"2m\", \"0s\""))
+}
+
+/// Reads the keys of one table, remembering which were read so the rest can be
+/// reported as unknown.
+struct Section<'a> {
+    table: &'a Table,
+    path: &'static str,
+    seen: Vec<&'static str>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl<'a> Section<'a> {
+    fn new(table: &'a Table, path: &'static str, problems: &'a mut Vec<Problem>) -> Self {
+        Section {
+            table,
+            path,
+            seen: Vec::new(),
+            problems,
+        }
+    }
+
+    fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn problem(&mut self, key: &str, message: String) {
+        let key = self.key_path(key);
+        self.problems.push(Problem { key, message });
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.seen.push(key);
+        self.table.get(key)
+    }
+
+    /// A string value turned into `T` by `parse`.
+    fn parsed<T>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        match self.get(key) {
+            None => default,
+            Some(Value::String(s)) => parse(s).unwrap_or_else(|e| {
+                self.problem(key, e);
+                default
+            }),
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected a string, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &'static str, default: Duration) -> Duration {
+        self.parsed(key, default, parse_duration)
+    }
+
+    /// A duration where "0s" means off.
+    fn optional_duration(
+        &mut self,
+        key: &'static str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        self.parsed(key, default, |v| {
+            parse_duration(v).map(|d| Some(d).filter(|d| !d.is_zero()))
+        })
+    }
+
+    fn integer(&mut self, key: &'static str, default: u64) -> u64 {
+        match self.get(key) {
+            None => default,
+            Some(Value::Integer(n)) if *n >= 0 => *n as u64,
+            Some(Value::Integer(n)) => {
+                self.problem(key, format!("must not be negative, found {n}"));
+                default
+            }
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn table(&mut self, key: &'static str) -> Table {
+        match self.get(key) {
+            None => Table::new(),
+            Some(Value::Table(t)) => t.clone(),
+            Some(other) => {
+                self.problem(key, format!("expected a table, found {}", other.type_str()));
+                Table::new()
+            }
+        }
+    }
+
+    /// Reports every key that was not read.
+    fn finish(self) {
+        for key in self.table.keys() {
+            if !self.seen.contains(&key.as_str()) {
+                let mut known = self.seen.clone();
+                known.sort_unstable();
+                let key_path = self.key_path(key);
+                self.problems.push(Problem {
+                    key: key_path,
+                    message: format!("unknown key (known here: {})", known.join(", ")),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_config_parses_and_documents_every_default() {
+        let text = include_str!("../config.example.toml");
+        // Every key is present in the example with its default value.
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        for key in [
+            "listen",
+            "backend",
+            "max_connections",
+            "connect_timeout",
+            "header_read_timeout",
+            "response_timeout",
+            "max_header_size",
+            "ping_interval",
+            "pong_timeout",
+            "close_timeout",
+            "idle_timeout",
+            "max_lifetime",
+            "write_timeout",
+            "max_frame_size",
+            "drain_timeout",
+            "format",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{key} "))),
+                "config.example.toml does not set {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            r#"
+            listen = "127.0.0.1:1"
+            backend = "http://[::1]:81/"
+            max_connections = 5
+            [websocket]
+            ping_interval = "0s"
+            idle_timeout = "2m"
+            max_frame_size = 1024
+            [admin]
+            listen = ""
+            [log]
+            format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(c.backend.authority, "[::1]:81");
+        assert_eq!(c.backend.host, "::1");
+        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.websocket.ping_interval, None);
+        assert_eq!(c.websocket.idle_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(c.websocket.max_frame_size, Some(1024));
+        assert_eq!(c.admin.listen, None);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let p = problems(
+            r#"
+            listen = "nowhere"
+            backend = "ftp://x"
+            max_connections = -1
+            colour = "blue"
+            [websocket]
+            ping_interval = 20
+            close_timeout = "0s"
+            pong_timout = "1s"
+            [shutdown]
+            drain_timeout = "soon"
+            "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|l| l.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "listen",
+                "backend",
+                "max_connections",
+                "colour",
+                "websocket.ping_interval",
+                "websocket.pong_timout",
+                "shutdown.drain_timeout",
+                "websocket.close_timeout",
+            ],
+            "{p:#?}"
+        );
+        assert!(p[5].contains("unknown key"), "{}", p[5]);
+        assert!(
+            p[4].contains("expected a string, found integer"),
+            "{}",
+            p[4]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let p = problems("listen = ");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("invalid TOML"), "{p:?}");
+    }
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(
+            Backend::parse("http://backend.default.svc:8080")
+                .unwrap()
+                .authority,
+            "backend.default.svc:8080"
+        );
+        assert_eq!(Backend::parse("http://localhost").unwrap().port, 80);
+        assert!(Backend::parse("http://x/api").is_err());
+        assert!(Backend::parse("https://x").is_err());
+        assert!(Backend::parse("127.0.0.1:80").is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! wsgate: a transparent WebSocket-aware reverse proxy sidecar that ends every
+//! connection properly.
+//!
+//! # The life of a connection
+//!
+//! 1. [`server`] accepts a client TCP connection (bounded by `max_connections`), tunes
+//!    the socket (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT) and serves HTTP/1.1 on it.
+//! 2. A plain request goes to [`proxy`], which forwards it to the backend through a
+//!    keep-alive pool and streams the response back.
+//! 3. A WebSocket handshake goes to [`upgrade`], which validates it, opens a dedicated
+//!    backend connection, repeats the handshake there and answers the client with the
+//!    backend's own response. On 101 both raw sockets go to a relay.
+//! 4. [`relay`] runs two [`pump`]s, one per direction, in one task. Each pump forwards
+//!    bytes unchanged while [`frame`] tracks frame boundaries, so wsgate can read Close
+//!    codes, answer nothing on anyone's behalf, and insert its own Close or Ping frames
+//!    between frames.
+//! 5. [`session`], a pure state machine, decides how the connection ends: which Close
+//!    goes where with which code, when to give up waiting, when each socket is released.
+//! 6. When both sockets are closed, [`report`] records the connection once: one log line
+//!    with its outcome, duration, release time, bytes, frames and close codes.
+//!
+//! [`admin`] serves `/livez` and `/readyz`; [`shutdown`] turns SIGTERM/SIGINT into the
+//! drain of [`server::serve`]; [`config`] reads the TOML file.
+
+pub mod admin;
+pub mod config;
+pub mod frame;
+pub mod proxy;
+pub mod pump;
+pub mod relay;
+pub mod report;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod upgrade;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Errors that stop wsgate from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound: the address is in use or not local.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The listening sockets, bound before serving so that tests can bind port 0 and read
+/// the address back.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin.listen` from the configuration.
+    pub async fn bind(config: &Config) -> Result<Listeners, Error> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { what, addr, source })
+        };
+        let proxy = bind("listen", config.listen).await?;
+        let admin = match config.admin.listen {
+            Some(addr) => Some(bind("admin.listen", addr).await?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.
+pub async fn serve(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let shared = Arc::new(server::Shared::new(config));
+    let admin = listeners
+        .admin
+        .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
+    server::serve(shared, listeners.proxy, shutdown).await;
+    if let Some(admin) = admin {
+        admin.abort();
+    }
+}
+
+/// Binds the configured addresses and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let listeners = Listeners::bind(&config).await?;
+    tracing::info!(
+        listen = %config.listen,
+        backend = %config.backend.authority,
+        admin = ?config.admin.listen,
+        max_connections = config.max_connections,
+        "wsgate started"
+    );
+    serve(config, listeners, shutdown::signal()).await;
+    Ok(())
+}

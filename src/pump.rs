@@ -1,0 +1,537 @@
+//! One direction of the relay: reads bytes from one side and writes them, unchanged, to
+//! the other, while the [`Scanner`] keeps track of frame boundaries.
+//!
+//! The pump is a poll-driven state machine, polled by [`crate::relay`] for both
+//! directions from one task. It stops and reports to the relay only when something needs
+//! a decision: a whole control frame (forward or consume?), the end of the source stream,
+//! an error, or one of wsgate's own frames written. Between those it moves data with no
+//! per-frame allocation: whole reads are forwarded with one write when they hold only
+//! data frames.
+//!
+//! Backpressure: the pump reads from its source only when everything read before has been
+//! written, so a slow destination slows the source's sender through TCP flow control, and
+//! memory per direction is bounded by one read buffer ([`READ_SIZE`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::frame::{ControlPayload, FrameError, Header, Scanner, Step};
+
+/// Bytes read from a socket at most at once. The buffer exists only while bytes are in
+/// flight: an idle connection holds none.
+pub const READ_SIZE: usize = 16 * 1024;
+
+/// Reads per poll before the pump yields, so one busy direction cannot starve the other
+/// direction or the timers of its connection.
+const READS_PER_POLL: usize = 16;
+
+/// A frame wsgate wrote itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injected {
+    Close,
+    Ping,
+}
+
+/// What the pump stopped for.
+#[derive(Debug)]
+pub enum PumpEvent {
+    /// A whole control frame from the source is held; the relay must call
+    /// [`Pump::release_held`] before polling again.
+    Control {
+        header: Header,
+        payload: ControlPayload,
+    },
+    /// A frame queued with [`Pump::inject`] was written entirely.
+    Injected(Injected),
+    /// The source sent FIN. `mid_frame`: part of a frame was already passed on.
+    Eof { mid_frame: bool },
+    /// Reading from the source failed (typically a reset).
+    ReadFailed { mid_frame: bool, error: io::Error },
+    /// Writing to the destination failed: it is gone.
+    WriteFailed(io::Error),
+    /// The source sent invalid framing; everything it sends from now on is dropped.
+    ProtocolError(FrameError),
+}
+
+#[derive(Debug)]
+struct Injection {
+    kind: Injected,
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+/// Bytes and frames that passed one way, for the connection's report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames read from the source (data and control).
+    pub frames: u64,
+    /// Bytes read from the source.
+    pub bytes: u64,
+}
+
+/// One direction: from a source side to a destination side.
+#[derive(Debug)]
+pub struct Pump {
+    scanner: Scanner,
+    /// Bytes read and not yet written or dropped. `buf[..ready]` is scanned and goes to
+    /// the destination next; the rest is an incomplete header or control frame.
+    buf: BytesMut,
+    ready: usize,
+    /// Length of the control frame at the start of `buf` awaiting the relay's verdict.
+    held: usize,
+    /// Frames wsgate queued toward the destination, written at the next frame boundary.
+    injections: Vec<Injection>,
+    /// Nothing more is forwarded toward the destination (a Close went that way, or it is
+    /// being shut down): scanned bytes are dropped.
+    dropping: bool,
+    /// The source's framing is invalid: its bytes are dropped without being scanned.
+    broken: bool,
+    /// The source sent FIN or failed.
+    read_done: bool,
+    /// Writing to the destination failed.
+    write_failed: bool,
+    /// Bytes were written that the destination may still buffer (TLS).
+    unflushed: bool,
+    shutdown: Shutdown,
+    /// The last write attempt returned `Pending` with bytes waiting.
+    write_blocked: bool,
+    /// Bytes arrived since the relay last asked ([`Pump::take_activity`]).
+    rx_any: bool,
+    /// Data-frame bytes arrived since the relay last asked.
+    rx_data: bool,
+    counters: Counters,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shutdown {
+    None,
+    Requested,
+    Done,
+}
+
+impl Pump {
+    /// `initial` holds bytes already read from the source during the HTTP upgrade.
+    pub fn new(scanner: Scanner, initial: &[u8]) -> Self {
+        Pump {
+            scanner,
+            buf: BytesMut::from(initial),
+            ready: 0,
+            held: 0,
+            injections: Vec::new(),
+            dropping: false,
+            broken: false,
+            read_done: false,
+            write_failed: false,
+            unflushed: false,
+            shutdown: Shutdown::None,
+            write_blocked: false,
+            rx_any: !initial.is_empty(),
+            rx_data: false,
+            counters: Counters {
+                frames: 0,
+                bytes: initial.len() as u64,
+            },
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Part of a frame was passed on, so nothing can be inserted before the rest of it.
+    pub fn mid_frame(&self) -> bool {
+        !self.scanner.at_boundary()
+    }
+
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked
+    }
+
+    /// Returns (any bytes, data-frame bytes) seen since the last call.
+    pub fn take_activity(&mut self) -> (bool, bool) {
+        let seen = (self.rx_any, self.rx_data);
+        self.rx_any = false;
+        self.rx_data = false;
+        seen
+    }
+
+    /// Queues one of wsgate's frames toward the destination. After a Close nothing else
+    /// is forwarded that way.
+    pub fn inject(&mut self, kind: Injected, bytes: Vec<u8>) {
+        self.injections.push(Injection {
+            kind,
+            bytes,
+            written: 0,
+        });
+    }
+
+    /// Sends FIN to the destination once everything queued is written.
+    pub fn request_shutdown(&mut self) {
+        self.dropping = true;
+        if self.shutdown == Shutdown::None {
+            self.shutdown = Shutdown::Requested;
+        }
+    }
+
+    /// Forwards (`true`) or drops the held control frame. Forwarding a Close ends the
+    /// forwarding in this direction.
+    pub fn release_held(&mut self, forward: bool, is_close: bool) {
+        if forward && !self.dropping {
+            self.ready = self.held;
+        } else {
+            self.buf.advance(self.held);
+        }
+        self.held = 0;
+        if forward && is_close {
+            self.dropping = true;
+        }
+    }
+
+    /// Moves bytes until something needs the relay's attention.
+    pub fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Option<&mut R>,
+        mut dst: Option<&mut W>,
+    ) -> Poll<PumpEvent>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        debug_assert_eq!(self.held, 0, "a held control frame awaits its verdict");
+        if self.write_failed {
+            dst = None;
+        }
+        if self.read_done {
+            src = None;
+        }
+        let mut reads = 0;
+        loop {
+            // 1. Write what was scanned.
+            if self.ready > 0 {
+                let Some(dst) = dst.as_deref_mut() else {
+                    self.buf.advance(self.ready);
+                    self.ready = 0;
+                    continue;
+                };
+                let n = match self.poll_write(cx, dst, WriteWhat::Ready) {
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEvent::WriteFailed(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                self.buf.advance(n);
+                self.ready -= n;
+                continue;
+            }
+
+            // 2. At a frame boundary, write wsgate's own frames.
+            if !self.injections.is_empty() && self.scanner.at_boundary() {
+                let Some(dst) = dst.as_deref_mut() else {
+                    self.injections.clear();
+                    continue;
+                };
+                match self.poll_write(cx, dst, WriteWhat::Injection) {
+                    Poll::Ready(Ok(n)) => {
+                        let inj = &mut self.injections[0];
+                        inj.written += n;
+                        if inj.written == inj.bytes.len() {
+                            let kind = self.injections.remove(0).kind;
+                            if kind == Injected::Close {
+                                self.dropping = true;
+                            }
+                            return Poll::Ready(PumpEvent::Injected(kind));
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEvent::WriteFailed(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+
+            // 3. Push written bytes out of any buffering layer (TLS), then FIN if asked.
+            if let Some(dst) = dst.as_deref_mut() {
+                if self.unflushed {
+                    if let Err(e) = ready!(Pin::new(&mut *dst).poll_flush(cx)) {
+                        self.write_failed = true;
+                        return Poll::Ready(PumpEvent::WriteFailed(e));
+                    }
+                    self.unflushed = false;
+                }
+                if self.shutdown == Shutdown::Requested && self.injections.is_empty() {
+                    // An error here means the peer is gone already; the session learns
+                    // that from the read side.
+                    let _ = ready!(Pin::new(&mut *dst).poll_shutdown(cx));
+                    self.shutdown = Shutdown::Done;
+                }
+            }
+
+            // 4. Scan what was read, as far as it can go in one write.
+            match self.scan() {
+                Scanned::Progress => continue,
+                Scanned::Stop(event) => return Poll::Ready(event),
+                Scanned::NeedMore => {}
+            }
+
+            // 5. Read more.
+            let Some(src) = src.as_deref_mut() else {
+                return Poll::Pending;
+            };
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            reads += 1;
+            if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+                self.buf.reserve(READ_SIZE);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(src), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => {
+                    self.read_done = true;
+                    return Poll::Ready(PumpEvent::Eof {
+                        mid_frame: self.mid_frame(),
+                    });
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.rx_any = true;
+                    self.counters.bytes += n as u64;
+                }
+                Poll::Ready(Err(error)) => {
+                    self.read_done = true;
+                    return Poll::Ready(PumpEvent::ReadFailed {
+                        mid_frame: self.mid_frame(),
+                        error,
+                    });
+                }
+                Poll::Pending => {
+                    if self.buf.is_empty() {
+                        // Idle connections keep no buffer.
+                        self.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn poll_write<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+        what: WriteWhat,
+    ) -> Poll<io::Result<usize>> {
+        let bytes = match what {
+            WriteWhat::Ready => &self.buf[..self.ready],
+            WriteWhat::Injection => {
+                let inj = &self.injections[0];
+                &inj.bytes[inj.written..]
+            }
+        };
+        match Pin::new(dst).poll_write(cx, bytes) {
+            Poll::Ready(Ok(0)) => {
+                self.write_failed = true;
+                Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+            }
+            Poll::Ready(Ok(n)) => {
+                self.write_blocked = false;
+                self.unflushed = true;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => {
+                self.write_failed = true;
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                self.write_blocked = true;
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Scans buffered bytes after `ready`. Data frames extend `ready` (or are dropped);
+    /// a control frame is held for a verdict once everything before it is written.
+    fn scan(&mut self) -> Scanned {
+        if self.broken {
+            self.buf.truncate(self.ready);
+            return Scanned::NeedMore;
+        }
+        let mut progress = false;
+        while self.ready < self.buf.len() {
+            if !self.injections.is_empty() && self.scanner.at_boundary() {
+                break;
+            }
+            if self.dropping && self.ready > 0 {
+                // Write what precedes the cut before dropping what follows it.
+                break;
+            }
+            match self.scanner.step(&self.buf[self.ready..]) {
+                Ok(Step::Data { len, new_frame }) => {
+                    self.rx_data = true;
+                    self.counters.frames += u64::from(new_frame);
+                    if self.dropping {
+                        self.buf.advance(len);
+                    } else {
+                        self.ready += len;
+                    }
+                    progress = true;
+                }
+                Ok(Step::Control { header, len }) => {
+                    if self.ready > 0 {
+                        break;
+                    }
+                    self.counters.frames += 1;
+                    self.held = len;
+                    let payload = ControlPayload::from_frame(&header, &self.buf[..len]);
+                    return Scanned::Stop(PumpEvent::Control { header, payload });
+                }
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    self.broken = true;
+                    self.buf.truncate(self.ready);
+                    return Scanned::Stop(PumpEvent::ProtocolError(e));
+                }
+            }
+        }
+        if progress || self.ready > 0 {
+            Scanned::Progress
+        } else {
+            Scanned::NeedMore
+        }
+    }
+}
+
+enum WriteWhat {
+    Ready,
+    Injection,
+}
+
+enum Scanned {
+    Progress,
+    Stop(PumpEvent),
+    NeedMore,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Opcode, encode, encode_close};
+    use crate::session::Side;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    fn backend_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode, payload.len() as u8];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn forwards_bytes_unchanged_and_stops_for_control_frames() {
+        let (mut src_peer, mut src) = duplex(1024);
+        let (mut dst, mut dst_peer) = duplex(1024);
+        let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+        let mut input = backend_frame(1, b"hello");
+        input.extend(backend_frame(9, b"app-ping"));
+        input.extend(backend_frame(2, b"after"));
+        src_peer.write_all(&input).await.unwrap();
+
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        let PumpEvent::Control { header, payload } = ev else {
+            panic!("expected a control frame, got {ev:?}")
+        };
+        assert_eq!(
+            (header.opcode, payload.as_bytes()),
+            (Opcode::Ping, &b"app-ping"[..])
+        );
+        pump.release_held(true, false);
+        drop(src_peer);
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        assert!(matches!(ev, PumpEvent::Eof { mid_frame: false }), "{ev:?}");
+        drop(dst);
+        let mut out = Vec::new();
+        dst_peer.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        assert_eq!(
+            pump.counters(),
+            Counters {
+                frames: 3,
+                bytes: input.len() as u64
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn injects_only_at_a_frame_boundary_and_drops_after_close() {
+        let (mut src_peer, mut src) = duplex(1024);
+        let (mut dst, mut dst_peer) = duplex(1024);
+        let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+        let frame = backend_frame(2, b"0123456789");
+        // Half a frame arrives; wsgate wants to close meanwhile.
+        src_peer.write_all(&frame[..6]).await.unwrap();
+        {
+            let mut polled =
+                std::pin::pin!(poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))));
+            assert!(futures_poll_once(&mut polled).await.is_none());
+        }
+        pump.inject(Injected::Close, encode_close(Side::Client, 1001, "bye"));
+        assert!(pump.mid_frame());
+        src_peer.write_all(&frame[6..]).await.unwrap();
+        src_peer
+            .write_all(&backend_frame(1, b"late"))
+            .await
+            .unwrap();
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        assert!(matches!(ev, PumpEvent::Injected(Injected::Close)), "{ev:?}");
+        drop(src_peer);
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        assert!(matches!(ev, PumpEvent::Eof { .. }), "{ev:?}");
+        drop(dst);
+        let mut out = Vec::new();
+        dst_peer.read_to_end(&mut out).await.unwrap();
+        let mut expected = frame.clone();
+        expected.extend(encode_close(Side::Client, 1001, "bye"));
+        assert_eq!(out, expected, "the late frame must not follow the Close");
+    }
+
+    #[tokio::test]
+    async fn invalid_framing_is_reported_and_later_bytes_dropped() {
+        let (mut src_peer, mut src) = duplex(1024);
+        let (mut dst, mut dst_peer) = duplex(1024);
+        let mut pump = Pump::new(Scanner::new(Side::Client, 0, None), b"");
+        let good = {
+            let mut f = encode(Side::Backend, Opcode::Binary, b"ok");
+            f[0] = 0x82;
+            f
+        };
+        let mut input = good.clone();
+        input.extend(backend_frame(1, b"unmasked"));
+        src_peer.write_all(&input).await.unwrap();
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        assert!(
+            matches!(
+                ev,
+                PumpEvent::ProtocolError(FrameError::UnmaskedClientFrame)
+            ),
+            "{ev:?}"
+        );
+        pump.inject(Injected::Close, encode_close(Side::Backend, 1001, ""));
+        let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
+        assert!(matches!(ev, PumpEvent::Injected(Injected::Close)), "{ev:?}");
+        drop(dst);
+        let mut out = vec![0u8; good.len()];
+        dst_peer.read_exact(&mut out).await.unwrap();
+        assert_eq!(out, good);
+    }
+
+    /// Polls a future once; `None` if it is pending.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        poll_fn(|cx| match Pin::new(&mut *f).poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+}

@@ -1,0 +1,256 @@
+//! The client-facing listener: accepts TCP connections, enforces `max_connections`,
+//! serves HTTP/1.1 on each with hyper, and routes every request either to
+//! [`crate::proxy`] (plain HTTP) or [`crate::upgrade`] (WebSocket). Also the drain
+//! sequence of a graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::proxy::{self, BackendClient, Body, ProxyError};
+use crate::relay::{RelayConfig, Signals};
+use crate::upgrade;
+
+/// Idle time before the first TCP keepalive probe, on both legs. Keepalive finds a peer
+/// that vanished while the connection is idle at the TCP level.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between keepalive probes.
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the kernel drops the connection.
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the connection
+/// (TCP_USER_TIMEOUT). Without it a peer that vanished with data in flight is only
+/// noticed after ~15 minutes of retransmissions. Matches the keepalive budget above.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Over-capacity connections answered with 503 at once; past this they are closed
+/// without an answer, so a flood cannot use more than this many extra descriptors.
+const MAX_REJECTING: usize = 64;
+/// How long to wait after the forced close for tasks to notice it.
+const FORCE_GRACE: Duration = Duration::from_secs(2);
+/// Pause after an accept error such as EMFILE, so a full descriptor table does not
+/// turn the accept loop into a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Sets the socket options both legs need: TCP_NODELAY (frames are latency-sensitive,
+/// and Nagle plus delayed ACK stalls a splice of compressed traffic), keepalive and
+/// TCP_USER_TIMEOUT. Failures leave the defaults, which still work.
+pub fn tune_socket(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+}
+
+/// State shared by every connection of one server.
+pub struct Shared {
+    pub config: Config,
+    pub relay_config: RelayConfig,
+    /// Pooled client for plain HTTP requests.
+    pub client: BackendClient,
+    /// Every task serving a client, a backend handshake or a relay: shutdown waits for it.
+    pub tracker: TaskTracker,
+    pub signals: Signals,
+    /// False while draining: `/readyz` fails.
+    pub ready: AtomicBool,
+    next_id: AtomicU64,
+    /// One permit per client connection (`max_connections`).
+    slots: Arc<Semaphore>,
+    /// Permits for answering over-capacity connections with a 503.
+    rejecting: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Self {
+        Shared {
+            relay_config: RelayConfig {
+                timers: config.websocket.timers(),
+                max_frame_size: config.websocket.max_frame_size,
+            },
+            client: proxy::backend_client(&config),
+            tracker: TaskTracker::new(),
+            signals: Signals {
+                shutdown: CancellationToken::new(),
+                force: CancellationToken::new(),
+            },
+            ready: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
+            config,
+        }
+    }
+}
+
+/// One accepted client connection. It holds a `max_connections` slot until it drops,
+/// which for a WebSocket is when its relay ends.
+pub struct Connection {
+    /// Process-unique id, in log lines.
+    pub id: u64,
+    pub peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Accepts clients until `shutdown` completes, then drains (DESIGN §5): readiness off,
+/// no new connections, every WebSocket closed with 1001 on both sides, keep-alive HTTP
+/// connections closed after their current request, all of it bounded by
+/// `shutdown.drain_timeout`, after which what is left is aborted.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    shared.ready.store(true, Ordering::SeqCst);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        tune_socket(&stream);
+        match shared.slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let conn = Arc::new(Connection {
+                    id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                    peer,
+                    _slot: slot,
+                });
+                shared
+                    .tracker
+                    .spawn(serve_client(shared.clone(), stream, conn));
+            }
+            Err(_) => match shared.rejecting.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tracing::debug!(%peer, "max_connections reached: answering 503");
+                    shared
+                        .tracker
+                        .spawn(reject_client(shared.clone(), stream, permit));
+                }
+                Err(_) => tracing::debug!(%peer, "max_connections reached: closing"),
+            },
+        }
+    }
+    drop(listener);
+    drain(&shared).await;
+}
+
+async fn drain(shared: &Shared) {
+    shared.ready.store(false, Ordering::SeqCst);
+    let drain_timeout = shared.config.shutdown.drain_timeout;
+    tracing::info!(
+        open_tasks = shared.tracker.len(),
+        ?drain_timeout,
+        "shutting down: closing connections"
+    );
+    shared.signals.shutdown.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(drain_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_tasks = shared.tracker.len(),
+            "drain timeout reached: aborting the rest"
+        );
+        shared.signals.force.cancel();
+        if tokio::time::timeout(FORCE_GRACE, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                open_tasks = shared.tracker.len(),
+                "tasks still running at exit"
+            );
+        }
+    }
+    tracing::info!("shutdown complete");
+}
+
+fn http1_builder(config: &Config) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(config.http.header_read_timeout)
+        .max_buf_size(config.http.max_header_size.max(8192))
+        // Responses carry the backend's own Date, or none: wsgate adds nothing.
+        .auto_date_header(false);
+    b
+}
+
+async fn serve_client(shared: Arc<Shared>, stream: TcpStream, conn: Arc<Connection>) {
+    let svc_shared = shared.clone();
+    let svc_conn = conn.clone();
+    drop(conn);
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let conn = svc_conn.clone();
+        async move { Ok::<_, Infallible>(route(shared, conn, req).await) }
+    });
+    let served = http1_builder(&shared.config)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut served = std::pin::pin!(served);
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = shared.signals.shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = served => result,
+                () = shared.signals.force.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        // Clients hang up mid-request all the time: not an error of wsgate's.
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn route(
+    shared: Arc<Shared>,
+    conn: Arc<Connection>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let result = if upgrade::is_websocket_upgrade(&req) {
+        upgrade::handle(shared, conn, req).await
+    } else {
+        proxy::forward(&shared.client, &shared.config, conn.peer, req).await
+    };
+    result.unwrap_or_else(|e| e.response(e.message()))
+}
+
+/// Answers a connection over `max_connections` with 503 and closes it.
+async fn reject_client(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    let service = service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(ProxyError::OverCapacity.response(ProxyError::OverCapacity.message()))
+    });
+    let mut builder = http1_builder(&shared.config);
+    builder.keep_alive(false);
+    let served = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = served => {}
+        () = shared.signals.force.cancelled() => {}
+    }
+}

@@ -1,0 +1,1044 @@
+//! How a relayed WebSocket connection ends: a pure state machine.
+//!
+//! The relay feeds it what happened on the wire (a Close frame, a FIN, an error, bytes
+//! arriving, a write that cannot progress) and the passing of time; it answers with
+//! [`Action`]s (send a Close or a Ping, half-close, release or abort a socket) and, once
+//! both sockets are closed, an [`Outcome`]. It does no I/O and reads no clock: every
+//! method takes `now`, so the tests below drive every ending of DESIGN §4 directly.
+//!
+//! Rules it enforces:
+//! - the first end signal decides the outcome (only an unanswered Close handshake turns
+//!   `client_close`/`backend_close` into `close_timeout`);
+//! - a Close from one side is forwarded to the other unless a Close already went that
+//!   way; otherwise it is a reply to wsgate and consumed;
+//! - a side that sent a Close is owed one: if the other side can no longer answer, wsgate
+//!   answers itself, echoing the code;
+//! - wsgate never sends the reserved codes 1005, 1006, 1015;
+//! - every wait is bounded by a timer, so both sockets always end up closed.
+
+use std::time::{Duration, Instant};
+
+use crate::frame::is_sendable_close_code;
+
+/// One end of a relayed connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The browser or other WebSocket client that connected to wsgate.
+    Client,
+    /// The backend wsgate connected to on the client's behalf.
+    Backend,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// How a connection ended: the label of DESIGN §4, used in logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The client started the Close handshake.
+    ClientClose,
+    /// The backend started the Close handshake.
+    BackendClose,
+    /// A side never answered a Close within `close_timeout`.
+    CloseTimeout,
+    /// The client closed or reset TCP without a Close frame.
+    ClientGone,
+    /// The client did not answer wsgate's liveness Ping within `pong_timeout`.
+    ClientUnresponsive,
+    /// The client stopped reading: writes to it made no progress for `write_timeout`.
+    ClientStalled,
+    /// The backend closed or reset TCP without a Close frame.
+    BackendGone,
+    /// The backend did not answer a liveness Ping or stopped reading.
+    BackendUnresponsive,
+    /// No data frame either way for `idle_timeout`.
+    IdleTimeout,
+    /// The connection reached `max_lifetime`.
+    MaxLifetime,
+    /// wsgate is shutting down.
+    Shutdown,
+    /// A side sent invalid framing (or a frame over `max_frame_size`).
+    ProtocolError,
+}
+
+impl Outcome {
+    /// Every outcome, for pre-registering metric label values.
+    pub const ALL: [Outcome; 12] = [
+        Outcome::ClientClose,
+        Outcome::BackendClose,
+        Outcome::CloseTimeout,
+        Outcome::ClientGone,
+        Outcome::ClientUnresponsive,
+        Outcome::ClientStalled,
+        Outcome::BackendGone,
+        Outcome::BackendUnresponsive,
+        Outcome::IdleTimeout,
+        Outcome::MaxLifetime,
+        Outcome::Shutdown,
+        Outcome::ProtocolError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::ClientClose => "client_close",
+            Outcome::BackendClose => "backend_close",
+            Outcome::CloseTimeout => "close_timeout",
+            Outcome::ClientGone => "client_gone",
+            Outcome::ClientUnresponsive => "client_unresponsive",
+            Outcome::ClientStalled => "client_stalled",
+            Outcome::BackendGone => "backend_gone",
+            Outcome::BackendUnresponsive => "backend_unresponsive",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::MaxLifetime => "max_lifetime",
+            Outcome::Shutdown => "shutdown",
+            Outcome::ProtocolError => "protocol_error",
+        }
+    }
+
+    /// The reason text of the Close frames wsgate sends for this outcome.
+    fn reason(self) -> &'static str {
+        match self {
+            Outcome::ClientClose | Outcome::BackendClose => "",
+            Outcome::CloseTimeout => "close handshake timed out",
+            Outcome::ClientGone => "client went away",
+            Outcome::ClientUnresponsive => "client unresponsive",
+            Outcome::ClientStalled => "client stopped reading",
+            Outcome::BackendGone => "backend went away",
+            Outcome::BackendUnresponsive => "backend unresponsive",
+            Outcome::IdleTimeout => "idle timeout",
+            Outcome::MaxLifetime => "max lifetime reached",
+            Outcome::Shutdown => "proxy shutting down",
+            Outcome::ProtocolError => "protocol error",
+        }
+    }
+}
+
+/// Close code 1001: the peer on the other side is going away.
+pub const GOING_AWAY: u16 = 1001;
+/// Close code 1014: the backend (upstream) failed; sent to the client.
+pub const BAD_GATEWAY: u16 = 1014;
+
+/// The code wsgate sends to `to` when the *other* side failed.
+fn failed_peer_code(to: Side) -> u16 {
+    match to {
+        Side::Client => BAD_GATEWAY,
+        Side::Backend => GOING_AWAY,
+    }
+}
+
+/// The session's timers. `None` turns a timer off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timers {
+    /// Silence from a side after which wsgate pings it.
+    pub ping_interval: Option<Duration>,
+    /// How long a pinged side has to send anything back.
+    pub pong_timeout: Duration,
+    /// How long to wait for a Close reply, and then for the peer's FIN.
+    pub close_timeout: Duration,
+    /// No data frame either way for this long ends the connection.
+    pub idle_timeout: Option<Duration>,
+    /// The connection ends at this age.
+    pub max_lifetime: Option<Duration>,
+    /// Writes toward a side that make no progress for this long end the connection.
+    pub write_timeout: Option<Duration>,
+}
+
+/// What the relay must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write wsgate's own Close frame toward `to` at the next frame boundary; nothing is
+    /// forwarded toward `to` after it.
+    SendClose {
+        to: Side,
+        code: u16,
+        reason: &'static str,
+    },
+    /// Write a liveness Ping toward `to` at the next frame boundary, then report
+    /// [`Session::on_ping_sent`].
+    SendPing { to: Side },
+    /// Once everything queued toward `side` is written, send FIN.
+    ShutdownWrite(Side),
+    /// Close the socket of `side` now (its FIN was read, or it is gone).
+    Release(Side),
+    /// Reset the socket of `side` (RST) and drop it: it cannot end cleanly.
+    Abort(Side),
+}
+
+/// What to do with a Close frame a side sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass it on to the other side.
+    Forward,
+    /// It answers a Close wsgate sent (or the other side cannot take it): drop it.
+    Consume,
+}
+
+/// Where a side's TCP connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tcp {
+    Open,
+    /// Done talking; waiting since then for the peer's FIN before closing.
+    Draining(Instant),
+    Closed,
+}
+
+/// What the session knows of one side.
+#[derive(Clone, Debug)]
+struct Peer {
+    /// Last time any byte arrived from this side (liveness).
+    last_rx: Instant,
+    /// A liveness Ping toward this side is queued but not yet written.
+    ping_queued: bool,
+    /// When the outstanding liveness Ping was written; cleared by any byte from the side.
+    ping_sent_at: Option<Instant>,
+    /// The Close this side sent (its code, if it had one).
+    close_received: Option<Option<u16>>,
+    /// When a Close toward this side (forwarded or wsgate's own) was queued.
+    close_sent_at: Option<Instant>,
+    /// The code of the Close wsgate itself sent to this side.
+    wsgate_code: Option<u16>,
+    /// Its stream no longer parses (protocol error): no Close reply can be read from it.
+    broken: bool,
+    /// FIN or an error was read from it.
+    read_done: bool,
+    /// Writing to it failed: the socket is dead.
+    write_dead: bool,
+    /// Since when writes toward it have made no progress.
+    blocked_since: Option<Instant>,
+    tcp: Tcp,
+}
+
+impl Peer {
+    fn new(now: Instant) -> Self {
+        Peer {
+            last_rx: now,
+            ping_queued: false,
+            ping_sent_at: None,
+            close_received: None,
+            close_sent_at: None,
+            wsgate_code: None,
+            broken: false,
+            read_done: false,
+            write_dead: false,
+            blocked_since: None,
+            tcp: Tcp::Open,
+        }
+    }
+
+    fn writable(&self) -> bool {
+        self.tcp == Tcp::Open && !self.write_dead
+    }
+
+    /// A Close could still be read from this side.
+    fn can_reply(&self) -> bool {
+        self.tcp != Tcp::Closed && !self.read_done && !self.broken && self.close_received.is_none()
+    }
+
+    /// Nothing more will be said to or heard from this side at the WebSocket level.
+    fn done_talking(&self) -> bool {
+        let handshake_over = self.close_sent_at.is_some() && !self.can_reply();
+        let vanished = self.read_done && self.close_received.is_none();
+        handshake_over || vanished || self.write_dead
+    }
+}
+
+/// The ending state machine of one relayed connection.
+#[derive(Debug)]
+pub struct Session {
+    timers: Timers,
+    started: Instant,
+    /// Last data frame (not control) in either direction, for `idle_timeout`.
+    last_data: Instant,
+    peers: [Peer; 2],
+    outcome: Option<Outcome>,
+    /// When the first end signal arrived: the start of the release time.
+    ending_since: Option<Instant>,
+    actions: Vec<Action>,
+}
+
+/// Why a side failed while the connection was open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Unresponsive,
+    Stalled,
+}
+
+impl Session {
+    pub fn new(timers: Timers, now: Instant) -> Self {
+        Session {
+            timers,
+            started: now,
+            last_data: now,
+            peers: [Peer::new(now), Peer::new(now)],
+            outcome: None,
+            ending_since: None,
+            actions: Vec::new(),
+        }
+    }
+
+    fn peer(&mut self, side: Side) -> &mut Peer {
+        &mut self.peers[side.idx()]
+    }
+
+    /// Actions decided since the last call, in order.
+    pub fn take_actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
+    }
+
+    /// The outcome, once the first end signal arrived.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+    }
+
+    /// When the first end signal arrived.
+    pub fn ending_since(&self) -> Option<Instant> {
+        self.ending_since
+    }
+
+    /// Both sockets are closed: the relay is finished.
+    pub fn is_finished(&self) -> bool {
+        self.peers.iter().all(|p| p.tcp == Tcp::Closed)
+    }
+
+    /// The code of the Close `side` sent, if it sent one with a code.
+    pub fn close_code_from(&self, side: Side) -> Option<u16> {
+        self.peers[side.idx()].close_received.flatten()
+    }
+
+    /// The code of the Close wsgate itself sent to `side`, if any.
+    pub fn wsgate_code_to(&self, side: Side) -> Option<u16> {
+        self.peers[side.idx()].wsgate_code
+    }
+
+    /// Bytes arrived from `from`; `data` if they include data-frame bytes.
+    pub fn on_received(&mut self, from: Side, data: bool, now: Instant) {
+        if data {
+            self.last_data = now;
+        }
+        let p = self.peer(from);
+        p.last_rx = now;
+        if p.ping_sent_at.is_some_and(|sent| now >= sent) {
+            p.ping_sent_at = None;
+        }
+    }
+
+    /// wsgate's liveness Ping toward `to` went on the wire.
+    pub fn on_ping_sent(&mut self, to: Side, now: Instant) {
+        let p = self.peer(to);
+        p.ping_queued = false;
+        p.ping_sent_at = Some(now);
+    }
+
+    /// Writes toward `to` stopped making progress at `since` (`None`: they progress again).
+    pub fn on_write_blocked(&mut self, to: Side, since: Option<Instant>) {
+        self.peer(to).blocked_since = since;
+    }
+
+    /// `from` sent a Close frame with `code`.
+    pub fn on_close_frame(&mut self, from: Side, code: Option<u16>, now: Instant) -> Verdict {
+        if self.peers[from.idx()].close_received.is_some() {
+            // A second Close breaks RFC 6455 §5.5.1; nobody is waiting for it.
+            return Verdict::Consume;
+        }
+        self.peer(from).close_received = Some(code);
+        self.begin(
+            match from {
+                Side::Client => Outcome::ClientClose,
+                Side::Backend => Outcome::BackendClose,
+            },
+            now,
+        );
+        let to = self.peer(from.other());
+        let verdict = if to.close_sent_at.is_none() && to.writable() {
+            to.close_sent_at = Some(now);
+            Verdict::Forward
+        } else {
+            Verdict::Consume
+        };
+        self.advance(now);
+        verdict
+    }
+
+    /// `side` ended its stream: FIN (`dead == false`) or a read/write error (`dead`).
+    /// `mid_frame` says its stream toward the other side stopped inside a frame, so no
+    /// clean Close can follow on that stream.
+    pub fn on_gone(&mut self, side: Side, mid_frame: bool, dead: bool, now: Instant) {
+        let p = self.peer(side);
+        p.read_done = true;
+        p.write_dead |= dead;
+        let without_close = p.close_received.is_none();
+        if without_close && self.outcome.is_none() {
+            self.begin(
+                match side {
+                    Side::Client => Outcome::ClientGone,
+                    Side::Backend => Outcome::BackendGone,
+                },
+                now,
+            );
+            let other = side.other();
+            if mid_frame {
+                self.abort(other);
+            } else {
+                self.send_close(other, failed_peer_code(other), now);
+            }
+        } else if mid_frame && self.peers[side.other().idx()].close_sent_at.is_none() {
+            // The Close the other side is owed could not follow the cut frame.
+            self.abort(side.other());
+        }
+        self.advance(now);
+    }
+
+    /// `from` sent invalid framing; `code` is 1002, or 1009 for an oversized frame.
+    pub fn on_protocol_error(&mut self, from: Side, code: u16, now: Instant) {
+        self.peer(from).broken = true;
+        let first = self.begin(Outcome::ProtocolError, now);
+        self.send_close(from, code, now);
+        if first {
+            let other = from.other();
+            self.send_close(other, failed_peer_code(other), now);
+        }
+        self.advance(now);
+    }
+
+    /// wsgate is shutting down: close both sides with 1001.
+    pub fn on_shutdown(&mut self, now: Instant) {
+        self.end_both(Outcome::Shutdown, now);
+    }
+
+    /// The drain deadline passed: abort whatever is still open.
+    pub fn on_force_close(&mut self, now: Instant) {
+        self.begin(Outcome::Shutdown, now);
+        for side in [Side::Client, Side::Backend] {
+            self.abort(side);
+        }
+    }
+
+    /// Time passed: fire whatever timer is due.
+    pub fn on_timer(&mut self, now: Instant) {
+        let t = self.timers;
+        if self.outcome.is_none() {
+            if t.max_lifetime.is_some_and(|d| now >= self.started + d) {
+                self.end_both(Outcome::MaxLifetime, now);
+            } else if t.idle_timeout.is_some_and(|d| now >= self.last_data + d) {
+                self.end_both(Outcome::IdleTimeout, now);
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            if self.outcome.is_some() {
+                break;
+            }
+            let p = &self.peers[side.idx()];
+            let stalled = t
+                .write_timeout
+                .zip(p.blocked_since)
+                .is_some_and(|(d, since)| now >= since + d);
+            // While writes toward the other side are blocked, this side's bytes (its Pong
+            // among them) are not being read: its silence proves nothing.
+            let unread = self.peers[side.other().idx()].blocked_since.is_some();
+            let silent = !unread
+                && p.ping_sent_at
+                    .is_some_and(|sent| now >= sent + t.pong_timeout);
+            if stalled {
+                self.fail(side, Failure::Stalled, now);
+            } else if silent {
+                self.fail(side, Failure::Unresponsive, now);
+            }
+        }
+        if self.outcome.is_none()
+            && let Some(interval) = t.ping_interval
+        {
+            for side in [Side::Client, Side::Backend] {
+                let p = self.peer(side);
+                if !p.ping_queued && p.ping_sent_at.is_none() && now >= p.last_rx + interval {
+                    p.ping_queued = true;
+                    self.actions.push(Action::SendPing { to: side });
+                }
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            let p = &self.peers[side.idx()];
+            let reply_overdue = p.tcp == Tcp::Open
+                && p.can_reply()
+                && p.close_sent_at
+                    .is_some_and(|sent| now >= sent + t.close_timeout);
+            let drain_overdue =
+                matches!(p.tcp, Tcp::Draining(since) if now >= since + t.close_timeout);
+            if reply_overdue {
+                if matches!(
+                    self.outcome,
+                    Some(Outcome::ClientClose | Outcome::BackendClose)
+                ) {
+                    self.outcome = Some(Outcome::CloseTimeout);
+                }
+                self.abort(side);
+            } else if drain_overdue {
+                self.abort(side);
+            }
+        }
+        self.advance(now);
+    }
+
+    /// The earliest time [`Session::on_timer`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let t = self.timers;
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        };
+        if self.outcome.is_none() {
+            consider(t.max_lifetime.map(|d| self.started + d));
+            consider(t.idle_timeout.map(|d| self.last_data + d));
+            for (i, p) in self.peers.iter().enumerate() {
+                consider(t.write_timeout.zip(p.blocked_since).map(|(d, s)| s + d));
+                if self.peers[1 - i].blocked_since.is_none() {
+                    consider(p.ping_sent_at.map(|s| s + t.pong_timeout));
+                }
+                if !p.ping_queued && p.ping_sent_at.is_none() {
+                    consider(t.ping_interval.map(|d| p.last_rx + d));
+                }
+            }
+        }
+        for p in &self.peers {
+            if p.tcp == Tcp::Open && p.can_reply() {
+                consider(p.close_sent_at.map(|s| s + t.close_timeout));
+            }
+            if let Tcp::Draining(since) = p.tcp {
+                consider(Some(since + t.close_timeout));
+            }
+        }
+        next
+    }
+
+    /// Records the first end signal; returns whether this was it.
+    fn begin(&mut self, outcome: Outcome, now: Instant) -> bool {
+        if self.outcome.is_some() {
+            return false;
+        }
+        self.outcome = Some(outcome);
+        self.ending_since = Some(now);
+        true
+    }
+
+    fn end_both(&mut self, outcome: Outcome, now: Instant) {
+        if self.begin(outcome, now) {
+            self.send_close(Side::Client, GOING_AWAY, now);
+            self.send_close(Side::Backend, GOING_AWAY, now);
+            self.advance(now);
+        }
+    }
+
+    fn fail(&mut self, side: Side, failure: Failure, now: Instant) {
+        let outcome = match (side, failure) {
+            (Side::Client, Failure::Unresponsive) => Outcome::ClientUnresponsive,
+            (Side::Client, Failure::Stalled) => Outcome::ClientStalled,
+            (Side::Backend, _) => Outcome::BackendUnresponsive,
+        };
+        if self.begin(outcome, now) {
+            self.abort(side);
+            let other = side.other();
+            self.send_close(other, failed_peer_code(other), now);
+            self.advance(now);
+        }
+    }
+
+    fn send_close(&mut self, to: Side, code: u16, now: Instant) {
+        debug_assert!(is_sendable_close_code(code));
+        let reason = self.outcome.map_or("", Outcome::reason);
+        let p = self.peer(to);
+        if p.close_sent_at.is_none() && p.writable() {
+            p.close_sent_at = Some(now);
+            p.wsgate_code = Some(code);
+            self.actions.push(Action::SendClose { to, code, reason });
+        }
+    }
+
+    fn abort(&mut self, side: Side) {
+        let p = self.peer(side);
+        if p.tcp != Tcp::Closed {
+            p.tcp = Tcp::Closed;
+            self.actions.push(Action::Abort(side));
+        }
+    }
+
+    /// Moves an ending connection along: answers owed Closes and releases sockets of
+    /// sides that are done talking.
+    fn advance(&mut self, now: Instant) {
+        if self.outcome.is_none() {
+            return;
+        }
+        for side in [Side::Client, Side::Backend] {
+            if self.peers[side.idx()].tcp == Tcp::Open && self.peers[side.idx()].write_dead {
+                self.abort(side);
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            let p = &self.peers[side.idx()];
+            let other = &self.peers[side.other().idx()];
+            // `side` sent a Close and got none back; the other side's reply would have
+            // been forwarded, but it can no longer come.
+            let owed = p.close_sent_at.is_none() && p.writable();
+            if let (Some(code), true, false) = (p.close_received, owed, other.can_reply()) {
+                let code = code.filter(|c| is_sendable_close_code(*c)).unwrap_or(1000);
+                self.send_close(side, code, now);
+            }
+        }
+        for side in [Side::Client, Side::Backend] {
+            let p = self.peer(side);
+            match p.tcp {
+                Tcp::Open if p.done_talking() => {
+                    if p.read_done {
+                        p.tcp = Tcp::Closed;
+                        self.actions.push(Action::Release(side));
+                    } else {
+                        p.tcp = Tcp::Draining(now);
+                        // wsgate is the server toward the client, so it closes first
+                        // (RFC 6455 §7.1.1); the backend is expected to close first, which
+                        // also leaves TIME_WAIT on the backend, not on wsgate's ports.
+                        if side == Side::Client {
+                            self.actions.push(Action::ShutdownWrite(side));
+                        }
+                    }
+                }
+                Tcp::Draining(_) if p.read_done => {
+                    p.tcp = Tcp::Closed;
+                    self.actions.push(Action::Release(side));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::Side::*;
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn timers() -> Timers {
+        Timers {
+            ping_interval: Some(ms(20_000)),
+            pong_timeout: ms(10_000),
+            close_timeout: ms(5_000),
+            idle_timeout: None,
+            max_lifetime: None,
+            write_timeout: Some(ms(30_000)),
+        }
+    }
+
+    struct Harness {
+        s: Session,
+        t0: Instant,
+    }
+
+    impl Harness {
+        fn new(timers: Timers) -> Self {
+            let t0 = Instant::now();
+            Harness {
+                s: Session::new(timers, t0),
+                t0,
+            }
+        }
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+        fn actions(&mut self) -> Vec<Action> {
+            self.s.take_actions().collect()
+        }
+        fn tick(&mut self, ms: u64) -> Vec<Action> {
+            self.s.on_timer(self.at(ms));
+            self.actions()
+        }
+    }
+
+    fn close(to: Side, code: u16, reason: &'static str) -> Action {
+        SendClose { to, code, reason }
+    }
+
+    #[test]
+    fn client_close_is_forwarded_and_the_reply_completes_both_handshakes() {
+        let mut h = Harness::new(timers());
+        assert_eq!(
+            h.s.on_close_frame(Client, Some(1000), h.at(1)),
+            Verdict::Forward
+        );
+        assert_eq!(h.actions(), vec![]);
+        assert_eq!(
+            h.s.on_close_frame(Backend, Some(1000), h.at(2)),
+            Verdict::Forward
+        );
+        // wsgate closes toward the client first and waits for the backend's FIN.
+        assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        h.s.on_gone(Backend, false, false, h.at(3));
+        assert_eq!(h.actions(), vec![Release(Backend)]);
+        h.s.on_gone(Client, false, false, h.at(4));
+        assert_eq!(h.actions(), vec![Release(Client)]);
+        assert!(h.s.is_finished());
+        assert_eq!(h.s.outcome(), Some(Outcome::ClientClose));
+        assert_eq!(h.s.ending_since(), Some(h.at(1)));
+        assert_eq!(h.s.close_code_from(Client), Some(1000));
+        assert_eq!(h.s.wsgate_code_to(Client), None);
+    }
+
+    #[test]
+    fn backend_close_waits_for_the_clients_reply() {
+        let mut h = Harness::new(timers());
+        assert_eq!(
+            h.s.on_close_frame(Backend, Some(4000), h.at(1)),
+            Verdict::Forward
+        );
+        assert_eq!(h.s.next_deadline(), Some(h.at(5_001)));
+        assert_eq!(
+            h.s.on_close_frame(Client, Some(4000), h.at(2)),
+            Verdict::Forward
+        );
+        assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        h.s.on_gone(Client, false, false, h.at(3));
+        h.s.on_gone(Backend, false, false, h.at(3));
+        assert_eq!(h.actions(), vec![Release(Client), Release(Backend)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::BackendClose));
+    }
+
+    #[test]
+    fn unanswered_close_times_out_and_wsgate_answers_the_owed_side() {
+        let mut h = Harness::new(timers());
+        h.s.on_close_frame(Client, Some(1000), h.at(0));
+        assert_eq!(h.tick(4_999), vec![]);
+        let actions = h.tick(5_000);
+        assert_eq!(
+            actions,
+            vec![
+                Abort(Backend),
+                close(Client, 1000, "close handshake timed out"),
+                ShutdownWrite(Client)
+            ]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::CloseTimeout));
+        // The client never sends its FIN: the drain deadline aborts it.
+        assert_eq!(h.s.next_deadline(), Some(h.at(10_000)));
+        assert_eq!(h.tick(10_000), vec![Abort(Client)]);
+        assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn client_that_never_answers_a_backend_close_gets_aborted() {
+        let mut h = Harness::new(timers());
+        h.s.on_close_frame(Backend, Some(1001), h.at(0));
+        let actions = h.tick(5_000);
+        assert_eq!(
+            actions,
+            vec![
+                Abort(Client),
+                close(Backend, 1001, "close handshake timed out")
+            ]
+        );
+        h.s.on_gone(Backend, false, false, h.at(5_001));
+        assert_eq!(h.actions(), vec![Release(Backend)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::CloseTimeout));
+    }
+
+    #[test]
+    fn client_fin_without_close_sends_1001_to_the_backend() {
+        let mut h = Harness::new(timers());
+        h.s.on_gone(Client, false, false, h.at(7));
+        assert_eq!(
+            h.actions(),
+            vec![close(Backend, 1001, "client went away"), Release(Client)]
+        );
+        // The backend's reply is for wsgate, not for the departed client.
+        assert_eq!(
+            h.s.on_close_frame(Backend, Some(1001), h.at(8)),
+            Verdict::Consume
+        );
+        h.s.on_gone(Backend, false, false, h.at(9));
+        assert_eq!(h.actions(), vec![Release(Backend)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::ClientGone));
+        assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn client_gone_mid_frame_aborts_the_backend() {
+        let mut h = Harness::new(timers());
+        h.s.on_gone(Client, true, true, h.at(1));
+        assert_eq!(h.actions(), vec![Abort(Backend), Abort(Client)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::ClientGone));
+        assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn silent_client_is_pinged_then_declared_unresponsive() {
+        let mut h = Harness::new(timers());
+        h.s.on_received(Backend, true, h.at(19_000));
+        assert_eq!(h.s.next_deadline(), Some(h.at(20_000)));
+        assert_eq!(h.tick(20_000), vec![SendPing { to: Client }]);
+        h.s.on_ping_sent(Client, h.at(20_001));
+        assert_eq!(h.s.next_deadline(), Some(h.at(30_001)));
+        assert_eq!(
+            h.tick(30_001),
+            vec![Abort(Client), close(Backend, 1001, "client unresponsive")]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::ClientUnresponsive));
+    }
+
+    #[test]
+    fn any_byte_after_a_ping_proves_liveness() {
+        let mut h = Harness::new(timers());
+        assert_eq!(
+            h.tick(20_000),
+            vec![SendPing { to: Client }, SendPing { to: Backend }]
+        );
+        h.s.on_ping_sent(Client, h.at(20_000));
+        h.s.on_ping_sent(Backend, h.at(20_000));
+        h.s.on_received(Client, false, h.at(20_002));
+        h.s.on_received(Backend, false, h.at(20_003));
+        assert_eq!(h.tick(30_000), vec![]);
+        assert_eq!(h.s.outcome(), None);
+        assert_eq!(h.s.next_deadline(), Some(h.at(40_002)));
+    }
+
+    #[test]
+    fn a_side_is_not_blamed_for_silence_while_its_bytes_cannot_be_read() {
+        let mut h = Harness::new(Timers {
+            write_timeout: None,
+            ..timers()
+        });
+        assert_eq!(
+            h.tick(20_000),
+            vec![SendPing { to: Client }, SendPing { to: Backend }]
+        );
+        h.s.on_ping_sent(Client, h.at(20_000));
+        h.s.on_received(Backend, false, h.at(20_001));
+        // The backend stopped reading: the client's Pong is stuck behind it.
+        h.s.on_write_blocked(Backend, Some(h.at(20_001)));
+        assert_eq!(h.tick(30_000), vec![]);
+        h.s.on_write_blocked(Backend, None);
+        assert_eq!(
+            h.tick(30_001),
+            vec![Abort(Client), close(Backend, 1001, "client unresponsive")]
+        );
+    }
+
+    #[test]
+    fn stalled_client_writes_end_the_connection() {
+        let mut h = Harness::new(Timers {
+            ping_interval: None,
+            ..timers()
+        });
+        h.s.on_write_blocked(Client, Some(h.at(100)));
+        assert_eq!(h.s.next_deadline(), Some(h.at(30_100)));
+        h.s.on_write_blocked(Client, None);
+        assert_eq!(h.s.next_deadline(), None);
+        h.s.on_write_blocked(Client, Some(h.at(200)));
+        assert_eq!(
+            h.tick(30_200),
+            vec![
+                Abort(Client),
+                close(Backend, 1001, "client stopped reading")
+            ]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::ClientStalled));
+    }
+
+    #[test]
+    fn backend_fin_without_close_sends_1014_to_the_client() {
+        let mut h = Harness::new(timers());
+        h.s.on_gone(Backend, false, false, h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![close(Client, 1014, "backend went away"), Release(Backend)]
+        );
+        assert_eq!(
+            h.s.on_close_frame(Client, Some(1014), h.at(2)),
+            Verdict::Consume
+        );
+        assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        h.s.on_gone(Client, false, false, h.at(3));
+        assert_eq!(h.actions(), vec![Release(Client)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::BackendGone));
+    }
+
+    #[test]
+    fn backend_reset_or_stall_is_reported_as_such() {
+        let mut h = Harness::new(timers());
+        h.s.on_gone(Backend, false, true, h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![close(Client, 1014, "backend went away"), Abort(Backend)]
+        );
+
+        let mut h = Harness::new(timers());
+        h.s.on_write_blocked(Backend, Some(h.at(0)));
+        assert_eq!(
+            h.tick(30_000),
+            vec![Abort(Backend), close(Client, 1014, "backend unresponsive")]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::BackendUnresponsive));
+    }
+
+    #[test]
+    fn idle_timeout_counts_data_frames_only() {
+        let mut h = Harness::new(Timers {
+            ping_interval: Some(ms(1_000)),
+            idle_timeout: Some(ms(60_000)),
+            ..timers()
+        });
+        h.s.on_received(Client, true, h.at(10_000));
+        for ms in (11_000..70_000).step_by(1_000) {
+            // Ping traffic keeps both sides alive but is not data.
+            h.s.on_received(Client, false, h.at(ms));
+            h.s.on_received(Backend, false, h.at(ms));
+            assert!(h.tick(ms).iter().all(|a| matches!(a, SendPing { .. })));
+            h.s.on_ping_sent(Client, h.at(ms));
+            h.s.on_ping_sent(Backend, h.at(ms));
+        }
+        assert_eq!(
+            h.tick(70_000),
+            vec![
+                close(Client, 1001, "idle timeout"),
+                close(Backend, 1001, "idle timeout")
+            ]
+        );
+        // Both replies are addressed to wsgate.
+        assert_eq!(
+            h.s.on_close_frame(Client, Some(1001), h.at(70_001)),
+            Verdict::Consume
+        );
+        assert_eq!(
+            h.s.on_close_frame(Backend, Some(1001), h.at(70_002)),
+            Verdict::Consume
+        );
+        assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        assert_eq!(h.s.outcome(), Some(Outcome::IdleTimeout));
+    }
+
+    #[test]
+    fn max_lifetime_and_shutdown_close_both_sides_with_1001() {
+        let mut h = Harness::new(Timers {
+            max_lifetime: Some(ms(3_600_000)),
+            ..timers()
+        });
+        h.s.on_received(Client, true, h.at(3_599_999));
+        h.s.on_received(Backend, true, h.at(3_599_999));
+        assert_eq!(h.s.next_deadline(), Some(h.at(3_600_000)));
+        let actions = h.tick(3_600_000);
+        assert_eq!(actions[0], close(Client, 1001, "max lifetime reached"));
+        assert_eq!(h.s.outcome(), Some(Outcome::MaxLifetime));
+
+        let mut h = Harness::new(timers());
+        h.s.on_shutdown(h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![
+                close(Client, 1001, "proxy shutting down"),
+                close(Backend, 1001, "proxy shutting down")
+            ]
+        );
+        // A second signal changes nothing.
+        h.s.on_shutdown(h.at(2));
+        assert_eq!(h.actions(), vec![]);
+    }
+
+    #[test]
+    fn invalid_client_framing_gets_1002_and_the_backend_1001() {
+        let mut h = Harness::new(timers());
+        h.s.on_protocol_error(Client, 1002, h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![
+                close(Client, 1002, "protocol error"),
+                close(Backend, 1001, "protocol error"),
+                ShutdownWrite(Client)
+            ]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::ProtocolError));
+        assert_eq!(
+            h.s.on_close_frame(Backend, Some(1001), h.at(2)),
+            Verdict::Consume
+        );
+        h.s.on_gone(Backend, false, false, h.at(3));
+        h.s.on_gone(Client, false, false, h.at(3));
+        assert_eq!(h.actions(), vec![Release(Backend), Release(Client)]);
+        assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn force_close_aborts_what_is_left() {
+        let mut h = Harness::new(timers());
+        h.s.on_shutdown(h.at(0));
+        h.actions();
+        h.s.on_force_close(h.at(25_000));
+        assert_eq!(h.actions(), vec![Abort(Client), Abort(Backend)]);
+        assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn reserved_close_codes_are_never_echoed() {
+        let mut h = Harness::new(timers());
+        // A client Close carrying 1005 (reserved) and a backend that vanishes.
+        h.s.on_close_frame(Client, Some(1005), h.at(0));
+        h.s.on_gone(Backend, false, true, h.at(1));
+        let sent: Vec<_> = h
+            .actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                SendClose { code, .. } => Some(code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![1000]);
+    }
+
+    #[test]
+    fn every_action_sequence_ends_with_both_sockets_closed() {
+        // Whatever happens first, the timers alone bring the session to its end.
+        type Step = fn(&mut Session, Instant);
+        let starts: [Step; 6] = [
+            |s, t| {
+                s.on_close_frame(Client, Some(1000), t);
+            },
+            |s, t| {
+                s.on_close_frame(Backend, None, t);
+            },
+            |s, t| s.on_gone(Client, false, false, t),
+            |s, t| s.on_gone(Backend, false, false, t),
+            |s, t| s.on_protocol_error(Backend, 1002, t),
+            |s, t| s.on_shutdown(t),
+        ];
+        for start in starts {
+            let mut h = Harness::new(timers());
+            let t0 = h.at(0);
+            start(&mut h.s, t0);
+            let mut guard = 0;
+            while let Some(at) = h.s.next_deadline() {
+                h.s.on_timer(at);
+                h.actions();
+                guard += 1;
+                assert!(guard < 10, "timers never settle");
+            }
+            assert!(h.s.is_finished(), "{:?}", h.s);
+        }
+    }
+}
