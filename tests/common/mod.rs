@@ -1,0 +1,415 @@
+//! Test harness: wsgate in-process on port 0, scripted raw WebSocket peers on both sides,
+//! and an independent frame decoder. Every await is bounded by [`within`].
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use wsgate::Listeners;
+use wsgate::config::{Backend, Config};
+
+/// Upper bound on any single wait in a test: generous, because it only turns a hang into
+/// a failure; it never decides an outcome.
+pub const LIMIT: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, failing the test if it takes longer than [`LIMIT`].
+pub async fn within<F: Future>(f: F) -> F::Output {
+    match tokio::time::timeout(LIMIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {LIMIT:?}"),
+    }
+}
+
+/// Polls `check` until it returns true, failing after [`LIMIT`]. For state that changes
+/// asynchronously (a readiness flag), never for ordering the test's own steps.
+pub async fn eventually(mut check: impl AsyncFnMut() -> bool) {
+    within(async {
+        loop {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// Test configuration: loopback, port 0, admin on, wsgate's liveness pings off so raw
+/// peers see only what the test provokes.
+pub fn test_config(backend: SocketAddr) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.backend = Backend::parse(&format!("http://{backend}")).unwrap();
+    c.websocket.ping_interval = None;
+    c.websocket.close_timeout = Duration::from_millis(500);
+    c.shutdown.drain_timeout = Duration::from_secs(5);
+    c
+}
+
+/// wsgate running in-process. Dropping it stops it.
+pub struct Gate {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub async fn start_gate(config: Config) -> Gate {
+    let listeners = Listeners::bind(&config).await.unwrap();
+    let addr = listeners.proxy.local_addr().unwrap();
+    let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(wsgate::serve(config, listeners, async move {
+        let _ = stopped.await;
+    }));
+    Gate {
+        addr,
+        admin,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl Gate {
+    /// Starts the graceful shutdown and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within(self.task.take().unwrap()).await.unwrap();
+    }
+
+    /// Begins the graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A listener for scripted backends.
+pub async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// An address where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let (l, addr) = listener().await;
+    drop(l);
+    addr
+}
+
+/// Reads an HTTP head (up to the blank line); returns it and the bytes read after it.
+pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8(buf).unwrap(), rest);
+        }
+        let n = within(stream.read(&mut chunk)).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed inside an HTTP head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The value of header `name` in an HTTP head (case-insensitive).
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The status code of an HTTP response head.
+pub fn status(head: &str) -> u16 {
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A raw WebSocket client request with `extra` header lines (each ending in \r\n).
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: wsgate.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+    )
+}
+
+/// Accepts one connection on `l`, reads its upgrade request and answers 101 with
+/// `extra` header lines. Returns the backend's end and the request head it saw.
+pub async fn accept_ws(l: &TcpListener, extra: &str) -> (Peer, String) {
+    let (mut s, _) = within(l.accept()).await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    let key = header(&head, "sec-websocket-key").unwrap();
+    let accept = derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    );
+    within(s.write_all(resp.as_bytes())).await.unwrap();
+    (Peer::new(s, Role::Backend, rest), head)
+}
+
+/// Opens a raw WebSocket through `gate_addr`; panics unless the answer is 101.
+pub async fn connect_ws(gate_addr: SocketAddr, path: &str, extra: &str) -> (Peer, String) {
+    let mut s = within(TcpStream::connect(gate_addr)).await.unwrap();
+    within(s.write_all(upgrade_request(path, extra).as_bytes()))
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    assert_eq!(status(&head), 101, "{head}");
+    (Peer::new(s, Role::Client, rest), head)
+}
+
+/// A connected client and backend through wsgate.
+pub async fn pair(gate: &Gate, backend: &TcpListener) -> (Peer, Peer) {
+    let connecting = connect_ws(gate.addr, "/ws", "");
+    let accepting = accept_ws(backend, "");
+    let ((client, _), (server, _)) = tokio::join!(connecting, accepting);
+    (client, server)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Sends masked frames.
+    Client,
+    /// Sends unmasked frames.
+    Backend,
+}
+
+/// A decoded frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub rsv: u8,
+    pub opcode: u8,
+    pub masked: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn close_code(&self) -> Option<u16> {
+        assert_eq!(self.opcode, 8, "not a Close frame: {self:?}");
+        (self.payload.len() >= 2).then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+pub const TEXT: u8 = 1;
+pub const BINARY: u8 = 2;
+pub const CLOSE: u8 = 8;
+pub const PING: u8 = 9;
+pub const PONG: u8 = 10;
+
+/// Encodes a frame; masked with a fixed key when `masked`.
+pub fn encode(fin: bool, rsv: u8, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+    let m = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// How a read from a peer's socket ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Orderly FIN.
+    Eof,
+    /// Connection reset (RST).
+    Reset,
+}
+
+/// One end of a WebSocket with raw frame I/O.
+pub struct Peer {
+    pub stream: TcpStream,
+    role: Role,
+    buf: Vec<u8>,
+}
+
+impl Peer {
+    pub fn new(stream: TcpStream, role: Role, buffered: Vec<u8>) -> Self {
+        Peer {
+            stream,
+            role,
+            buf: buffered,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        within(self.stream.write_all(bytes)).await.unwrap();
+    }
+
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) {
+        let f = encode(true, 0, opcode, payload, self.role == Role::Client);
+        self.send_raw(&f).await;
+    }
+
+    pub async fn send_close(&mut self, code: u16, reason: &str) {
+        self.send(CLOSE, &close_payload(code, reason)).await;
+    }
+
+    /// Reads the next frame; `None` if the connection ended first.
+    pub async fn try_recv(&mut self) -> Result<Frame, End> {
+        loop {
+            if let Some((frame, used)) = decode(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(frame);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match within(self.stream.read(&mut chunk)).await {
+                Ok(0) => return Err(End::Eof),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(End::Reset);
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Frame {
+        match self.try_recv().await {
+            Ok(f) => f,
+            Err(end) => panic!("connection ended ({end:?}) while a frame was expected"),
+        }
+    }
+
+    /// Reads frames until a Close arrives; returns it. Other frames are skipped.
+    pub async fn recv_close(&mut self) -> Frame {
+        loop {
+            let f = self.recv().await;
+            if f.opcode == CLOSE {
+                return f;
+            }
+        }
+    }
+
+    /// Expects the connection to end (FIN or RST) with no further frame but those
+    /// `allowed` lets through; returns how it ended.
+    pub async fn expect_end(&mut self) -> End {
+        match self.try_recv().await {
+            Ok(f) => panic!("expected the connection to end, got {f:?}"),
+            Err(end) => end,
+        }
+    }
+
+    /// Reads and discards everything until the connection ends.
+    pub async fn drain_to_end(&mut self) -> End {
+        loop {
+            self.buf.clear();
+            let mut chunk = vec![0u8; 256 * 1024];
+            match within(self.stream.read(&mut chunk)).await {
+                Ok(0) => return End::Eof,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return End::Reset,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Sends FIN.
+    pub async fn shutdown_write(&mut self) {
+        within(self.stream.shutdown()).await.unwrap();
+    }
+
+    /// Resets the connection (RST) by closing with a zero linger.
+    pub fn reset(self) {
+        self.stream.set_zero_linger().unwrap();
+        drop(self.stream);
+    }
+}
+
+/// Decodes one frame from the start of `buf`: (frame, bytes used), or `None` if
+/// incomplete. Independent of wsgate's own decoder on purpose.
+pub fn decode(buf: &[u8]) -> Option<(Frame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut at) = match buf[1] & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().unwrap()) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().unwrap()) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let key = if masked {
+        let k: [u8; 4] = buf.get(at..at + 4)?.try_into().unwrap();
+        at += 4;
+        Some(k)
+    } else {
+        None
+    };
+    let mut payload = buf.get(at..at + len)?.to_vec();
+    if let Some(k) = key {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b ^= k[i % 4]);
+    }
+    Some((
+        Frame {
+            fin: buf[0] & 0x80 != 0,
+            rsv: (buf[0] >> 4) & 7,
+            opcode: buf[0] & 0x0F,
+            masked,
+            payload,
+        },
+        at + len,
+    ))
+}
+
+/// Sends an HTTP/1.1 request on a fresh connection and reads the whole response
+/// (the request must ask for `Connection: close`). Returns (head, body).
+pub async fn http_raw(addr: SocketAddr, request: &str) -> (String, Vec<u8>) {
+    let mut s = within(TcpStream::connect(addr)).await.unwrap();
+    within(s.write_all(request.as_bytes())).await.unwrap();
+    let (head, mut body) = read_head(&mut s).await;
+    within(s.read_to_end(&mut body)).await.unwrap();
+    (head, body)
+}
