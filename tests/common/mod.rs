@@ -1,6 +1,8 @@
 //! Test harness: wsgate in-process on port 0, scripted raw WebSocket peers on both sides,
 //! and an independent frame decoder. Every await is bounded by [`within`].
-#![allow(dead_code)] // Each test file uses a different part of the harness.
+// Each test file uses a different part of the harness; a failed unwrap here is a failed
+// test, and configs read best as defaults plus the fields a test changes.
+#![allow(dead_code, clippy::unwrap_used, clippy::field_reassign_with_default)]
 
 use std::future::Future;
 use std::net::SocketAddr;
