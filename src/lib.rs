@@ -93,10 +93,14 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: impl Future<O
 /// Binds the configured addresses and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let listeners = Listeners::bind(&config).await?;
+    let bound = |l: &TcpListener| {
+        l.local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string())
+    };
     tracing::info!(
-        listen = %config.listen,
+        listen = %bound(&listeners.proxy),
+        admin = %listeners.admin.as_ref().map_or_else(|| "off".to_string(), bound),
         backend = %config.backend.authority,
-        admin = ?config.admin.listen,
         max_connections = config.max_connections,
         "wsgate started"
     );

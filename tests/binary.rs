@@ -1,0 +1,151 @@
+//! The real `wsgate` binary: `--check-config`, and a graceful shutdown on SIGTERM with
+//! WebSockets open.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsgate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_example() {
+    let out = within(
+        Command::new(BIN)
+            .args(["--check-config", "config.example.toml"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_and_exits_64() {
+    let path = temp_file(
+        "bad.toml",
+        "backend = \"https://x\"\n[websocket]\nping_interval = \"often\"\nclose_timout = \"1s\"\n",
+    );
+    let out = within(Command::new(BIN).arg("--check-config").arg(&path).output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "backend:",
+        "websocket.ping_interval:",
+        "websocket.close_timout: unknown key",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_flag_value_is_a_config_error() {
+    let out = within(Command::new(BIN).args(["--backend", "ftp://x"]).output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend"));
+}
+
+/// Starts the binary on port 0 with `config`; returns it and its proxy and admin
+/// addresses, read from its "wsgate started" log line.
+async fn spawn(config: &str) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
+    let path = temp_file("run.toml", config);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = within(stderr.read_line(&mut line)).await.unwrap();
+        assert!(n > 0, "wsgate exited before starting");
+        if line.contains("wsgate started") {
+            break;
+        }
+    }
+    let field = |name: &str| -> SocketAddr {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v[name].as_str().unwrap().parse().unwrap()
+    };
+    let (listen, admin) = (field("listen"), field("admin"));
+    (child, listen, admin, stderr)
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
+    let (backend_l, backend_addr) = listener().await;
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"20s\"\n\
+         [log]\nformat = \"json\"\n"
+    );
+    let (mut child, addr, admin, _stderr) = spawn(&config).await;
+    let mut clients = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let ((mut c, _), (mut b, _)) =
+            tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+        c.send(TEXT, b"live").await;
+        assert_eq!(b.recv().await.payload, b"live");
+        clients.push(c);
+        backends.push(b);
+    }
+    let (head, _) = http_raw(
+        admin,
+        "GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&head), 200);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = within(Command::new("kill").args(["-TERM", &pid]).status())
+        .await
+        .unwrap();
+    assert!(killed.success());
+
+    for (c, b) in clients.iter_mut().zip(backends.iter_mut()) {
+        let (cf, bf) = (c.recv().await, b.recv().await);
+        assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+    }
+    // The handshakes are still open, so wsgate is draining: not ready.
+    let (head, _) = http_raw(
+        admin,
+        "GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&head), 503);
+    for (c, b) in clients.iter_mut().zip(backends.iter_mut()) {
+        c.send_close(1001, "").await;
+        b.send_close(1001, "").await;
+        b.shutdown_write().await;
+    }
+    for (c, b) in clients.iter_mut().zip(backends.iter_mut()) {
+        assert_eq!(c.expect_end().await, End::Eof);
+        assert_eq!(b.expect_end().await, End::Eof);
+    }
+    // Like browsers, the clients close their end once the server closed.
+    drop(clients);
+    // Exits well before the 20 s drain deadline (`within` allows 10 s), with status 0.
+    let exit = within(child.wait()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
