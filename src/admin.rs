@@ -1,6 +1,6 @@
-//! The admin listener, for the platform rather than for clients: `/livez` (the process
-//! serves), `/readyz` (it accepts new connections; fails while draining). It runs on its
-//! own address, by default on loopback only.
+//! The admin listener, for the platform rather than for clients: `/metrics`
+//! (Prometheus), `/livez` (the process serves), `/readyz` (it accepts new connections;
+//! fails while draining). It runs on its own address, by default on loopback only.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,12 +20,22 @@ use crate::server::Shared;
 
 /// Bound on reading an admin request's header.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often histogram upkeep runs between scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Serves the admin endpoints until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
+    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = upkeep.tick() => {
+                shared.metrics.run_upkeep();
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -51,13 +61,24 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    if (req.method(), req.uri().path()) == (&Method::GET, "/metrics") {
+        let mut resp = Response::new(full(shared.metrics.render()));
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return resp;
+    }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/livez") => (StatusCode::OK, "ok"),
         (&Method::GET, "/readyz") if shared.ready.load(Ordering::SeqCst) => {
             (StatusCode::OK, "ready")
         }
         (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        _ => (StatusCode::NOT_FOUND, "not found: try /livez or /readyz"),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /livez or /readyz",
+        ),
     };
     let mut resp = Response::new(full(format!("{body}\n")));
     *resp.status_mut() = status;

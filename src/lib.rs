@@ -17,14 +17,16 @@
 //! 5. [`session`], a pure state machine, decides how the connection ends: which Close
 //!    goes where with which code, when to give up waiting, when each socket is released.
 //! 6. When both sockets are closed, [`report`] records the connection once: one log line
-//!    with its outcome, duration, release time, bytes, frames and close codes.
+//!    with its outcome, duration, release time, bytes, frames and close codes, and the
+//!    same in [`metrics`].
 //!
-//! [`admin`] serves `/livez` and `/readyz`; [`shutdown`] turns SIGTERM/SIGINT into the
+//! [`admin`] serves `/metrics`, `/livez` and `/readyz`; [`shutdown`] turns SIGTERM/SIGINT into the
 //! drain of [`server::serve`]; [`config`] reads the TOML file.
 
 pub mod admin;
 pub mod config;
 pub mod frame;
+pub mod metrics;
 pub mod proxy;
 pub mod pump;
 pub mod relay;

@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::frame::{self, Opcode, RSV1, Scanner};
+use crate::metrics::RelayMetrics;
 use crate::pump::{Counters, Injected, Pump, PumpEvent};
 use crate::session::{Action, Outcome, Session, Side, Timers, Verdict};
 
@@ -69,6 +70,13 @@ impl Negotiated {
     }
 }
 
+/// One side's socket as the upgrade hands it over.
+pub struct Leg<'a, S> {
+    pub stream: S,
+    /// Bytes the side sent right behind its handshake, already read by the HTTP layer.
+    pub buffered: &'a [u8],
+}
+
 /// Signals from the server's shutdown logic.
 #[derive(Clone, Debug)]
 pub struct Signals {
@@ -88,11 +96,13 @@ pub struct Report {
     pub release: Duration,
     pub client_to_backend: Counters,
     pub backend_to_client: Counters,
-    /// Close code sent by the client, the backend, and by wsgate to each side.
-    pub client_code: Option<u16>,
-    pub backend_code: Option<u16>,
-    pub wsgate_to_client_code: Option<u16>,
-    pub wsgate_to_backend_code: Option<u16>,
+    /// The Close the client sent (with its code, if it had one).
+    pub client_close: Option<Option<u16>>,
+    /// The Close the backend sent.
+    pub backend_close: Option<Option<u16>>,
+    /// The code of the Close wsgate itself sent to each side.
+    pub wsgate_to_client_close: Option<u16>,
+    pub wsgate_to_backend_close: Option<u16>,
     /// Last liveness round-trip time measured on each side.
     pub client_rtt: Option<Duration>,
     pub backend_rtt: Option<Duration>,
@@ -138,27 +148,27 @@ pub struct Relay<C, B> {
     /// Which pump is polled first, alternated for fairness.
     client_first: bool,
     started: Instant,
+    metrics: RelayMetrics,
+    /// Counters already added to `metrics`, per source side.
+    flushed: [Counters; 2],
 }
 
 impl<C: Transport, B: Transport> Relay<C, B> {
-    /// `client_buffered` and `backend_buffered` are bytes each side sent right behind
-    /// its handshake, already read by the HTTP layer.
     pub fn new(
-        client: C,
-        client_buffered: &[u8],
-        backend: B,
-        backend_buffered: &[u8],
+        client: Leg<'_, C>,
+        backend: Leg<'_, B>,
         negotiated: Negotiated,
         config: RelayConfig,
         signals: Signals,
+        metrics: RelayMetrics,
     ) -> Self {
         let now = Instant::now();
         let scanner = |sender| Scanner::new(sender, negotiated.rsv_allowed, config.max_frame_size);
         Relay {
-            client: Some(client),
-            backend: Some(backend),
-            c2b: Pump::new(scanner(Side::Client), client_buffered),
-            b2c: Pump::new(scanner(Side::Backend), backend_buffered),
+            client: Some(client.stream),
+            backend: Some(backend.stream),
+            c2b: Pump::new(scanner(Side::Client), client.buffered),
+            b2c: Pump::new(scanner(Side::Backend), backend.buffered),
             session: Session::new(config.timers, now.into_std()),
             timer: Box::pin(tokio::time::sleep_until(now)),
             armed: None,
@@ -170,6 +180,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             blocked: [false, false],
             client_first: true,
             started: now,
+            metrics,
+            flushed: [Counters::default(); 2],
         }
     }
 
@@ -187,6 +199,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             }
             self.apply_actions();
             if self.session.is_finished() {
+                self.flush_counters();
                 return self.report(now);
             }
             self.rearm();
@@ -251,6 +264,9 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         if !(c.0 || b.0 || blocked != self.blocked) {
             return;
         }
+        if c.0 || b.0 {
+            self.flush_counters();
+        }
         let now = Instant::now().into_std();
         if c.0 {
             self.session.on_received(Side::Client, c.1, now);
@@ -264,6 +280,20 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             }
         }
         self.blocked = blocked;
+    }
+
+    /// Adds the bytes and frames relayed since the last flush to the metrics, so long
+    /// connections show their traffic while they last.
+    fn flush_counters(&mut self) {
+        for (i, now) in [self.c2b.counters(), self.b2c.counters()]
+            .into_iter()
+            .enumerate()
+        {
+            let before = self.flushed[i];
+            self.metrics.bytes[i].increment(now.bytes - before.bytes);
+            self.metrics.frames[i].increment(now.frames - before.frames);
+            self.flushed[i] = now;
+        }
     }
 
     /// Sets the timer to the session's next deadline when that is earlier than the one
@@ -297,7 +327,9 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                             && let Some(sent) =
                                 self.pings[from as usize].take().and_then(|p| p.sent_at)
                         {
-                            self.rtts[from as usize] = Some(now - sent);
+                            let rtt = now - sent;
+                            self.rtts[from as usize] = Some(rtt);
+                            self.metrics.ping_rtt[from as usize].record(rtt.as_secs_f64());
                         }
                         (!ours, false)
                     }
@@ -396,10 +428,10 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             release: now.saturating_duration_since(ended),
             client_to_backend: self.c2b.counters(),
             backend_to_client: self.b2c.counters(),
-            client_code: s.close_code_from(Side::Client),
-            backend_code: s.close_code_from(Side::Backend),
-            wsgate_to_client_code: s.wsgate_code_to(Side::Client),
-            wsgate_to_backend_code: s.wsgate_code_to(Side::Backend),
+            client_close: s.close_from(Side::Client),
+            backend_close: s.close_from(Side::Backend),
+            wsgate_to_client_close: s.wsgate_code_to(Side::Client),
+            wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
             client_rtt: self.rtts[Side::Client as usize],
             backend_rtt: self.rtts[Side::Backend as usize],
         }

@@ -1,8 +1,9 @@
 //! The one place where an ended WebSocket connection is recorded: one structured log
-//! line per connection, from its [`Report`].
+//! line and the metrics, both from its [`Report`].
 
 use std::net::SocketAddr;
 
+use crate::metrics::Metrics;
 use crate::relay::Report;
 
 /// What is known about a WebSocket connection from its handshake.
@@ -17,7 +18,8 @@ pub struct ConnectionInfo {
 }
 
 /// Records a connection's end. Called exactly once per relayed connection.
-pub fn connection_ended(info: &ConnectionInfo, r: &Report) {
+pub fn connection_ended(metrics: &Metrics, info: &ConnectionInfo, r: &Report) {
+    metrics.connection_ended(r);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     tracing::info!(
         target: "wsgate::connection",
@@ -31,10 +33,10 @@ pub fn connection_ended(info: &ConnectionInfo, r: &Report) {
         client_to_backend_frames = r.client_to_backend.frames,
         backend_to_client_bytes = r.backend_to_client.bytes,
         backend_to_client_frames = r.backend_to_client.frames,
-        client_close_code = r.client_code,
-        backend_close_code = r.backend_code,
-        wsgate_to_client_code = r.wsgate_to_client_code,
-        wsgate_to_backend_code = r.wsgate_to_backend_code,
+        client_close_code = r.client_close.flatten(),
+        backend_close_code = r.backend_close.flatten(),
+        wsgate_to_client_code = r.wsgate_to_client_close,
+        wsgate_to_backend_code = r.wsgate_to_backend_close,
         client_rtt_ms = r.client_rtt.map(ms),
         backend_rtt_ms = r.backend_rtt.map(ms),
         "websocket connection ended"

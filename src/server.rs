@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::metrics::{Metrics, UpgradeResult};
 use crate::proxy::{self, BackendClient, Body, ProxyError};
 use crate::relay::{RelayConfig, Signals};
 use crate::upgrade;
@@ -70,6 +71,7 @@ pub struct Shared {
     /// Every task serving a client, a backend handshake or a relay: shutdown waits for it.
     pub tracker: TaskTracker,
     pub signals: Signals,
+    pub metrics: Metrics,
     /// False while draining: `/readyz` fails.
     pub ready: AtomicBool,
     next_id: AtomicU64,
@@ -92,6 +94,7 @@ impl Shared {
                 shutdown: CancellationToken::new(),
                 force: CancellationToken::new(),
             },
+            metrics: Metrics::new(config.max_connections),
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -108,6 +111,14 @@ pub struct Connection {
     pub id: u64,
     pub peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
+    /// `wsgate_connections_active`, decremented on drop.
+    active: metrics::Gauge,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
 }
 
 /// Accepts clients until `shutdown` completes, then drains (DESIGN §5): readiness off,
@@ -133,24 +144,29 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
         tune_socket(&stream);
         match shared.slots.clone().try_acquire_owned() {
             Ok(slot) => {
+                shared.metrics.connections_active.increment(1.0);
                 let conn = Arc::new(Connection {
                     id: shared.next_id.fetch_add(1, Ordering::Relaxed),
                     peer,
                     _slot: slot,
+                    active: shared.metrics.connections_active.clone(),
                 });
                 shared
                     .tracker
                     .spawn(serve_client(shared.clone(), stream, conn));
             }
-            Err(_) => match shared.rejecting.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tracing::debug!(%peer, "max_connections reached: answering 503");
-                    shared
-                        .tracker
-                        .spawn(reject_client(shared.clone(), stream, permit));
+            Err(_) => {
+                shared.metrics.connections_rejected.increment(1);
+                match shared.rejecting.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tracing::debug!(%peer, "max_connections reached: answering 503");
+                        shared
+                            .tracker
+                            .spawn(reject_client(shared.clone(), stream, permit));
+                    }
+                    Err(_) => tracing::debug!(%peer, "max_connections reached: closing"),
                 }
-                Err(_) => tracing::debug!(%peer, "max_connections reached: closing"),
-            },
+            }
         }
     }
     drop(listener);
@@ -233,18 +249,39 @@ async fn route(
     conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let result = if upgrade::is_websocket_upgrade(&req) {
-        upgrade::handle(shared, conn, req).await
-    } else {
-        proxy::forward(&shared.client, &shared.config, conn.peer, req).await
-    };
-    result.unwrap_or_else(|e| e.response(e.message()))
+    if upgrade::is_websocket_upgrade(&req) {
+        let (resp, result) = upgrade::handle(shared.clone(), conn, req).await;
+        shared.metrics.upgrade(result);
+        return resp;
+    }
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let resp = proxy::forward(&shared.client, &shared.config, conn.peer, req)
+        .await
+        .unwrap_or_else(|e| e.response(e.message()));
+    shared
+        .metrics
+        .http_request(&method, resp.status(), started.elapsed());
+    resp
 }
 
 /// Answers a connection over `max_connections` with 503 and closes it.
 async fn reject_client(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
-    let service = service_fn(|_req: Request<Incoming>| async {
-        Ok::<_, Infallible>(ProxyError::OverCapacity.response(ProxyError::OverCapacity.message()))
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        if upgrade::is_websocket_upgrade(&req) {
+            svc_shared.metrics.upgrade(UpgradeResult::LimitReached);
+        } else {
+            let status = ProxyError::OverCapacity.status();
+            svc_shared
+                .metrics
+                .http_request(req.method(), status, std::time::Duration::ZERO);
+        }
+        async {
+            Ok::<_, Infallible>(
+                ProxyError::OverCapacity.response(ProxyError::OverCapacity.message()),
+            )
+        }
     });
     let mut builder = http1_builder(&shared.config);
     builder.keep_alive(false);

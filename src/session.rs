@@ -317,9 +317,9 @@ impl Session {
         self.peers.iter().all(|p| p.tcp == Tcp::Closed)
     }
 
-    /// The code of the Close `side` sent, if it sent one with a code.
-    pub fn close_code_from(&self, side: Side) -> Option<u16> {
-        self.peers[side.idx()].close_received.flatten()
+    /// The Close `side` sent, if any, with its code if it had one.
+    pub fn close_from(&self, side: Side) -> Option<Option<u16>> {
+        self.peers[side.idx()].close_received
     }
 
     /// The code of the Close wsgate itself sent to `side`, if any.
@@ -699,7 +699,7 @@ mod tests {
         assert!(h.s.is_finished());
         assert_eq!(h.s.outcome(), Some(Outcome::ClientClose));
         assert_eq!(h.s.ending_since(), Some(h.at(1)));
-        assert_eq!(h.s.close_code_from(Client), Some(1000));
+        assert_eq!(h.s.close_from(Client), Some(Some(1000)));
         assert_eq!(h.s.wsgate_code_to(Client), None);
     }
 

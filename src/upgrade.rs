@@ -17,8 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::metrics::UpgradeResult;
 use crate::proxy::{self, Body, ProxyError};
-use crate::relay::{Negotiated, Relay};
+use crate::relay::{Leg, Negotiated, Relay};
 use crate::report::{self, ConnectionInfo};
 use crate::server::{Connection, Shared};
 
@@ -78,16 +79,36 @@ fn is_valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
-/// Handles a WebSocket upgrade request end to end.
+/// Handles a WebSocket upgrade request end to end; returns the client's response and
+/// how the upgrade went.
 pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<Connection>,
+    req: Request<Incoming>,
+) -> (Response<Body>, UpgradeResult) {
+    if let Err((error, why)) = validate(&req) {
+        tracing::debug!(why, "bad WebSocket handshake");
+        return (error.response(why), UpgradeResult::BadRequest);
+    }
+    match upgrade(shared, conn, req).await {
+        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => (resp, UpgradeResult::Ok),
+        Ok(resp) => (resp, UpgradeResult::BackendRefused),
+        Err(e) => {
+            let result = match e {
+                ProxyError::BackendUnreachable => UpgradeResult::BackendUnreachable,
+                _ => UpgradeResult::BackendError,
+            };
+            (e.response(e.message()), result)
+        }
+    }
+}
+
+/// Connects the backend, repeats the handshake there and, on 101, starts the relay.
+async fn upgrade(
     shared: Arc<Shared>,
     conn: Arc<Connection>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    if let Err((error, why)) = validate(&req) {
-        tracing::debug!(why, "bad WebSocket handshake");
-        return Ok(error.response(why));
-    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let info = ConnectionInfo {
         id: conn.id,
@@ -108,9 +129,15 @@ pub async fn handle(
             ProxyError::BackendFailed
         })?;
     // Drives the backend connection until it upgrades (or ends after a refusal).
+    let force = shared.signals.force.clone();
     shared.tracker.spawn(async move {
-        if let Err(e) = handshake.with_upgrades().await {
-            tracing::debug!(error = %e, "backend upgrade connection ended");
+        tokio::select! {
+            result = handshake.with_upgrades() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "backend upgrade connection ended");
+                }
+            }
+            () = force.cancelled() => {}
         }
     });
 
@@ -171,16 +198,24 @@ pub async fn handle(
             return;
         };
         let relay = Relay::new(
-            client.io.into_inner(),
-            &client.read_buf,
-            backend.io.into_inner(),
-            &backend.read_buf,
+            Leg {
+                stream: client.io.into_inner(),
+                buffered: &client.read_buf,
+            },
+            Leg {
+                stream: backend.io.into_inner(),
+                buffered: &backend.read_buf,
+            },
             negotiated,
             relay_shared.relay_config,
             relay_shared.signals.clone(),
+            relay_shared.metrics.relay(),
         );
+        let active = &relay_shared.metrics.websockets_active;
+        active.increment(1.0);
         let ended = relay.run().await;
-        report::connection_ended(&info, &ended);
+        active.decrement(1.0);
+        report::connection_ended(&relay_shared.metrics, &info, &ended);
         // The client connection's slot is freed when `conn` drops, after the relay.
         drop(conn);
     });

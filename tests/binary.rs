@@ -1,6 +1,9 @@
 //! The real `wsgate` binary: `--check-config`, and a graceful shutdown on SIGTERM with
 //! WebSockets open.
 
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,9 @@
 //! One test per ending of DESIGN §4: what each side sees on the wire, and that both TCP
 //! connections are closed afterwards. Raw peers on both sides, real sockets on loopback.
 
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,9 @@
 //! Real third-party peers: tokio-tungstenite as client and as backend, talking through
 //! wsgate as they would directly.
 
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

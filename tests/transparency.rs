@@ -3,6 +3,9 @@
 //! and a Close, both peers receive exactly the same bytes (and the client the same 101
 //! headers) with wsgate in between as when connected directly.
 
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;
