@@ -1,20 +1,26 @@
 //! The admin listener, for the platform rather than for clients: `/metrics`
 //! (Prometheus), `/livez` (the process serves), `/readyz` (it accepts new connections;
-//! fails while draining). It runs on its own address, by default on loopback only.
+//! fails while draining), `/connections` (the live WebSocket table) and, when
+//! `admin.allow_close` is set, `POST /connections/{id}/close`. It runs on its own
+//! address, by default on loopback only.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::live::CloseError;
 use crate::proxy::{Body, full};
 use crate::server::Shared;
 
@@ -46,8 +52,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         conns.spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&shared, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -60,27 +66,98 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
-    if (req.method(), req.uri().path()) == (&Method::GET, "/metrics") {
-        let mut resp = Response::new(full(shared.metrics.render()));
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        return resp;
-    }
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/livez") => (StatusCode::OK, "ok"),
-        (&Method::GET, "/readyz") if shared.ready.load(Ordering::SeqCst) => {
-            (StatusCode::OK, "ready")
+/// Largest request body accepted (a close request).
+const MAX_BODY: usize = 4096;
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => {
+            let mut resp = Response::new(full(shared.metrics.render()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
         }
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        _ => (
+        (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok"),
+        (&Method::GET, ["readyz"]) if shared.ready.load(Ordering::SeqCst) => {
+            text(StatusCode::OK, "ready")
+        }
+        (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (&Method::GET, ["connections"]) => json(StatusCode::OK, &shared.live.snapshot()),
+        (&Method::POST, ["connections", id, "close"]) => close(shared, id, req).await,
+        _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /livez or /readyz",
+            "not found: try /metrics, /livez, /readyz or /connections",
         ),
+    }
+}
+
+/// The body of `POST /connections/{id}/close`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn close(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Body> {
+    if !shared.config.admin.allow_close {
+        return text(
+            StatusCode::FORBIDDEN,
+            "closing connections is disabled: set admin.allow_close = true",
+        );
+    }
+    let Ok(id) = id.parse::<u64>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the connection id must be a number",
+        );
     };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "the body is too large or unreadable",
+            );
+        }
+    };
+    let request: CloseBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"code\": 1000, \"reason\": \"...\"}}: {e}"),
+            );
+        }
+    };
+    match shared.live.close(id, request.code, request.reason) {
+        Ok(()) => {
+            tracing::info!(id, code = request.code, "close requested by operator");
+            text(StatusCode::ACCEPTED, "closing")
+        }
+        Err(e @ CloseError::NotFound(_)) => text(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e) => text(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{body}\n")));
     *resp.status_mut() = status;
+    resp
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| e.to_string().into_bytes());
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }

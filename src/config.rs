@@ -96,6 +96,8 @@ pub struct ShutdownConfig {
 pub struct AdminConfig {
     /// Address of the admin listener; `None` ("") disables it. Default `127.0.0.1:9090`.
     pub listen: Option<SocketAddr>,
+    /// Whether `POST /connections/{id}/close` may close connections. Default false.
+    pub allow_close: bool,
 }
 
 /// `[log]`: what the logs look like.
@@ -197,6 +199,7 @@ impl Default for Config {
             },
             admin: AdminConfig {
                 listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+                allow_close: false,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -356,6 +359,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
                 parse_addr(v).map(Some)
             }
         }),
+        allow_close: s.boolean("allow_close", d.admin.allow_close),
     };
     s.finish();
 
@@ -487,6 +491,20 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn boolean(&mut self, key: &'static str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected true or false, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
     fn table(&mut self, key: &'static str) -> Table {
         match self.get(key) {
             None => Table::new(),
@@ -552,6 +570,7 @@ mod tests {
             "write_timeout",
             "max_frame_size",
             "drain_timeout",
+            "allow_close",
             "format",
         ] {
             assert!(

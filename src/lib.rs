@@ -20,12 +20,13 @@
 //!    with its outcome, duration, release time, bytes, frames and close codes, and the
 //!    same in [`metrics`].
 //!
-//! [`admin`] serves `/metrics`, `/livez` and `/readyz`; [`shutdown`] turns SIGTERM/SIGINT into the
+//! [`admin`] serves `/metrics`, `/livez`, `/readyz` and the [`live`] connection table; [`shutdown`] turns SIGTERM/SIGINT into the
 //! drain of [`server::serve`]; [`config`] reads the TOML file.
 
 pub mod admin;
 pub mod config;
 pub mod frame;
+pub mod live;
 pub mod metrics;
 pub mod proxy;
 pub mod pump;

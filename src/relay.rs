@@ -8,6 +8,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::frame::{self, Opcode, RSV1, Scanner};
+use crate::live::LiveConn;
 use crate::metrics::RelayMetrics;
 use crate::pump::{Counters, Injected, Pump, PumpEvent};
 use crate::session::{Action, Outcome, Session, Side, Timers, Verdict};
@@ -123,6 +125,7 @@ enum Wake {
     Timer,
     Shutdown,
     Force,
+    AdminClose,
 }
 
 /// One upgraded connection being relayed.
@@ -151,6 +154,11 @@ pub struct Relay<C, B> {
     metrics: RelayMetrics,
     /// Counters already added to `metrics`, per source side.
     flushed: [Counters; 2],
+    /// This connection's entry in the admin `/connections` table.
+    live: Arc<LiveConn>,
+    admin_close: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The outcome was published to `live`.
+    ending_published: bool,
 }
 
 impl<C: Transport, B: Transport> Relay<C, B> {
@@ -161,6 +169,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         config: RelayConfig,
         signals: Signals,
         metrics: RelayMetrics,
+        live: Arc<LiveConn>,
     ) -> Self {
         let now = Instant::now();
         let scanner = |sender| Scanner::new(sender, negotiated.rsv_allowed, config.max_frame_size);
@@ -182,6 +191,9 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             started: now,
             metrics,
             flushed: [Counters::default(); 2],
+            admin_close: Some(Box::pin(live.close_token.clone().cancelled_owned())),
+            live,
+            ending_published: false,
         }
     }
 
@@ -195,7 +207,18 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                 Wake::Timer => self.session.on_timer(now.into_std()),
                 Wake::Shutdown => self.session.on_shutdown(now.into_std()),
                 Wake::Force => self.session.on_force_close(now.into_std()),
+                Wake::AdminClose => {
+                    if let Some(request) = self.live.close_request() {
+                        self.session.on_admin_close(request.code, now.into_std());
+                    }
+                }
                 Wake::Pump(from, event) => self.on_pump_event(from, event, now),
+            }
+            if !self.ending_published
+                && let Some(outcome) = self.session.outcome()
+            {
+                self.live.ending(outcome);
+                self.ending_published = true;
             }
             self.apply_actions();
             if self.session.is_finished() {
@@ -225,6 +248,12 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         {
             self.shutdown = None;
             return Poll::Ready(Wake::Shutdown);
+        }
+        if let Some(f) = &mut self.admin_close
+            && f.as_mut().poll(cx).is_ready()
+        {
+            self.admin_close = None;
+            return Poll::Ready(Wake::AdminClose);
         }
         self.client_first = !self.client_first;
         let order = if self.client_first {
@@ -270,9 +299,11 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         let now = Instant::now().into_std();
         if c.0 {
             self.session.on_received(Side::Client, c.1, now);
+            self.live.received(Side::Client, now);
         }
         if b.0 {
             self.session.on_received(Side::Backend, b.1, now);
+            self.live.received(Side::Backend, now);
         }
         for (i, to) in [Side::Client, Side::Backend].into_iter().enumerate() {
             if blocked[i] != self.blocked[i] {
@@ -285,6 +316,9 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     /// Adds the bytes and frames relayed since the last flush to the metrics, so long
     /// connections show their traffic while they last.
     fn flush_counters(&mut self) {
+        self.live.update_counters(Side::Client, self.c2b.counters());
+        self.live
+            .update_counters(Side::Backend, self.b2c.counters());
         for (i, now) in [self.c2b.counters(), self.b2c.counters()]
             .into_iter()
             .enumerate()
@@ -330,6 +364,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                             let rtt = now - sent;
                             self.rtts[from as usize] = Some(rtt);
                             self.metrics.ping_rtt[from as usize].record(rtt.as_secs_f64());
+                            self.live.ping_rtt(from, rtt);
                         }
                         (!ours, false)
                     }
@@ -376,6 +411,11 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         for action in actions {
             match action {
                 Action::SendClose { to, code, reason } => {
+                    let admin = self
+                        .live
+                        .close_request()
+                        .filter(|_| self.session.outcome() == Some(Outcome::AdminClose));
+                    let reason = admin.as_ref().map_or(reason, |r| r.reason.as_str());
                     let bytes = frame::encode_close(to, code, reason);
                     self.pump_toward(to).inject(Injected::Close, bytes);
                 }

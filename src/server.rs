@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::live::LiveTable;
 use crate::metrics::{Metrics, UpgradeResult};
 use crate::proxy::{self, BackendClient, Body, ProxyError};
 use crate::relay::{RelayConfig, Signals};
@@ -72,6 +73,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub signals: Signals,
     pub metrics: Metrics,
+    /// Live WebSocket connections, for the admin `/connections` endpoint.
+    pub live: LiveTable,
     /// False while draining: `/readyz` fails.
     pub ready: AtomicBool,
     next_id: AtomicU64,
@@ -95,6 +98,7 @@ impl Shared {
                 force: CancellationToken::new(),
             },
             metrics: Metrics::new(config.max_connections),
+            live: LiveTable::default(),
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(config.max_connections)),

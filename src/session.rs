@@ -76,11 +76,13 @@ pub enum Outcome {
     Shutdown,
     /// A side sent invalid framing (or a frame over `max_frame_size`).
     ProtocolError,
+    /// An operator closed it through the admin API.
+    AdminClose,
 }
 
 impl Outcome {
     /// Every outcome, for pre-registering metric label values.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::ClientClose,
         Outcome::BackendClose,
         Outcome::CloseTimeout,
@@ -93,6 +95,7 @@ impl Outcome {
         Outcome::MaxLifetime,
         Outcome::Shutdown,
         Outcome::ProtocolError,
+        Outcome::AdminClose,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +112,7 @@ impl Outcome {
             Outcome::MaxLifetime => "max_lifetime",
             Outcome::Shutdown => "shutdown",
             Outcome::ProtocolError => "protocol_error",
+            Outcome::AdminClose => "admin_close",
         }
     }
 
@@ -126,6 +130,7 @@ impl Outcome {
             Outcome::MaxLifetime => "max lifetime reached",
             Outcome::Shutdown => "proxy shutting down",
             Outcome::ProtocolError => "protocol error",
+            Outcome::AdminClose => "closed by operator",
         }
     }
 }
@@ -420,6 +425,15 @@ impl Session {
     /// wsgate is shutting down: close both sides with 1001.
     pub fn on_shutdown(&mut self, now: Instant) {
         self.end_both(Outcome::Shutdown, now);
+    }
+
+    /// An operator asked to close the connection with `code` on both sides.
+    pub fn on_admin_close(&mut self, code: u16, now: Instant) {
+        if self.begin(Outcome::AdminClose, now) {
+            self.send_close(Side::Client, code, now);
+            self.send_close(Side::Backend, code, now);
+            self.advance(now);
+        }
     }
 
     /// The drain deadline passed: abort whatever is still open.
@@ -982,6 +996,23 @@ mod tests {
         h.s.on_gone(Client, false, false, h.at(3));
         assert_eq!(h.actions(), vec![Release(Backend), Release(Client)]);
         assert!(h.s.is_finished());
+    }
+
+    #[test]
+    fn admin_close_sends_the_requested_code_both_ways() {
+        let mut h = Harness::new(timers());
+        h.s.on_admin_close(4000, h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![
+                close(Client, 4000, "closed by operator"),
+                close(Backend, 4000, "closed by operator")
+            ]
+        );
+        assert_eq!(h.s.outcome(), Some(Outcome::AdminClose));
+        // Once ending, a second request changes nothing.
+        h.s.on_admin_close(1000, h.at(2));
+        assert_eq!(h.actions(), vec![]);
     }
 
     #[test]

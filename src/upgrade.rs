@@ -197,6 +197,9 @@ async fn upgrade(
             tracing::error!("client connection is not a TCP stream");
             return;
         };
+        let registration = relay_shared
+            .live
+            .register(info.id, info.client, info.path.clone());
         let relay = Relay::new(
             Leg {
                 stream: client.io.into_inner(),
@@ -210,11 +213,13 @@ async fn upgrade(
             relay_shared.relay_config,
             relay_shared.signals.clone(),
             relay_shared.metrics.relay(),
+            registration.conn.clone(),
         );
         let active = &relay_shared.metrics.websockets_active;
         active.increment(1.0);
         let ended = relay.run().await;
         active.decrement(1.0);
+        drop(registration);
         report::connection_ended(&relay_shared.metrics, &info, &ended);
         // The client connection's slot is freed when `conn` drops, after the relay.
         drop(conn);

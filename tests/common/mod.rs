@@ -415,3 +415,43 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> (String, Vec<u8>) {
     within(s.read_to_end(&mut body)).await.unwrap();
     (head, body)
 }
+
+/// Sends one HTTP/1.1 request with hyper's client; returns (status, body).
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let stream = within(TcpStream::connect(addr)).await.unwrap();
+    let (mut sender, conn) = within(
+        hyper::client::conn::http1::handshake::<_, Full<bytes::Bytes>>(
+            hyper_util::rt::TokioIo::new(stream),
+        ),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = within(sender.send_request(req)).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+    driver.abort();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+/// The value of the sample `series` (name with labels, exactly as rendered) in a
+/// Prometheus text exposition; panics if absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} not in the scrape:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

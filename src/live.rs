@@ -1,0 +1,286 @@
+//! The live connection table behind the admin `/connections` endpoint: every relayed
+//! WebSocket publishes its counters here while it lasts, and can be asked to close.
+//!
+//! Relays write plain atomics (no lock on the data path); the table's lock is taken
+//! only to add or remove a connection and to list them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::pump::Counters;
+use crate::session::{Outcome, Side};
+
+/// "Not measured yet" in the atomics below.
+const NONE: u64 = u64::MAX;
+
+/// A close requested through the admin API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// What one relayed connection publishes.
+#[derive(Debug)]
+pub struct LiveConn {
+    pub id: u64,
+    pub client: SocketAddr,
+    /// Request path without the query string.
+    pub path: String,
+    started: Instant,
+    /// Per source side (client, backend): bytes and frames read.
+    bytes: [AtomicU64; 2],
+    frames: [AtomicU64; 2],
+    /// Per source side: milliseconds after `started` when bytes last arrived.
+    last_rx_ms: [AtomicU64; 2],
+    /// Per side pinged: last liveness round trip in microseconds.
+    rtt_us: [AtomicU64; 2],
+    /// Index into [`Outcome::ALL`] once the connection is ending, else [`NONE`].
+    outcome: AtomicU64,
+    /// Cancelled when an operator asks for a close; the request is in `close_request`.
+    pub close_token: CancellationToken,
+    close_request: Mutex<Option<CloseRequest>>,
+}
+
+fn idx(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Backend => 1,
+    }
+}
+
+impl LiveConn {
+    pub fn update_counters(&self, from: Side, c: Counters) {
+        self.bytes[idx(from)].store(c.bytes, Ordering::Relaxed);
+        self.frames[idx(from)].store(c.frames, Ordering::Relaxed);
+    }
+
+    pub fn received(&self, from: Side, at: Instant) {
+        let ms = at.saturating_duration_since(self.started).as_millis() as u64;
+        self.last_rx_ms[idx(from)].store(ms, Ordering::Relaxed);
+    }
+
+    pub fn ping_rtt(&self, side: Side, rtt: std::time::Duration) {
+        self.rtt_us[idx(side)].store(rtt.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn ending(&self, outcome: Outcome) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.outcome.store(i as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The pending close request, if an operator made one.
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        lock(&self.close_request).clone()
+    }
+
+    fn request_close(&self, request: CloseRequest) {
+        *lock(&self.close_request) = Some(request);
+        self.close_token.cancel();
+    }
+
+    fn snapshot(&self, now: Instant) -> ConnSnapshot {
+        let age = now.saturating_duration_since(self.started);
+        let direction = |from: Side| {
+            let last = self.last_rx_ms[idx(from)].load(Ordering::Relaxed);
+            DirectionSnapshot {
+                bytes: self.bytes[idx(from)].load(Ordering::Relaxed),
+                frames: self.frames[idx(from)].load(Ordering::Relaxed),
+                seconds_since_last_frame: (last != NONE)
+                    .then(|| (age.as_millis() as u64).saturating_sub(last) as f64 / 1e3),
+            }
+        };
+        let rtt = |side: Side| {
+            let us = self.rtt_us[idx(side)].load(Ordering::Relaxed);
+            (us != NONE).then(|| us as f64 / 1e6)
+        };
+        let outcome = Outcome::ALL
+            .get(self.outcome.load(Ordering::Relaxed) as usize)
+            .map(|o| o.as_str());
+        ConnSnapshot {
+            id: self.id,
+            client: self.client.to_string(),
+            path: self.path.clone(),
+            age_seconds: age.as_secs_f64(),
+            state: if outcome.is_some() { "closing" } else { "open" },
+            outcome,
+            client_to_backend: direction(Side::Client),
+            backend_to_client: direction(Side::Backend),
+            client_ping_rtt_seconds: rtt(Side::Client),
+            backend_ping_rtt_seconds: rtt(Side::Backend),
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data (a
+/// map of handles, a request) is still consistent, so keep serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One connection as `/connections` shows it.
+#[derive(Debug, Serialize)]
+pub struct ConnSnapshot {
+    pub id: u64,
+    pub client: String,
+    pub path: String,
+    pub age_seconds: f64,
+    /// `open`, or `closing` once the first end signal arrived.
+    pub state: &'static str,
+    /// Why it is closing (the outcome label), once it is.
+    pub outcome: Option<&'static str>,
+    pub client_to_backend: DirectionSnapshot,
+    pub backend_to_client: DirectionSnapshot,
+    pub client_ping_rtt_seconds: Option<f64>,
+    pub backend_ping_rtt_seconds: Option<f64>,
+}
+
+/// One direction of a connection in `/connections`.
+#[derive(Debug, Serialize)]
+pub struct DirectionSnapshot {
+    pub bytes: u64,
+    pub frames: u64,
+    /// Seconds since bytes last arrived from the sending side; `None` if none yet.
+    pub seconds_since_last_frame: Option<f64>,
+}
+
+/// Why a close request was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CloseError {
+    #[error("no open connection with id {0}")]
+    NotFound(u64),
+    #[error("code {0} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")]
+    BadCode(u16),
+    #[error("the reason is longer than 123 bytes")]
+    ReasonTooLong,
+}
+
+/// All live relayed connections.
+#[derive(Debug, Default)]
+pub struct LiveTable {
+    conns: Mutex<BTreeMap<u64, Arc<LiveConn>>>,
+}
+
+/// Removes its connection from the table when dropped.
+pub struct Registration<'a> {
+    table: &'a LiveTable,
+    pub conn: Arc<LiveConn>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        lock(&self.table.conns).remove(&self.conn.id);
+    }
+}
+
+impl LiveTable {
+    pub fn register(&self, id: u64, client: SocketAddr, path: String) -> Registration<'_> {
+        let conn = Arc::new(LiveConn {
+            id,
+            client,
+            path,
+            started: Instant::now(),
+            bytes: Default::default(),
+            frames: Default::default(),
+            last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            outcome: AtomicU64::new(NONE),
+            close_token: CancellationToken::new(),
+            close_request: Mutex::new(None),
+        });
+        lock(&self.conns).insert(id, conn.clone());
+        Registration { table: self, conn }
+    }
+
+    pub fn snapshot(&self) -> Vec<ConnSnapshot> {
+        let now = Instant::now();
+        let conns: Vec<Arc<LiveConn>> = lock(&self.conns).values().cloned().collect();
+        conns.iter().map(|c| c.snapshot(now)).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Asks connection `id` to close with `code` and `reason` on both sides.
+    pub fn close(&self, id: u64, code: u16, reason: String) -> Result<(), CloseError> {
+        if !crate::frame::is_sendable_close_code(code) {
+            return Err(CloseError::BadCode(code));
+        }
+        if reason.len() > crate::frame::MAX_CONTROL_PAYLOAD - 2 {
+            return Err(CloseError::ReasonTooLong);
+        }
+        let conn = lock(&self.conns)
+            .get(&id)
+            .cloned()
+            .ok_or(CloseError::NotFound(id))?;
+        conn.request_close(CloseRequest { code, reason });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_lists_and_removes_connections() {
+        let table = LiveTable::default();
+        let reg = table.register(7, "127.0.0.1:1".parse().unwrap(), "/ws".into());
+        reg.conn.update_counters(
+            Side::Client,
+            Counters {
+                frames: 2,
+                bytes: 30,
+            },
+        );
+        let snap = table.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!((snap[0].id, snap[0].state), (7, "open"));
+        assert_eq!(snap[0].client_to_backend.bytes, 30);
+        assert_eq!(snap[0].client_to_backend.seconds_since_last_frame, None);
+        reg.conn.ending(Outcome::ClientGone);
+        assert_eq!(table.snapshot()[0].outcome, Some("client_gone"));
+        drop(reg);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn close_requests_are_checked() {
+        let table = LiveTable::default();
+        let reg = table.register(1, "127.0.0.1:1".parse().unwrap(), "/".into());
+        assert_eq!(
+            table.close(2, 1000, String::new()),
+            Err(CloseError::NotFound(2))
+        );
+        assert_eq!(
+            table.close(1, 1006, String::new()),
+            Err(CloseError::BadCode(1006))
+        );
+        assert_eq!(
+            table.close(1, 4000, "x".repeat(124)),
+            Err(CloseError::ReasonTooLong)
+        );
+        assert!(!reg.conn.close_token.is_cancelled());
+        assert_eq!(table.close(1, 4000, "maintenance".into()), Ok(()));
+        assert!(reg.conn.close_token.is_cancelled());
+        assert_eq!(
+            reg.conn.close_request(),
+            Some(CloseRequest {
+                code: 4000,
+                reason: "maintenance".into()
+            })
+        );
+    }
+}
