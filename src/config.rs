@@ -68,6 +68,11 @@ pub struct WebSocketConfig {
     /// Largest frame payload accepted from either side, else Close 1009; `None` (0, the
     /// default) accepts any size. Frames are streamed, so this bounds no memory.
     pub max_frame_size: Option<u64>,
+    /// Origins allowed to open WebSockets (`scheme://host[:port]`, compared without
+    /// case); others get 403. Empty (the default) allows every origin. Requests without
+    /// an `Origin` header (non-browser clients) are always allowed: the check protects
+    /// browsers against cross-site WebSocket hijacking.
+    pub allowed_origins: Vec<String>,
 }
 
 impl WebSocketConfig {
@@ -193,6 +198,7 @@ impl Default for Config {
                 max_lifetime: None,
                 write_timeout: Some(Duration::from_secs(30)),
                 max_frame_size: None,
+                allowed_origins: Vec::new(),
             },
             shutdown: ShutdownConfig {
                 drain_timeout: Duration::from_secs(25),
@@ -341,6 +347,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         write_timeout: s.optional_duration("write_timeout", w.write_timeout),
         max_frame_size: Some(s.integer("max_frame_size", w.max_frame_size.unwrap_or(0)))
             .filter(|n| *n > 0),
+        allowed_origins: s.strings("allowed_origins", w.allowed_origins),
     };
     s.finish();
 
@@ -491,6 +498,29 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn strings(&mut self, key: &'static str, default: Vec<String>) -> Vec<String> {
+        match self.get(key) {
+            None => default,
+            Some(Value::Array(items)) => {
+                let strings: Vec<String> = items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                if strings.len() != items.len() {
+                    self.problem(key, "expected an array of strings".into());
+                }
+                strings
+            }
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected an array of strings, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
     fn boolean(&mut self, key: &'static str, default: bool) -> bool {
         match self.get(key) {
             None => default,
@@ -569,6 +599,7 @@ mod tests {
             "max_lifetime",
             "write_timeout",
             "max_frame_size",
+            "allowed_origins",
             "drain_timeout",
             "allow_close",
             "format",
@@ -592,6 +623,7 @@ mod tests {
             ping_interval = "0s"
             idle_timeout = "2m"
             max_frame_size = 1024
+            allowed_origins = ["https://dash.example"]
             [admin]
             listen = ""
             [log]
@@ -606,6 +638,7 @@ mod tests {
         assert_eq!(c.websocket.ping_interval, None);
         assert_eq!(c.websocket.idle_timeout, Some(Duration::from_secs(120)));
         assert_eq!(c.websocket.max_frame_size, Some(1024));
+        assert_eq!(c.websocket.allowed_origins, vec!["https://dash.example"]);
         assert_eq!(c.admin.listen, None);
         assert_eq!(c.log.format, LogFormat::Json);
     }

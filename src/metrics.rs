@@ -53,16 +53,19 @@ pub enum UpgradeResult {
     BadRequest,
     /// `max_connections` was reached.
     LimitReached,
+    /// The `Origin` is not in `websocket.allowed_origins`.
+    OriginRefused,
 }
 
 impl UpgradeResult {
-    pub const ALL: [UpgradeResult; 6] = [
+    pub const ALL: [UpgradeResult; 7] = [
         UpgradeResult::Ok,
         UpgradeResult::BackendRefused,
         UpgradeResult::BackendUnreachable,
         UpgradeResult::BackendError,
         UpgradeResult::BadRequest,
         UpgradeResult::LimitReached,
+        UpgradeResult::OriginRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +76,7 @@ impl UpgradeResult {
             UpgradeResult::BackendError => "backend_error",
             UpgradeResult::BadRequest => "bad_request",
             UpgradeResult::LimitReached => "limit_reached",
+            UpgradeResult::OriginRefused => "origin_refused",
         }
     }
 }

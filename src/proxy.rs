@@ -59,6 +59,8 @@ pub enum ProxyError {
     UnsupportedVersion,
     /// `max_connections` is reached.
     OverCapacity,
+    /// The WebSocket's `Origin` is not in `websocket.allowed_origins`.
+    OriginNotAllowed,
 }
 
 impl ProxyError {
@@ -71,6 +73,7 @@ impl ProxyError {
             ProxyError::BadHandshake => "bad_handshake",
             ProxyError::UnsupportedVersion => "unsupported_version",
             ProxyError::OverCapacity => "over_capacity",
+            ProxyError::OriginNotAllowed => "origin_not_allowed",
         }
     }
 
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::BadHandshake => "invalid WebSocket handshake",
             ProxyError::UnsupportedVersion => "only WebSocket version 13 is supported",
             ProxyError::OverCapacity => "wsgate is at max_connections; retry shortly",
+            ProxyError::OriginNotAllowed => "this origin may not open WebSockets here",
         }
     }
 
@@ -96,6 +100,7 @@ impl ProxyError {
             ProxyError::BadHandshake => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OriginNotAllowed => StatusCode::FORBIDDEN,
         }
     }
 

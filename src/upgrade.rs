@@ -70,6 +70,21 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), (ProxyError, &'static str)> {
     Ok(())
 }
 
+/// Cross-site WebSocket hijacking protection: a browser always sends `Origin`, so when a
+/// list is configured, a present `Origin` must be on it.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(header::ORIGIN).map(|o| o.to_str()) {
+        None => true,
+        Some(Ok(origin)) => allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(origin.trim())),
+        Some(Err(_)) => false,
+    }
+}
+
 /// A base64 encoding of 16 bytes: 22 significant characters and "==" (RFC 6455 §4.1).
 fn is_valid_key(key: &[u8]) -> bool {
     key.len() == 24
@@ -89,6 +104,11 @@ pub async fn handle(
     if let Err((error, why)) = validate(&req) {
         tracing::debug!(why, "bad WebSocket handshake");
         return (error.response(why), UpgradeResult::BadRequest);
+    }
+    if !origin_allowed(&shared.config.websocket.allowed_origins, req.headers()) {
+        tracing::debug!(origin = ?req.headers().get(header::ORIGIN), "origin not allowed");
+        let e = ProxyError::OriginNotAllowed;
+        return (e.response(e.message()), UpgradeResult::OriginRefused);
     }
     match upgrade(shared, conn, req).await {
         Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => (resp, UpgradeResult::Ok),
@@ -317,6 +337,24 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(validate(&req).unwrap_err().1, "missing Sec-WebSocket-Key");
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_listed() {
+        let mut h = HeaderMap::new();
+        assert!(origin_allowed(&[], &h));
+        let list = vec!["https://dash.example".to_string()];
+        assert!(origin_allowed(&list, &h), "no Origin: not a browser");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://DASH.example"),
+        );
+        assert!(origin_allowed(&list, &h));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!origin_allowed(&list, &h));
     }
 
     #[test]
