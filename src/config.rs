@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::{Table, Value};
@@ -31,6 +31,37 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// `[tls]`: terminate TLS for clients; `None` (the default) serves plain HTTP.
+    pub tls: Option<TlsConfig>,
+    pub backend_tls: BackendTlsConfig,
+}
+
+/// `[tls]`: TLS toward clients.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (`tls.crt` of a Kubernetes Secret).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// A client must finish the TLS handshake within this. Default 10s.
+    pub handshake_timeout: Duration,
+    /// How often the files are checked for a new certificate; `None` ("0s") checks only
+    /// on SIGHUP. Default 10s.
+    pub reload_interval: Option<Duration>,
+    /// Offer HTTP/2 (ALPN `h2`), WebSocket included (RFC 8441). Default true.
+    pub http2: bool,
+}
+
+/// `[backend_tls]`: TLS toward an `https://` backend.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackendTlsConfig {
+    /// PEM CA bundle to verify the backend with; `None` uses the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key for mutual TLS; both or neither.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The name to verify the backend's certificate against; `None` uses the URL's host.
+    pub server_name: Option<String>,
 }
 
 /// `[http]`: the HTTP side of both legs.
@@ -45,6 +76,8 @@ pub struct HttpConfig {
     pub response_timeout: Option<Duration>,
     /// Largest request header section accepted from a client. Default 64 KiB.
     pub max_header_size: usize,
+    /// Accept HTTP/2 with prior knowledge (h2c) on a plain listener. Default false.
+    pub h2c: bool,
 }
 
 /// `[websocket]`: how relayed WebSocket connections are kept alive and ended.
@@ -123,6 +156,8 @@ pub enum LogFormat {
 /// The backend, from a URL such as `http://127.0.0.1:5080`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
+    /// `https://`: connect with TLS.
+    pub tls: bool,
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
     pub port: u16,
@@ -131,20 +166,27 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Parses `http://host[:port][/]`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+}
+
+impl Backend {
+    /// Parses `http://host[:port][/]` or `https://host[:port][/]`.
     pub fn parse(url: &str) -> Result<Backend, String> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             Some(other) => {
                 return Err(format!(
-                    "scheme {other:?} is not supported: use http://host:port"
+                    "scheme {other:?} is not supported: use http://host:port or https://host:port"
                 ));
             }
             None => return Err(format!("{url:?} has no scheme: use http://host:port")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("{url:?} has no host"))?;
@@ -160,13 +202,14 @@ impl Backend {
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let authority = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
         Ok(Backend {
+            tls,
             host: host.to_string(),
             port,
             authority,
@@ -179,6 +222,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             backend: Backend {
+                tls: false,
                 host: "127.0.0.1".into(),
                 port: 5080,
                 authority: "127.0.0.1:5080".into(),
@@ -189,6 +233,7 @@ impl Default for Config {
                 header_read_timeout: Duration::from_secs(10),
                 response_timeout: Some(Duration::from_secs(60)),
                 max_header_size: 64 * 1024,
+                h2c: false,
             },
             websocket: WebSocketConfig {
                 ping_interval: Some(Duration::from_secs(20)),
@@ -210,6 +255,8 @@ impl Default for Config {
             log: LogConfig {
                 format: LogFormat::Text,
             },
+            tls: None,
+            backend_tls: BackendTlsConfig::default(),
         }
     }
 }
@@ -310,6 +357,21 @@ impl Config {
         if self.http.max_header_size < 1024 {
             problem("http.max_header_size", "must be at least 1024 bytes");
         }
+        let b = &self.backend_tls;
+        if b.client_cert.is_some() != b.client_key.is_some() {
+            problem(
+                "backend_tls.client_cert",
+                "client_cert and client_key go together: set both or neither",
+            );
+        }
+        if !self.backend.tls && *b != BackendTlsConfig::default() {
+            problem("backend_tls", "is set but the backend URL is not https://");
+        }
+        if let Some(tls) = &self.tls
+            && tls.handshake_timeout.is_zero()
+        {
+            problem("tls.handshake_timeout", "must be above 0s");
+        }
     }
 }
 
@@ -325,6 +387,9 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let shutdown = top.table("shutdown");
     let admin = top.table("admin");
     let log = top.table("log");
+    let tls = top.table("tls");
+    let tls_present = top.table.contains_key("tls");
+    let backend_tls = top.table("backend_tls");
     top.finish();
 
     let mut s = Section::new(&http, "http", problems);
@@ -333,6 +398,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         header_read_timeout: s.duration("header_read_timeout", d.http.header_read_timeout),
         response_timeout: s.optional_duration("response_timeout", d.http.response_timeout),
         max_header_size: s.integer("max_header_size", d.http.max_header_size as u64) as usize,
+        h2c: s.boolean("h2c", d.http.h2c),
     };
     s.finish();
 
@@ -382,6 +448,38 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     };
     s.finish();
 
+    let mut s = Section::new(&tls, "tls", problems);
+    let cert = s.parsed("cert", None, |v| Ok(Some(PathBuf::from(v))));
+    let key = s.parsed("key", None, |v| Ok(Some(PathBuf::from(v))));
+    let handshake_timeout = s.duration("handshake_timeout", Duration::from_secs(10));
+    let reload_interval = s.optional_duration("reload_interval", Some(Duration::from_secs(10)));
+    let http2 = s.boolean("http2", true);
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert,
+            key,
+            handshake_timeout,
+            reload_interval,
+            http2,
+        }),
+        (None, None) if !tls_present => None,
+        _ => {
+            s.problem("cert", "tls needs both cert and key".into());
+            None
+        }
+    };
+    s.finish();
+
+    let mut s = Section::new(&backend_tls, "backend_tls", problems);
+    let path = |v: &str| Ok(Some(PathBuf::from(v)));
+    let backend_tls = BackendTlsConfig {
+        ca_file: s.parsed("ca_file", None, path),
+        client_cert: s.parsed("client_cert", None, path),
+        client_key: s.parsed("client_key", None, path),
+        server_name: s.parsed("server_name", None, |v| Ok(Some(v.to_string()))),
+    };
+    s.finish();
+
     Config {
         listen,
         backend,
@@ -391,6 +489,8 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         shutdown,
         admin,
         log,
+        tls,
+        backend_tls,
     }
 }
 
@@ -603,6 +703,7 @@ mod tests {
             "drain_timeout",
             "allow_close",
             "format",
+            "h2c",
         ] {
             assert!(
                 text.lines()
@@ -610,6 +711,49 @@ mod tests {
                 "config.example.toml does not set {key}"
             );
         }
+        // The optional sections are documented commented out (they have no default).
+        for key in [
+            "[tls]",
+            "cert",
+            "key",
+            "handshake_timeout",
+            "reload_interval",
+            "http2",
+            "[backend_tls]",
+            "ca_file",
+            "client_cert",
+            "client_key",
+            "server_name",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("# {key}"))),
+                "config.example.toml does not document {key}"
+            );
+        }
+        // Uncommented, the optional sections parse.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        let key = r.split(" = ").next().unwrap_or("");
+                        r.starts_with('[')
+                            || (r.contains(" = ")
+                                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                    })
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("backend = \"http://", "backend = \"https://");
+        let c = Config::parse(&uncommented).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/wsgate/tls/tls.crt"));
+        assert!(tls.http2);
+        assert_eq!(
+            c.backend_tls.server_name.as_deref(),
+            Some("backend.internal")
+        );
     }
 
     #[test]
@@ -699,7 +843,9 @@ mod tests {
         );
         assert_eq!(Backend::parse("http://localhost").unwrap().port, 80);
         assert!(Backend::parse("http://x/api").is_err());
-        assert!(Backend::parse("https://x").is_err());
+        let tls = Backend::parse("https://x").unwrap();
+        assert_eq!((tls.tls, tls.port, tls.scheme()), (true, 443, "https"));
+        assert!(Backend::parse("ws://x").is_err());
         assert!(Backend::parse("127.0.0.1:80").is_err());
     }
 }

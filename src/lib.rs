@@ -35,6 +35,8 @@ pub mod report;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod stream;
+pub mod tls;
 pub mod upgrade;
 
 use std::future::Future;
@@ -55,6 +57,9 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A TLS certificate, key or CA bundle does not load: fix the file named.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The listening sockets, bound before serving so that tests can bind port 0 and read
@@ -82,15 +87,26 @@ impl Listeners {
 }
 
 /// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.
-pub async fn serve(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-    let shared = Arc::new(server::Shared::new(config));
+/// Fails before serving if the TLS material does not load.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let shared = Arc::new(server::Shared::new(config)?);
+    // Neither helper task holds connections: both are stopped once the drain is over.
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
+    let reload = shared.tls.as_ref().map(|tls| {
+        let interval = shared.config.tls.as_ref().and_then(|t| t.reload_interval);
+        tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
+    });
     server::serve(shared, listeners.proxy, shutdown).await;
-    if let Some(admin) = admin {
-        admin.abort();
+    for task in admin.into_iter().chain(reload) {
+        task.abort();
     }
+    Ok(())
 }
 
 /// Binds the configured addresses and serves until SIGTERM or SIGINT.
@@ -107,6 +123,5 @@ pub async fn run(config: Config) -> Result<(), Error> {
         max_connections = config.max_connections,
         "wsgate started"
     );
-    serve(config, listeners, shutdown::signal()).await;
-    Ok(())
+    serve(config, listeners, shutdown::signal()).await
 }

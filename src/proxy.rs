@@ -12,10 +12,12 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Config;
+use crate::tls::BackendTls;
 
 /// The body of every response wsgate returns to clients.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -28,13 +30,32 @@ pub const ERROR_HEADER: &str = "wsgate-error";
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The pooled HTTP client used for plain requests.
-pub type BackendClient = Client<HttpConnector, Incoming>;
+pub type BackendClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-pub fn backend_client(config: &Config) -> BackendClient {
+/// The pooled client; `tls` is set for an `https://` backend.
+pub fn backend_client(config: &Config, tls: Option<&BackendTls>) -> BackendClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.http.connect_timeout));
     connector.set_nodelay(true);
     connector.set_keepalive(Some(crate::server::TCP_KEEPALIVE_IDLE));
+    // The TLS layer above handles `https://` URIs.
+    connector.enforce_http(false);
+    // Plain `http://` URIs never use the TLS configuration; it only has to exist.
+    let mut tls_config = tls.map_or_else(crate::tls::plain_client_config, |t| {
+        rustls::ClientConfig::clone(&t.config)
+    });
+    // The connector sets ALPN itself (and refuses a configuration that has it).
+    tls_config.alpn_protocols.clear();
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config)
+        .https_or_http();
+    let builder = match tls {
+        Some(t) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+            t.server_name.clone(),
+        )),
+        None => builder,
+    };
+    let connector = builder.enable_http1().wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
@@ -146,8 +167,21 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, peer);
-    parts.uri = backend_uri(&config.backend.authority, &parts.uri);
+    // HTTP/2 requests carry the host in `:authority`; the backend speaks HTTP/1.1.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
+    prepare_request_headers(&mut parts.headers, peer, config.tls.is_some());
+    parts.uri = backend_uri(
+        config.backend.scheme(),
+        &config.backend.authority,
+        &parts.uri,
+    );
     parts.version = hyper::Version::HTTP_11;
     let sent = client.request(Request::from_parts(parts, body));
     let result = match config.http.response_timeout {
@@ -171,10 +205,10 @@ pub async fn forward(
 }
 
 /// The absolute URI of `uri`'s path and query on the backend.
-pub fn backend_uri(authority: &str, uri: &Uri) -> Uri {
+pub fn backend_uri(scheme: &str, authority: &str, uri: &Uri) -> Uri {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority)
         .path_and_query(path)
         .build()
@@ -211,7 +245,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// appended to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` set unless a
 /// proxy in front of wsgate (an ingress terminating TLS, say) already set them. `Host` is
 /// left as the client sent it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
+pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client_tls: bool) {
     remove_hop_by_hop(headers);
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = peer.ip().to_string();
@@ -224,7 +258,8 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
     }
     let proto = HeaderName::from_static("x-forwarded-proto");
     if !headers.contains_key(&proto) {
-        headers.insert(proto, HeaderValue::from_static("http"));
+        let scheme = if client_tls { "https" } else { "http" };
+        headers.insert(proto, HeaderValue::from_static(scheme));
     }
     let fwd_host = HeaderName::from_static("x-forwarded-host");
     if !headers.contains_key(&fwd_host)
@@ -259,7 +294,7 @@ mod tests {
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("dash.example"));
-        prepare_request_headers(&mut h, peer);
+        prepare_request_headers(&mut h, peer, false);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "dash.example");
@@ -268,7 +303,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request_headers(&mut h, peer);
+        prepare_request_headers(&mut h, peer, true);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
     }
@@ -277,7 +312,7 @@ mod tests {
     fn backend_uri_keeps_path_and_query() {
         let uri: Uri = "/api/v1/search?q=a%20b".parse().unwrap();
         assert_eq!(
-            backend_uri("127.0.0.1:5080", &uri).to_string(),
+            backend_uri("http", "127.0.0.1:5080", &uri).to_string(),
             "http://127.0.0.1:5080/api/v1/search?q=a%20b"
         );
     }

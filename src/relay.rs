@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -28,13 +27,6 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Makes closing this stream reset the connection (RST) instead of a FIN, so a peer
     /// that stopped responding cannot hold kernel buffers until TCP gives up.
     fn abort_on_close(&self);
-}
-
-impl Transport for TcpStream {
-    fn abort_on_close(&self) {
-        // Failing to set SO_LINGER leaves a normal close: acceptable.
-        let _ = self.set_zero_linger();
-    }
 }
 
 /// Per-connection settings of the relay.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,6 +26,8 @@ use crate::live::LiveTable;
 use crate::metrics::{Metrics, UpgradeResult};
 use crate::proxy::{self, BackendClient, Body, ProxyError};
 use crate::relay::{RelayConfig, Signals};
+use crate::stream::Stream;
+use crate::tls::{BackendTls, ServerTls, TlsError};
 use crate::upgrade;
 
 /// Idle time before the first TCP keepalive probe, on both legs. Keepalive finds a peer
@@ -69,6 +71,10 @@ pub struct Shared {
     pub relay_config: RelayConfig,
     /// Pooled client for plain HTTP requests.
     pub client: BackendClient,
+    /// TLS toward clients, when `[tls]` is configured.
+    pub tls: Option<ServerTls>,
+    /// TLS toward an `https://` backend.
+    pub backend_tls: Option<BackendTls>,
     /// Every task serving a client, a backend handshake or a relay: shutdown waits for it.
     pub tracker: TaskTracker,
     pub signals: Signals,
@@ -85,13 +91,22 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Self {
-        Shared {
+    /// Fails when a TLS certificate, key or CA file does not load.
+    pub fn new(config: Config) -> Result<Self, TlsError> {
+        let tls = config.tls.as_ref().map(ServerTls::new).transpose()?;
+        let backend_tls = if config.backend.tls {
+            Some(BackendTls::new(&config.backend_tls, &config.backend.host)?)
+        } else {
+            None
+        };
+        Ok(Shared {
             relay_config: RelayConfig {
                 timers: config.websocket.timers(),
                 max_frame_size: config.websocket.max_frame_size,
             },
-            client: proxy::backend_client(&config),
+            client: proxy::backend_client(&config, backend_tls.as_ref()),
+            tls,
+            backend_tls,
             tracker: TaskTracker::new(),
             signals: Signals {
                 shutdown: CancellationToken::new(),
@@ -104,7 +119,7 @@ impl Shared {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
             config,
-        }
+        })
     }
 }
 
@@ -219,7 +234,52 @@ fn http1_builder(config: &Config) -> http1::Builder {
     b
 }
 
-async fn serve_client(shared: Arc<Shared>, stream: TcpStream, conn: Arc<Connection>) {
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Spawns hyper's HTTP/2 stream tasks on the server's tracker, so shutdown waits for
+/// them like for everything else.
+#[derive(Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>) {
+    let stream = match &shared.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let limit = shared
+                .config
+                .tls
+                .as_ref()
+                .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+            match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    let h2 = match &stream {
+        Stream::Tls(_) => stream.alpn() == Some(b"h2"),
+        Stream::Plain(tcp) => {
+            shared.config.http.h2c && starts_with_h2_preface(tcp, &shared.config).await
+        }
+    };
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
     drop(conn);
@@ -228,17 +288,34 @@ async fn serve_client(shared: Arc<Shared>, stream: TcpStream, conn: Arc<Connecti
         let conn = svc_conn.clone();
         async move { Ok::<_, Infallible>(route(shared, conn, req).await) }
     });
-    let served = http1_builder(&shared.config)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    let mut served = std::pin::pin!(served);
-    let result = tokio::select! {
-        result = served.as_mut() => result,
-        () = shared.signals.shutdown.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = served => result,
-                () = shared.signals.force.cancelled() => Ok(()),
+    let result = if h2 {
+        let mut builder = http2::Builder::new(TrackedExecutor(shared.tracker.clone()));
+        builder.timer(TokioTimer::new()).enable_connect_protocol();
+        let served = builder.serve_connection(TokioIo::new(stream), service);
+        let mut served = std::pin::pin!(served);
+        tokio::select! {
+            result = served.as_mut() => result,
+            () = shared.signals.shutdown.cancelled() => {
+                served.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = served => result,
+                    () = shared.signals.force.cancelled() => Ok(()),
+                }
+            }
+        }
+    } else {
+        let served = http1_builder(&shared.config)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut served = std::pin::pin!(served);
+        tokio::select! {
+            result = served.as_mut() => result,
+            () = shared.signals.shutdown.cancelled() => {
+                served.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = served => result,
+                    () = shared.signals.force.cancelled() => Ok(()),
+                }
             }
         }
     };
@@ -246,6 +323,35 @@ async fn serve_client(shared: Arc<Shared>, stream: TcpStream, conn: Arc<Connecti
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// Peeks (without consuming) whether a plain connection starts with the HTTP/2 preface,
+/// waiting at most `http.header_read_timeout` for enough bytes.
+async fn starts_with_h2_preface(tcp: &TcpStream, config: &Config) -> bool {
+    let peek = async {
+        let mut buf = [0u8; 24];
+        let mut seen = 0;
+        loop {
+            let n = match tcp.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            if n == seen {
+                // Nothing new since the last peek: let the client send more.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen = n;
+        }
+    };
+    tokio::time::timeout(config.http.header_read_timeout, peek)
+        .await
+        .unwrap_or(false)
 }
 
 async fn route(

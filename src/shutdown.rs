@@ -1,5 +1,11 @@
-//! The signals that start a graceful shutdown: SIGTERM (Kubernetes) and SIGINT (Ctrl-C).
-//! The drain itself is in [`crate::server::serve`].
+//! Process signals: SIGTERM (Kubernetes) and SIGINT (Ctrl-C) start a graceful shutdown
+//! (the drain itself is in [`crate::server::serve`]); SIGHUP re-reads the TLS
+//! certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::tls::ServerCert;
 
 /// Completes when SIGTERM or SIGINT arrives.
 pub async fn signal() {
@@ -24,4 +30,49 @@ pub async fn signal() {
         std::future::pending::<()>().await;
     }
     tracing::info!("SIGINT received");
+}
+
+/// Re-reads the TLS certificate every `interval` (if set) and on SIGHUP, until aborted.
+pub async fn reload_certificates(cert: Arc<ServerCert>, interval: Option<Duration>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP"))
+        .ok();
+    let mut tick = interval.map(|d| {
+        let mut t = tokio::time::interval(d);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        let ticked = async {
+            match &mut tick {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(unix)]
+        let hangup = async {
+            match &mut hup {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        tokio::select! {
+            () = ticked => {}
+            () = hangup => tracing::info!("SIGHUP received: re-reading the TLS certificate"),
+        }
+        match cert.reload() {
+            Ok(true) => tracing::info!("TLS certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "new TLS certificate rejected; keeping the current one")
+            }
+        }
+    }
 }

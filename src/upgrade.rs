@@ -15,18 +15,31 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::metrics::UpgradeResult;
 use crate::proxy::{self, Body, ProxyError};
-use crate::relay::{Leg, Negotiated, Relay};
+use crate::relay::{Leg, Negotiated, Relay, Transport};
 use crate::report::{self, ConnectionInfo};
 use crate::server::{Connection, Shared};
+use crate::stream::Stream;
 
-/// True when the request asks to switch to WebSocket.
+/// True when the request asks to switch to WebSocket: an HTTP/1.1 upgrade, or an
+/// HTTP/2 extended CONNECT (RFC 8441).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
-    header_has_token(req.headers(), header::CONNECTION, "upgrade")
-        && header_has_token(req.headers(), header::UPGRADE, "websocket")
+    is_extended_connect(req)
+        || (header_has_token(req.headers(), header::CONNECTION, "upgrade")
+            && header_has_token(req.headers(), header::UPGRADE, "websocket"))
+}
+
+/// An HTTP/2 extended CONNECT with `:protocol websocket` (RFC 8441 §4).
+pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -41,6 +54,21 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// Checks the client's opening handshake; the error says what is wrong.
 pub fn validate<B>(req: &Request<B>) -> Result<(), (ProxyError, &'static str)> {
     let bad = |why| Err((ProxyError::BadHandshake, why));
+    if is_extended_connect(req) {
+        // RFC 8441 §5: no key, no Connection/Upgrade; the version must still be 13.
+        return match req
+            .headers()
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+        {
+            Some(b"13") => Ok(()),
+            Some(_) => Err((
+                ProxyError::UnsupportedVersion,
+                "only Sec-WebSocket-Version 13 is supported",
+            )),
+            None => bad("missing Sec-WebSocket-Version"),
+        };
+    }
     if req.method() != Method::GET {
         return bad("a WebSocket handshake must use GET");
     }
@@ -130,15 +158,18 @@ async fn upgrade(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
+    let over_h2 = is_extended_connect(&req);
     let info = ConnectionInfo {
         id: conn.id,
         client: conn.peer,
         path: req.uri().path().to_string(),
     };
-    let expected_accept = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()));
+    // An HTTP/2 client sends no key (RFC 8441 §5): wsgate makes one for the backend.
+    let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if !over_h2 => k.clone(),
+        _ => HeaderValue::from_str(&generate_key()).map_err(|_| ProxyError::BackendFailed)?,
+    };
+    let expected_accept = derive_accept_key(key.as_bytes());
 
     let backend = connect_backend(&shared).await?;
     let (mut sender, handshake) = hyper::client::conn::http1::Builder::new()
@@ -161,7 +192,7 @@ async fn upgrade(
         }
     });
 
-    let backend_req = backend_request(&req, conn.peer);
+    let backend_req = backend_request(&req, conn.peer, shared.config.tls.is_some(), key);
     let sent = sender.send_request(backend_req);
     let mut resp = match shared.config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
@@ -185,7 +216,7 @@ async fn upgrade(
         ));
     }
     let accept = resp.headers().get(header::SEC_WEBSOCKET_ACCEPT);
-    if accept.map(HeaderValue::as_bytes) != expected_accept.as_ref().map(|a| a.as_bytes()) {
+    if accept.map(HeaderValue::as_bytes) != Some(expected_accept.as_bytes()) {
         tracing::warn!("backend answered the upgrade with a wrong Sec-WebSocket-Accept");
         return Err(ProxyError::BackendBadHandshake);
     }
@@ -195,92 +226,179 @@ async fn upgrade(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let headers = resp.headers().clone();
+    let mut headers = resp.headers().clone();
     let backend_upgraded = hyper::upgrade::on(&mut resp).await.map_err(|e| {
         tracing::debug!(error = %e, "backend upgrade failed");
         ProxyError::BackendFailed
     })?;
     let backend = backend_upgraded
-        .downcast::<TokioIo<TcpStream>>()
+        .downcast::<TokioIo<Stream>>()
         .map_err(|_| ProxyError::BackendFailed)?;
+    let backend = Owned {
+        stream: backend.io.into_inner(),
+        buffered: backend.read_buf,
+    };
 
-    let relay_shared = shared.clone();
+    let relay = RelayStart {
+        shared: shared.clone(),
+        conn,
+        info,
+        negotiated,
+    };
     shared.tracker.spawn(async move {
-        let client = match client_upgrade.await {
-            Ok(upgraded) => upgraded.downcast::<TokioIo<TcpStream>>(),
+        let upgraded = match client_upgrade.await {
+            Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(error = %e, "client upgrade failed");
                 return;
             }
         };
-        let Ok(client) = client else {
-            tracing::error!("client connection is not a TCP stream");
-            return;
-        };
-        let registration = relay_shared
-            .live
-            .register(info.id, info.client, info.path.clone());
-        let relay = Relay::new(
-            Leg {
-                stream: client.io.into_inner(),
-                buffered: &client.read_buf,
-            },
-            Leg {
-                stream: backend.io.into_inner(),
-                buffered: &backend.read_buf,
-            },
-            negotiated,
-            relay_shared.relay_config,
-            relay_shared.signals.clone(),
-            relay_shared.metrics.relay(),
-            registration.conn.clone(),
-        );
-        let active = &relay_shared.metrics.websockets_active;
-        active.increment(1.0);
-        let ended = relay.run().await;
-        active.decrement(1.0);
-        drop(registration);
-        report::connection_ended(&relay_shared.metrics, &info, &ended);
-        // The client connection's slot is freed when `conn` drops, after the relay.
-        drop(conn);
+        if over_h2 {
+            let client = Owned {
+                stream: TokioIo::new(upgraded),
+                buffered: bytes::Bytes::new(),
+            };
+            relay.run(client, backend).await;
+        } else {
+            match upgraded.downcast::<TokioIo<Stream>>() {
+                Ok(parts) => {
+                    let client = Owned {
+                        stream: parts.io.into_inner(),
+                        buffered: parts.read_buf,
+                    };
+                    relay.run(client, backend).await;
+                }
+                Err(_) => tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream"),
+            }
+        }
     });
 
     let mut client_resp = Response::new(proxy::full(bytes::Bytes::new()));
-    *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    if over_h2 {
+        // RFC 8441 §5: 200 instead of 101; the HTTP/1.1 upgrade headers have no place in
+        // HTTP/2 (RFC 9113 §8.2.2). Subprotocol and extensions pass as they came.
+        *client_resp.status_mut() = StatusCode::OK;
+        for name in [
+            header::CONNECTION,
+            header::UPGRADE,
+            header::SEC_WEBSOCKET_ACCEPT,
+        ] {
+            headers.remove(name);
+        }
+        proxy::remove_hop_by_hop(&mut headers);
+    } else {
+        *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
     *client_resp.headers_mut() = headers;
     Ok(client_resp)
 }
 
-/// Opens a dedicated TCP connection to the backend for one WebSocket.
-async fn connect_backend(shared: &Shared) -> Result<TcpStream, ProxyError> {
+/// A side's stream and the bytes it sent behind its handshake.
+struct Owned<S> {
+    stream: S,
+    buffered: bytes::Bytes,
+}
+
+/// What a relay task needs once the client's upgrade completes.
+struct RelayStart {
+    shared: Arc<Shared>,
+    /// Holds the client connection's `max_connections` slot until the relay ends.
+    conn: Arc<Connection>,
+    info: ConnectionInfo,
+    negotiated: Negotiated,
+}
+
+impl RelayStart {
+    async fn run<C: Transport>(self, client: Owned<C>, backend: Owned<Stream>) {
+        let shared = self.shared;
+        let info = self.info;
+        let registration = shared
+            .live
+            .register(info.id, info.client, info.path.clone());
+        let relay = Relay::new(
+            Leg {
+                stream: client.stream,
+                buffered: &client.buffered,
+            },
+            Leg {
+                stream: backend.stream,
+                buffered: &backend.buffered,
+            },
+            self.negotiated,
+            shared.relay_config,
+            shared.signals.clone(),
+            shared.metrics.relay(),
+            registration.conn.clone(),
+        );
+        let active = &shared.metrics.websockets_active;
+        active.increment(1.0);
+        let ended = relay.run().await;
+        active.decrement(1.0);
+        drop(registration);
+        report::connection_ended(&shared.metrics, &info, &ended);
+        drop(self.conn);
+    }
+}
+
+/// Opens a dedicated connection to the backend for one WebSocket: TCP, then TLS for an
+/// `https://` backend, both within `http.connect_timeout`.
+async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
     let b = &shared.config.backend;
-    let connect = TcpStream::connect((b.host.as_str(), b.port));
-    let stream = match tokio::time::timeout(shared.config.http.connect_timeout, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
-            return Err(ProxyError::BackendUnreachable);
-        }
+    let connect = async {
+        let tcp = TcpStream::connect((b.host.as_str(), b.port))
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
+                ProxyError::BackendUnreachable
+            })?;
+        crate::server::tune_socket(&tcp);
+        let Some(tls) = &shared.backend_tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let tls = tls
+            .connector
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                // An untrusted or misnamed certificate: worth a warning, it is a
+                // configuration problem, not a client's.
+                tracing::warn!(error = %e, backend = %b.authority, "backend TLS handshake failed");
+                ProxyError::BackendUnreachable
+            })?;
+        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+    };
+    match tokio::time::timeout(shared.config.http.connect_timeout, connect).await {
+        Ok(result) => result,
         Err(_) => {
             tracing::debug!(backend = %b.authority, "backend connect timed out");
-            return Err(ProxyError::BackendUnreachable);
+            Err(ProxyError::BackendUnreachable)
         }
-    };
-    crate::server::tune_socket(&stream);
-    Ok(stream)
+    }
 }
 
 /// The upgrade request as the backend gets it: every end-to-end header of the client's
-/// (cookies, authorization, origin, `Sec-WebSocket-*`), `Host` unchanged, the
-/// `X-Forwarded-*` headers, and the upgrade headers themselves.
+/// (cookies, authorization, origin, `Sec-WebSocket-*`), `Host` unchanged (or taken from
+/// `:authority` for an HTTP/2 client), the `X-Forwarded-*` headers, and the HTTP/1.1
+/// upgrade headers with `key`.
 fn backend_request(
     req: &Request<Incoming>,
     peer: SocketAddr,
+    client_tls: bool,
+    key: HeaderValue,
 ) -> Request<http_body_util::Empty<bytes::Bytes>> {
     let mut headers = req.headers().clone();
-    proxy::prepare_request_headers(&mut headers, peer);
+    if !headers.contains_key(header::HOST)
+        && let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, host);
+    }
+    proxy::prepare_request_headers(&mut headers, peer, client_tls);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_KEY, key);
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut out = Request::new(http_body_util::Empty::new());
     *out.method_mut() = Method::GET;

@@ -40,7 +40,7 @@ async fn check_config_accepts_the_example() {
 async fn check_config_lists_every_problem_and_exits_64() {
     let path = temp_file(
         "bad.toml",
-        "backend = \"https://x\"\n[websocket]\nping_interval = \"often\"\nclose_timout = \"1s\"\n",
+        "backend = \"ftp://x\"\n[websocket]\nping_interval = \"often\"\nclose_timout = \"1s\"\n",
     );
     let out = within(Command::new(BIN).arg("--check-config").arg(&path).output())
         .await

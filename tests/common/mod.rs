@@ -68,9 +68,13 @@ pub async fn start_gate(config: Config) -> Gate {
     let addr = listeners.proxy.local_addr().unwrap();
     let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(wsgate::serve(config, listeners, async move {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(async move {
+        wsgate::serve(config, listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
     Gate {
         addr,
         admin,
