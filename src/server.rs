@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -292,36 +293,39 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
         let mut builder = http2::Builder::new(TrackedExecutor(shared.tracker.clone()));
         builder.timer(TokioTimer::new()).enable_connect_protocol();
         let served = builder.serve_connection(TokioIo::new(stream), service);
-        let mut served = std::pin::pin!(served);
-        tokio::select! {
-            result = served.as_mut() => result,
-            () = shared.signals.shutdown.cancelled() => {
-                served.as_mut().graceful_shutdown();
-                tokio::select! {
-                    result = served => result,
-                    () = shared.signals.force.cancelled() => Ok(()),
-                }
-            }
-        }
+        drive(served, |c| c.graceful_shutdown(), &shared.signals).await
     } else {
         let served = http1_builder(&shared.config)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        let mut served = std::pin::pin!(served);
-        tokio::select! {
-            result = served.as_mut() => result,
-            () = shared.signals.shutdown.cancelled() => {
-                served.as_mut().graceful_shutdown();
-                tokio::select! {
-                    result = served => result,
-                    () = shared.signals.force.cancelled() => Ok(()),
-                }
-            }
-        }
+        drive(served, |c| c.graceful_shutdown(), &shared.signals).await
     };
     if let Err(e) = result {
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Serves a hyper connection until it ends. On shutdown it stops taking new requests
+/// (`graceful`) and finishes the current ones, until the force signal.
+async fn drive<F>(
+    served: F,
+    graceful: impl FnOnce(Pin<&mut F>),
+    signals: &Signals,
+) -> hyper::Result<()>
+where
+    F: Future<Output = hyper::Result<()>>,
+{
+    let mut served = std::pin::pin!(served);
+    tokio::select! {
+        result = served.as_mut() => result,
+        () = signals.shutdown.cancelled() => {
+            graceful(served.as_mut());
+            tokio::select! {
+                result = served => result,
+                () = signals.force.cancelled() => Ok(()),
+            }
+        }
     }
 }
 

@@ -330,6 +330,10 @@ impl RelayStart {
             shared.metrics.relay(),
             registration.conn.clone(),
         );
+        // The pumps copied these bytes; the buffers they came from are the HTTP layer's
+        // whole read buffers, which must not stay alive for the connection's life.
+        drop(client.buffered);
+        drop(backend.buffered);
         let active = &shared.metrics.websockets_active;
         active.increment(1.0);
         let ended = relay.run().await;
