@@ -7,8 +7,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -133,6 +133,53 @@ pub struct Connection {
     _slot: OwnedSemaphorePermit,
     /// `wsgate_connections_active`, decremented on drop.
     active: metrics::Gauge,
+    /// Requests in flight and WebSockets relayed on this connection ([`Busy`] guards).
+    busy: AtomicUsize,
+    /// When `busy` last dropped to 0 (or the connection was accepted).
+    idle_since: Mutex<std::time::Instant>,
+}
+
+impl Connection {
+    /// Completes once the connection has had nothing in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let since = (self.busy.load(Ordering::SeqCst) == 0)
+                .then(|| *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()));
+            match since {
+                Some(t) if t.elapsed() >= limit => return,
+                Some(t) => tokio::time::sleep_until((t + limit).into()).await,
+                None => tokio::time::sleep(limit).await,
+            }
+        }
+    }
+}
+
+/// Keeps its connection busy while alive: one per request in flight, and one per
+/// WebSocket relay for its whole life. It also holds the connection's
+/// `max_connections` slot.
+pub struct Busy(Arc<Connection>);
+
+impl Busy {
+    pub fn new(conn: Arc<Connection>) -> Busy {
+        conn.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(conn)
+    }
+}
+
+impl std::ops::Deref for Busy {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) =
+                std::time::Instant::now();
+        }
+    }
 }
 
 impl Drop for Connection {
@@ -170,6 +217,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
                     peer,
                     _slot: slot,
                     active: shared.metrics.connections_active.clone(),
+                    busy: AtomicUsize::new(0),
+                    idle_since: Mutex::new(std::time::Instant::now()),
                 });
                 shared
                     .tracker
@@ -235,6 +284,9 @@ fn http1_builder(config: &Config) -> http1::Builder {
     b
 }
 
+/// HTTP/2 PING interval when WebSocket pings are off.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -283,49 +335,80 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
     };
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
-    drop(conn);
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        let conn = svc_conn.clone();
-        async move { Ok::<_, Infallible>(route(shared, conn, req).await) }
+        let busy = Busy::new(svc_conn.clone());
+        async move { Ok::<_, Infallible>(route(shared, busy, req).await) }
     });
     let result = if h2 {
+        let c = &shared.config;
         let mut builder = http2::Builder::new(TrackedExecutor(shared.tracker.clone()));
-        builder.timer(TokioTimer::new()).enable_connect_protocol();
+        builder
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_header_list_size(u32::try_from(c.http.max_header_size).unwrap_or(u32::MAX))
+            // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
+            .keep_alive_interval(c.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
+            .keep_alive_timeout(c.websocket.pong_timeout);
         let served = builder.serve_connection(TokioIo::new(stream), service);
-        drive(served, |c| c.graceful_shutdown(), &shared.signals).await
+        // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
+        // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
+        let idle = Some((&*conn, c.http.header_read_timeout));
+        drive(served, |c| c.graceful_shutdown(), &shared.signals, idle).await
     } else {
         let served = http1_builder(&shared.config)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        drive(served, |c| c.graceful_shutdown(), &shared.signals).await
+        drive(served, |c| c.graceful_shutdown(), &shared.signals, None).await
     };
+    drop(conn);
     if let Err(e) = result {
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
-/// Serves a hyper connection until it ends. On shutdown it stops taking new requests
+/// Serves a hyper connection until it ends. On shutdown, or once `idle` says the
+/// connection had nothing in flight for its limit, it stops taking new requests
 /// (`graceful`) and finishes the current ones, until the force signal.
 async fn drive<F>(
     served: F,
     graceful: impl FnOnce(Pin<&mut F>),
     signals: &Signals,
+    idle: Option<(&Connection, Duration)>,
 ) -> hyper::Result<()>
 where
     F: Future<Output = hyper::Result<()>>,
 {
     let mut served = std::pin::pin!(served);
-    tokio::select! {
-        result = served.as_mut() => result,
-        () = signals.shutdown.cancelled() => {
-            graceful(served.as_mut());
-            tokio::select! {
-                result = served => result,
-                () = signals.force.cancelled() => Ok(()),
-            }
+    let idle_out = async {
+        match idle {
+            Some((conn, limit)) => conn.idle_for(limit).await,
+            None => std::future::pending().await,
         }
+    };
+    // How long the graceful close may take: until the force signal on shutdown; as long
+    // as the idle limit again for an idle connection (an HTTP/2 client that does not
+    // answer the GOAWAY's PING would otherwise hold it).
+    let grace = tokio::select! {
+        result = served.as_mut() => return result,
+        () = signals.shutdown.cancelled() => None,
+        () = idle_out => {
+            tracing::debug!("closing an idle HTTP/2 connection");
+            idle.map(|(_, limit)| limit)
+        }
+    };
+    graceful(served.as_mut());
+    let deadline = async {
+        match grace {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = served => result,
+        () = signals.force.cancelled() => Ok(()),
+        () = deadline => Ok(()),
     }
 }
 
@@ -358,11 +441,7 @@ async fn starts_with_h2_preface(tcp: &TcpStream, config: &Config) -> bool {
         .unwrap_or(false)
 }
 
-async fn route(
-    shared: Arc<Shared>,
-    conn: Arc<Connection>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn route(shared: Arc<Shared>, conn: Busy, req: Request<Incoming>) -> Response<Body> {
     if upgrade::is_websocket_upgrade(&req) {
         let (resp, result) = upgrade::handle(shared.clone(), conn, req).await;
         shared.metrics.upgrade(result);

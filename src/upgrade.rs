@@ -22,7 +22,7 @@ use crate::metrics::UpgradeResult;
 use crate::proxy::{self, Body, ProxyError};
 use crate::relay::{Leg, Negotiated, Relay, Transport};
 use crate::report::{self, ConnectionInfo};
-use crate::server::{Connection, Shared};
+use crate::server::{Busy, Shared};
 use crate::stream::Stream;
 
 /// True when the request asks to switch to WebSocket: an HTTP/1.1 upgrade, or an
@@ -126,7 +126,7 @@ fn is_valid_key(key: &[u8]) -> bool {
 /// how the upgrade went.
 pub async fn handle(
     shared: Arc<Shared>,
-    conn: Arc<Connection>,
+    conn: Busy,
     req: Request<Incoming>,
 ) -> (Response<Body>, UpgradeResult) {
     if let Err((error, why)) = validate(&req) {
@@ -154,7 +154,7 @@ pub async fn handle(
 /// Connects the backend, repeats the handshake there and, on 101, starts the relay.
 async fn upgrade(
     shared: Arc<Shared>,
-    conn: Arc<Connection>,
+    conn: Busy,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -302,8 +302,9 @@ struct Owned<S> {
 /// What a relay task needs once the client's upgrade completes.
 struct RelayStart {
     shared: Arc<Shared>,
-    /// Holds the client connection's `max_connections` slot until the relay ends.
-    conn: Arc<Connection>,
+    /// Keeps the client connection busy (and its `max_connections` slot taken) until
+    /// the relay ends.
+    conn: Busy,
     info: ConnectionInfo,
     negotiated: Negotiated,
 }

@@ -1,0 +1,77 @@
+//! CPU time and resident memory of a process tree, from /proc (Linux).
+
+use std::collections::HashMap;
+use std::fs;
+
+/// The process and all its descendants (nginx: master and workers).
+pub fn tree(root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1).and_then(|s| s.parse().ok()))
+            {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut all = vec![root];
+    let mut i = 0;
+    while i < all.len() {
+        if let Some(kids) = children.get(&all[i]) {
+            all.extend(kids.iter().copied().filter(|k| *k != root));
+        }
+        i += 1;
+    }
+    all
+}
+
+/// The fields of /proc/PID/stat after the command name: index 0 is the state, 1 the
+/// parent pid, 11 utime, 12 stime (fields 3, 4, 14 and 15 of proc(5)).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// utime + stime of the processes, in clock ticks (all threads of each process).
+pub fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| {
+            let f = stat_fields(pid)?;
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum()
+}
+
+/// Sum of VmRSS of the processes, KiB.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Clock ticks per second (USER_HZ), from `getconf CLK_TCK`; 100 on every mainstream
+/// Linux.
+pub fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}

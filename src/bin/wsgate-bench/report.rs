@@ -1,0 +1,164 @@
+//! The figures collected over rounds, and the markdown table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+use crate::stats::Spread;
+use crate::targets::Target;
+
+/// One row of the table.
+pub struct Metric {
+    pub key: &'static str,
+    pub label: String,
+    /// `Some(true)`: higher is better; `Some(false)`: lower is better; `None`: neither.
+    pub better: Option<bool>,
+}
+
+/// Every figure of every round, by metric and target, and notes for the reader.
+#[derive(Default)]
+pub struct Results {
+    values: BTreeMap<&'static str, BTreeMap<Target, Vec<f64>>>,
+    /// Free-form observations, deduplicated (e.g. what the backend received).
+    pub observations: BTreeSet<String>,
+    /// Problems: errors during a run, skipped runs.
+    pub problems: Vec<String>,
+}
+
+impl Results {
+    pub fn record(&mut self, key: &'static str, target: Target, value: f64) {
+        if value.is_finite() {
+            self.values
+                .entry(key)
+                .or_default()
+                .entry(target)
+                .or_default()
+                .push(value);
+        }
+    }
+
+    fn spread(&self, key: &str, target: Target) -> Option<Spread> {
+        self.values
+            .get(key)
+            .and_then(|by| by.get(&target))
+            .and_then(|v| Spread::of(v))
+    }
+}
+
+/// A number with three significant digits or so.
+pub fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 10_000.0 {
+        // Thin grouping keeps large rates readable: 123 456.
+        let s = format!("{:.0}", v);
+        let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push('\u{202f}');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn cell(s: Option<Spread>) -> String {
+    match s {
+        None => "—".to_string(),
+        Some(s) if s.n == 1 => num(s.median),
+        Some(s) => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+    }
+}
+
+/// The markdown table: one row per metric, one column per target, then the ratios of
+/// wsgate's median to each other target's median.
+pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> String {
+    let others: Vec<Target> = if targets.contains(&Target::Wsgate) {
+        targets
+            .iter()
+            .copied()
+            .filter(|t| *t != Target::Wsgate)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut out = String::new();
+    let _ = write!(out, "| measurement | better |");
+    for t in targets {
+        let _ = write!(out, " {} |", t.name());
+    }
+    for o in &others {
+        let _ = write!(out, " wsgate ÷ {} |", o.name());
+    }
+    out.push('\n');
+    let _ = write!(out, "|---|:-:|");
+    for _ in 0..targets.len() + others.len() {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for m in metrics {
+        if targets.iter().all(|t| results.spread(m.key, *t).is_none()) {
+            continue;
+        }
+        let arrow = match m.better {
+            Some(true) => "↑",
+            Some(false) => "↓",
+            None => "·",
+        };
+        let _ = write!(out, "| {} | {arrow} |", m.label);
+        for t in targets {
+            let _ = write!(out, " {} |", cell(results.spread(m.key, *t)));
+        }
+        let ours = results.spread(m.key, Target::Wsgate);
+        for o in &others {
+            let ratio = match (ours, results.spread(m.key, *o)) {
+                (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}", a.median / b.median),
+                _ => "—".to_string(),
+            };
+            let _ = write!(out, " {ratio} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_three_digits() {
+        assert_eq!(num(123_456.4), "123\u{202f}456");
+        assert_eq!(num(512.3), "512");
+        assert_eq!(num(51.23), "51.2");
+        assert_eq!(num(5.123), "5.12");
+        assert_eq!(num(0.5123), "0.512");
+    }
+
+    #[test]
+    fn table_has_ratios_of_medians() {
+        let metrics = [Metric {
+            key: "k",
+            label: "rate".to_string(),
+            better: Some(true),
+        }];
+        let mut r = Results::default();
+        for v in [10.0, 12.0, 11.0] {
+            r.record("k", Target::Wsgate, v);
+        }
+        r.record("k", Target::Direct, 22.0);
+        let t = table(&metrics, &[Target::Direct, Target::Wsgate], &r);
+        assert!(
+            t.contains("| rate | ↑ | 22.0 | 11.0 (10.0–12.0) | 0.50 |"),
+            "{t}"
+        );
+    }
+}

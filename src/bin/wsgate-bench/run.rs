@@ -1,0 +1,898 @@
+//! `run`: the orchestrator. Starts the echo backend, then for every round, every
+//! measurement and every target (in an order rotated each round) starts a fresh proxy,
+//! runs a load generator process against it, samples the proxy's CPU time and memory
+//! from /proc, stops the proxy; finally prints the table.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::load::LoadResult;
+use crate::procfs;
+use crate::report::{self, Metric, Results};
+use crate::targets::{self, Proxy, Target, Tools};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measurement {
+    Echo,
+    Bulk,
+    Latency,
+    Churn,
+    Release,
+    Idle,
+}
+
+impl Measurement {
+    fn name(self) -> &'static str {
+        match self {
+            Measurement::Echo => "echo",
+            Measurement::Bulk => "bulk",
+            Measurement::Latency => "latency",
+            Measurement::Churn => "churn",
+            Measurement::Release => "release",
+            Measurement::Idle => "idle",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Rounds; every measurement runs once per target per round, targets interleaved.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured time of each echo, bulk, latency and churn run.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Unmeasured traffic before each timed run.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "500ms")]
+    warmup: Duration,
+    /// Targets, in the order of the table (missing nginx/HAProxy are skipped).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,wsgate,nginx,haproxy"
+    )]
+    targets: Vec<Target>,
+    /// Measurements to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "echo,bulk,latency,churn,release,idle"
+    )]
+    measurements: Vec<Measurement>,
+    /// Idle WebSockets held open at once. Through a proxy each needs two descriptors
+    /// in the proxy; with the usual hard limit of 20,000 open files, 9,900 fit.
+    #[arg(long, default_value_t = 9900)]
+    idle_connections: usize,
+    /// Connections of the echo measurement (64 B messages, closed loop).
+    #[arg(long, default_value_t = 32)]
+    echo_connections: usize,
+    /// Connections of the bulk measurement (64 KiB messages, closed loop).
+    #[arg(long, default_value_t = 8)]
+    bulk_connections: usize,
+    /// Concurrent connect-echo-close cycles of the churn measurement.
+    #[arg(long, default_value_t = 20)]
+    churn_concurrency: usize,
+    /// Connections per kind of ending (client Close, client FIN) in the release
+    /// measurement.
+    #[arg(long, default_value_t = 200)]
+    release_count: usize,
+    /// Also write the report (markdown) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Install nginx and HAProxy with apt-get first (Debian/Ubuntu, as root).
+    #[arg(long)]
+    install_anchors: bool,
+    /// The wsgate binary (default: `wsgate` next to this program).
+    #[arg(long)]
+    wsgate: Option<PathBuf>,
+    /// Keep the temporary directory (configurations and proxy logs).
+    #[arg(long)]
+    keep_tmp: bool,
+}
+
+/// Everything a measurement needs.
+struct Ctx<'a> {
+    args: &'a RunArgs,
+    exe: PathBuf,
+    tools: Tools,
+    tmp: PathBuf,
+    backend: SocketAddr,
+    ticks_per_second: f64,
+    runs: usize,
+}
+
+pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
+    if args.rounds == 0 {
+        eprintln!("wsgate-bench run: --rounds must be at least 1");
+        return ExitCode::from(2);
+    }
+    if args.install_anchors {
+        install_anchors();
+    }
+    let exe = std::env::current_exe().expect("cannot find this program's path");
+    let wsgate = args
+        .wsgate
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("wsgate"));
+    if args.targets.contains(&Target::Wsgate) && !wsgate.is_file() {
+        eprintln!(
+            "wsgate-bench run: {} not found; build it first:\n  \
+             cargo build --release --locked --bin wsgate --bin wsgate-bench\n\
+             or give its path with --wsgate",
+            wsgate.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    // A proxy holds two sockets per WebSocket, plus a few of its own.
+    let fit = usize::try_from(nofile.saturating_sub(150) / 2).unwrap_or(usize::MAX);
+    let mut problems = Vec::new();
+    if args.measurements.contains(&Measurement::Idle) && args.idle_connections > fit {
+        let msg = format!(
+            "--idle-connections {} needs {} descriptors in a proxy but the open-file limit \
+             is {nofile}: using {fit}",
+            args.idle_connections,
+            2 * args.idle_connections + 150
+        );
+        eprintln!("wsgate-bench run: {msg}");
+        problems.push(msg);
+        args.idle_connections = fit;
+    }
+    let tools = Tools {
+        wsgate,
+        nginx: targets::find_program("nginx"),
+        haproxy: targets::find_program("haproxy"),
+        // HAProxy needs two descriptors per connection plus a few (maxconn 20000 asks
+        // for 40,017) and refuses to start when the hard limit is lower: keep maxconn
+        // within what the limit allows.
+        haproxy_maxconn: 20_000u64.min(nofile.saturating_sub(100) / 2),
+    };
+    let mut run_targets = Vec::new();
+    for &t in &args.targets {
+        let missing = match t {
+            Target::Nginx => tools.nginx.is_none(),
+            Target::Haproxy => tools.haproxy.is_none(),
+            _ => false,
+        };
+        if missing {
+            let msg = format!(
+                "{} is not installed: skipped (install with `apt-get install -y nginx-light haproxy` \
+                 — or `nginx` where nginx-light does not exist — or run with --install-anchors)",
+                t.name()
+            );
+            eprintln!("wsgate-bench run: {msg}");
+            problems.push(msg);
+        } else if !run_targets.contains(&t) {
+            run_targets.push(t);
+        }
+    }
+    if run_targets.is_empty() {
+        eprintln!("wsgate-bench run: no target to measure");
+        return ExitCode::FAILURE;
+    }
+
+    let tmp = std::env::temp_dir().join(format!("wsgate-bench-{}", std::process::id()));
+    if let Err(e) = fs::create_dir_all(&tmp) {
+        eprintln!("wsgate-bench run: cannot create {}: {e}", tmp.display());
+        return ExitCode::FAILURE;
+    }
+    let environment = Environment::now(&tools);
+    eprintln!("wsgate-bench run: working directory {}", tmp.display());
+
+    let backend_addr = targets::free_port();
+    let backend = match EchoBackend::start(&exe, backend_addr, &tmp) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("wsgate-bench run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ctx = Ctx {
+        args: &args,
+        exe,
+        tools,
+        tmp: tmp.clone(),
+        backend: backend_addr,
+        ticks_per_second: procfs::clock_ticks_per_second(),
+        runs: 0,
+    };
+    let mut results = Results::default();
+    results.problems = problems;
+    let started = Instant::now();
+    for round in 0..args.rounds {
+        for &m in &args.measurements {
+            let mut order = run_targets.clone();
+            let shift = round % order.len();
+            order.rotate_left(shift);
+            for &t in &order {
+                eprintln!(
+                    "wsgate-bench run: round {}/{} {} via {} ({:.0} s elapsed)",
+                    round + 1,
+                    args.rounds,
+                    m.name(),
+                    t.name(),
+                    started.elapsed().as_secs_f64()
+                );
+                if let Err(e) = measure(&mut ctx, m, t, &mut results) {
+                    let msg = format!("round {} {} via {}: {e}", round + 1, m.name(), t.name());
+                    eprintln!("wsgate-bench run: {msg}");
+                    results.problems.push(msg);
+                }
+            }
+        }
+    }
+    drop(backend);
+
+    let text = render(
+        &args,
+        &environment,
+        &run_targets,
+        &results,
+        started.elapsed(),
+    );
+    println!("{text}");
+    let mut code = ExitCode::SUCCESS;
+    if let Some(path) = &args.out
+        && let Err(e) = fs::write(path, &text)
+    {
+        eprintln!("wsgate-bench run: cannot write {}: {e}", path.display());
+        code = ExitCode::FAILURE;
+    }
+    if args.keep_tmp {
+        eprintln!(
+            "wsgate-bench run: configurations and logs kept in {}",
+            tmp.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    code
+}
+
+/// Runs one measurement against one target and records its figures.
+fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> Result<(), String> {
+    ctx.runs += 1;
+    let dir = ctx.tmp.join(format!(
+        "{:03}-{}-{}",
+        ctx.runs,
+        m.name(),
+        t.name().to_lowercase()
+    ));
+    let a = ctx.args;
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let timed_limit = a.warmup + a.duration + Duration::from_secs(60);
+    match m {
+        Measurement::Echo | Measurement::Bulk | Measurement::Latency | Measurement::Churn => {
+            let (mode, conns) = match m {
+                Measurement::Echo => ("echo", a.echo_connections),
+                Measurement::Bulk => ("bulk", a.bulk_connections),
+                Measurement::Latency => ("latency", 1),
+                _ => ("churn", a.churn_concurrency),
+            };
+            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir)?;
+            let url = format!(
+                "ws://{}/bench",
+                proxy.as_ref().map_or(ctx.backend, |p| p.listen)
+            );
+            let load = [
+                "load",
+                "--mode",
+                mode,
+                "--url",
+                &url,
+                "--connections",
+                &conns.to_string(),
+                "--duration",
+                &ms(a.duration),
+                "--warmup",
+                &ms(a.warmup),
+            ];
+            let run = run_load(ctx, &load, proxy.as_ref(), timed_limit)?;
+            if let Some(p) = proxy.as_mut() {
+                p.stop();
+            }
+            let r = &run.result;
+            check_errors(results, m, t, r);
+            if r.messages == 0 {
+                return Err("no message completed".to_string());
+            }
+            let key = |suffix: &str| -> &'static str { metric_key(m, suffix) };
+            let rate = r.messages as f64 / r.window_s;
+            match m {
+                Measurement::Bulk => results.record(
+                    key("rate"),
+                    t,
+                    r.payload_bytes as f64 / r.window_s / (1 << 20) as f64,
+                ),
+                _ => results.record(key("rate"), t, rate),
+            }
+            if let Some(l) = &r.latency_us {
+                let scale = if m == Measurement::Churn { 1e-3 } else { 1.0 };
+                results.record(key("p50"), t, l.p50 * scale);
+                results.record(key("p99"), t, l.p99 * scale);
+                results.record(key("max"), t, l.max * scale);
+            }
+            if let (Some(ticks), Some(wall)) = (run.cpu_ticks, run.window_wall_s) {
+                let cpu_s = ticks as f64 / ctx.ticks_per_second;
+                results.record(key("cpu"), t, cpu_s * 1e6 / r.messages as f64);
+                results.record(key("cpu_pct"), t, cpu_s / wall * 100.0);
+            }
+        }
+        Measurement::Release => {
+            let scripted = targets::free_port();
+            let mut proxy = targets::start(t, &ctx.tools, scripted, &dir)?;
+            let url = format!("ws://{}/", proxy.as_ref().map_or(scripted, |p| p.listen));
+            let load = [
+                "load",
+                "--mode",
+                "release",
+                "--url",
+                &url,
+                "--backend-listen",
+                &scripted.to_string(),
+                "--count",
+                &a.release_count.to_string(),
+            ];
+            let limit =
+                Duration::from_secs(60) + Duration::from_millis(100) * a.release_count as u32;
+            let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
+            if let Some(p) = proxy.as_mut() {
+                p.stop();
+            }
+            let r = &run.result;
+            check_errors(results, m, t, r);
+            if let Some(s) = &r.close_us {
+                results.record("release.close_p50", t, s.p50);
+                results.record("release.close_p99", t, s.p99);
+            }
+            if let Some(s) = &r.fin_us {
+                results.record("release.fin_p50", t, s.p50);
+                results.record("release.fin_p99", t, s.p99);
+            }
+            let seen = |m: &std::collections::BTreeMap<String, u64>| {
+                m.keys().cloned().collect::<Vec<_>>().join(" or ")
+            };
+            results.observations.insert(format!(
+                "release via {}: after the client's Close the backend got {}; after the client's \
+                 FIN without Close it got {}",
+                t.name(),
+                seen(&r.close_seen),
+                seen(&r.fin_seen)
+            ));
+        }
+        Measurement::Idle => {
+            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir)?;
+            let url = format!(
+                "ws://{}/idle",
+                proxy.as_ref().map_or(ctx.backend, |p| p.listen)
+            );
+            let before = proxy.as_ref().map(|p| procfs::rss_kib(&p.pids()));
+            let n = a.idle_connections;
+            let load = [
+                "load",
+                "--mode",
+                "idle",
+                "--url",
+                &url,
+                "--connections",
+                &n.to_string(),
+            ];
+            let limit = Duration::from_secs(120) + Duration::from_millis(10) * n as u32;
+            let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
+            if let Some(p) = proxy.as_mut() {
+                p.stop();
+            }
+            let r = &run.result;
+            check_errors(results, m, t, r);
+            if r.opened == 0 {
+                return Err("no idle connection opened".to_string());
+            }
+            results.record("idle.open_s", t, r.open_s);
+            if let (Some(before), Some(after)) = (before, run.rss_open_kib) {
+                results.record(
+                    "idle.kib",
+                    t,
+                    (after as f64 - before as f64) / r.opened as f64,
+                );
+                results.record("idle.rss_mib", t, after as f64 / 1024.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The table's rows, in order; keys are `measurement.figure`.
+fn metric_key(m: Measurement, suffix: &str) -> &'static str {
+    match (m, suffix) {
+        (Measurement::Echo, "rate") => "echo.rate",
+        (Measurement::Echo, "p50") => "echo.p50",
+        (Measurement::Echo, "p99") => "echo.p99",
+        (Measurement::Echo, "max") => "echo.max",
+        (Measurement::Echo, "cpu") => "echo.cpu",
+        (Measurement::Echo, "cpu_pct") => "echo.cpu_pct",
+        (Measurement::Bulk, "rate") => "bulk.rate",
+        (Measurement::Bulk, "p50") => "bulk.p50",
+        (Measurement::Bulk, "p99") => "bulk.p99",
+        (Measurement::Bulk, "max") => "bulk.max",
+        (Measurement::Bulk, "cpu") => "bulk.cpu",
+        (Measurement::Bulk, "cpu_pct") => "bulk.cpu_pct",
+        (Measurement::Latency, "rate") => "latency.rate",
+        (Measurement::Latency, "p50") => "latency.p50",
+        (Measurement::Latency, "p99") => "latency.p99",
+        (Measurement::Latency, "max") => "latency.max",
+        (Measurement::Latency, "cpu") => "latency.cpu",
+        (Measurement::Latency, "cpu_pct") => "latency.cpu_pct",
+        (Measurement::Churn, "rate") => "churn.rate",
+        (Measurement::Churn, "p50") => "churn.p50",
+        (Measurement::Churn, "p99") => "churn.p99",
+        (Measurement::Churn, "max") => "churn.max",
+        (Measurement::Churn, "cpu") => "churn.cpu",
+        (Measurement::Churn, "cpu_pct") => "churn.cpu_pct",
+        _ => "other",
+    }
+}
+
+fn metrics(a: &RunArgs) -> Vec<Metric> {
+    let row = |key, label: String, higher_is_better: bool| Metric {
+        key,
+        label,
+        better: Some(higher_is_better),
+    };
+    let info = |key, label: String| Metric {
+        key,
+        label,
+        better: None,
+    };
+    let e = a.echo_connections;
+    let b = a.bulk_connections;
+    let c = a.churn_concurrency;
+    let n = a.idle_connections;
+    let k = a.release_count;
+    vec![
+        row(
+            "echo.rate",
+            format!("echo, 64 B, {e} conns: messages/s"),
+            true,
+        ),
+        row("echo.p50", "echo: round trip p50 (µs)".into(), false),
+        row("echo.p99", "echo: round trip p99 (µs)".into(), false),
+        row("echo.cpu", "echo: proxy CPU per message (µs)".into(), false),
+        info("echo.cpu_pct", "echo: proxy CPU (% of one core)".into()),
+        row(
+            "bulk.rate",
+            format!("bulk, 64 KiB, {b} conns: MiB/s echoed"),
+            true,
+        ),
+        row("bulk.p50", "bulk: round trip p50 (µs)".into(), false),
+        row(
+            "bulk.cpu",
+            "bulk: proxy CPU per 64 KiB message (µs)".into(),
+            false,
+        ),
+        info("bulk.cpu_pct", "bulk: proxy CPU (% of one core)".into()),
+        row(
+            "latency.p50",
+            "latency, 64 B, 1 conn: round trip p50 (µs)".into(),
+            false,
+        ),
+        row("latency.p99", "latency: round trip p99 (µs)".into(), false),
+        row("latency.max", "latency: round trip max (µs)".into(), false),
+        row(
+            "latency.cpu",
+            "latency: proxy CPU per message (µs)".into(),
+            false,
+        ),
+        row(
+            "churn.rate",
+            format!("churn, {c} concurrent: cycles/s"),
+            true,
+        ),
+        row("churn.p50", "churn: cycle p50 (ms)".into(), false),
+        row("churn.p99", "churn: cycle p99 (ms)".into(), false),
+        row("churn.cpu", "churn: proxy CPU per cycle (µs)".into(), false),
+        row(
+            "release.close_p50",
+            format!("release, {k}×: client Close → backend gets Close, p50 (µs)"),
+            false,
+        ),
+        row(
+            "release.close_p99",
+            "release: client Close → backend, p99 (µs)".into(),
+            false,
+        ),
+        row(
+            "release.fin_p50",
+            "release: client FIN (no Close) → backend notified, p50 (µs)".into(),
+            false,
+        ),
+        row(
+            "release.fin_p99",
+            "release: client FIN → backend, p99 (µs)".into(),
+            false,
+        ),
+        row(
+            "idle.kib",
+            format!("idle, {n} WebSockets: proxy RSS per WebSocket (KiB)"),
+            false,
+        ),
+        info("idle.rss_mib", "idle: proxy RSS with all open (MiB)".into()),
+        row("idle.open_s", "idle: time to open all (s)".into(), false),
+    ]
+}
+
+fn check_errors(results: &mut Results, m: Measurement, t: Target, r: &LoadResult) {
+    if r.errors > 0 {
+        results.problems.push(format!(
+            "{} via {}: {} errors (first: {})",
+            m.name(),
+            t.name(),
+            r.errors,
+            r.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+}
+
+/// What a load generator process reported, with the proxy's figures sampled at its
+/// markers.
+struct LoadRun {
+    result: LoadResult,
+    /// Proxy CPU ticks between START and END.
+    cpu_ticks: Option<u64>,
+    window_wall_s: Option<f64>,
+    /// Proxy RSS once every idle connection was open.
+    rss_open_kib: Option<u64>,
+}
+
+/// Runs `wsgate-bench load ARGS`, killing it after `limit`.
+fn run_load(
+    ctx: &Ctx,
+    args: &[&str],
+    proxy: Option<&Proxy>,
+    limit: Duration,
+) -> Result<LoadRun, String> {
+    let mut child = Command::new(&ctx.exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the load generator: {e}"))?;
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let began = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                if began.elapsed() > limit {
+                    eprintln!(
+                        "wsgate-bench run: load generator still running after {limit:?}: killed"
+                    );
+                    targets::signal(pid, "KILL");
+                    return;
+                }
+                sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let pids = proxy.map(|p| p.pids()).unwrap_or_default();
+    let mut stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut run = LoadRun {
+        result: LoadResult::default(),
+        cpu_ticks: None,
+        window_wall_s: None,
+        rss_open_kib: None,
+    };
+    let mut got_result = false;
+    let mut start: Option<(u64, Instant)> = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        match word {
+            "START" => start = Some((procfs::cpu_ticks(&pids), Instant::now())),
+            "END" => {
+                if let Some((ticks, at)) = start
+                    && !pids.is_empty()
+                {
+                    run.cpu_ticks = Some(procfs::cpu_ticks(&pids).saturating_sub(ticks));
+                    run.window_wall_s = Some(at.elapsed().as_secs_f64());
+                }
+            }
+            "OPEN" => {
+                // Let the proxy finish whatever allocation follows the last handshake.
+                sleep(Duration::from_secs(1));
+                if !pids.is_empty() {
+                    run.rss_open_kib = Some(procfs::rss_kib(&pids));
+                }
+                // End of file on its stdin releases the idle connections.
+                drop(stdin.take());
+            }
+            "RESULT" => match serde_json::from_str(rest) {
+                Ok(r) => {
+                    run.result = r;
+                    got_result = true;
+                }
+                Err(e) => eprintln!("wsgate-bench run: bad RESULT line ({e}): {rest}"),
+            },
+            _ => eprintln!("load: {line}"),
+        }
+    }
+    let status = child.wait();
+    done.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
+    if !got_result {
+        return Err(format!(
+            "the load generator ended without a result ({status:?})"
+        ));
+    }
+    Ok(run)
+}
+
+/// The echo backend process, for the whole run. It exits when its stdin closes.
+struct EchoBackend {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl EchoBackend {
+    fn start(exe: &Path, addr: SocketAddr, tmp: &Path) -> Result<EchoBackend, String> {
+        let log_path = tmp.join("echo-backend.log");
+        let log = fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create the backend log: {e}"))?;
+        let mut child = Command::new(exe)
+            .args(["echo", "--exit-on-stdin-eof", "--listen", &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start the echo backend: {e}"))?;
+        let stdin = child.stdin.take();
+        targets::wait_ready(addr, &mut child, "echo backend", &log_path)?;
+        Ok(EchoBackend { child, stdin })
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The machine and versions, for the report header.
+struct Environment {
+    date: String,
+    kernel: String,
+    cpus: usize,
+    cpu_model: String,
+    load_before: String,
+    versions: Vec<(String, String)>,
+    git: Option<String>,
+    /// A source file newer than the wsgate binary, if any (the binary may be stale).
+    stale: Option<String>,
+    haproxy_maxconn: Option<u64>,
+}
+
+impl Environment {
+    fn now(tools: &Tools) -> Environment {
+        let command = |program: &str, args: &[&str]| -> Option<String> {
+            let o = Command::new(program).args(args).output().ok()?;
+            o.status
+                .success()
+                .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let git = command("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]).map(|rev| {
+            match command(
+                "git",
+                &[
+                    "-C",
+                    manifest,
+                    "status",
+                    "--porcelain",
+                    "--untracked-files=no",
+                ],
+            ) {
+                Some(s) if !s.is_empty() => format!("{rev} + uncommitted changes"),
+                _ => rev,
+            }
+        });
+        Environment {
+            date: command("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+                .unwrap_or_else(|| "unknown".into()),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split_once(':'))
+                        .map(|(_, v)| v.trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown CPU".into()),
+            load_before: load_average(),
+            versions: targets::versions(tools),
+            git,
+            stale: newer_source(&tools.wsgate, Path::new(manifest)),
+            haproxy_maxconn: tools.haproxy.as_ref().map(|_| tools.haproxy_maxconn),
+        }
+    }
+}
+
+/// The first file of wsgate's sources (src/, Cargo.toml, Cargo.lock; not this
+/// benchmark) modified after the binary was built.
+fn newer_source(binary: &Path, manifest: &Path) -> Option<String> {
+    let built = fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let bench = manifest.join("src/bin/wsgate-bench");
+    let mut stack = vec![
+        manifest.join("src"),
+        manifest.join("Cargo.toml"),
+        manifest.join("Cargo.lock"),
+    ];
+    while let Some(path) = stack.pop() {
+        if path.starts_with(&bench) {
+            continue;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return Some(
+                path.strip_prefix(manifest)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string(),
+            );
+        }
+    }
+    None
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn render(
+    a: &RunArgs,
+    env: &Environment,
+    targets: &[Target],
+    results: &Results,
+    took: Duration,
+) -> String {
+    let mut s = String::new();
+    s.push_str("## wsgate benchmark\n\n");
+    s.push_str(&format!("- date: {}\n", env.date));
+    s.push_str(&format!(
+        "- machine: Linux {}, {} CPUs ({}); load average before {}, after {}\n",
+        env.kernel,
+        env.cpus,
+        env.cpu_model,
+        env.load_before,
+        load_average()
+    ));
+    for (name, version) in &env.versions {
+        let extra = match (name.as_str(), &env.git) {
+            ("wsgate", Some(rev)) => format!(" (git {rev})"),
+            _ => String::new(),
+        };
+        s.push_str(&format!("- {name}: {version}{extra}\n"));
+    }
+    if let Some(file) = &env.stale {
+        s.push_str(&format!(
+            "- **warning: {file} changed after the wsgate binary was built; rebuild with \
+             `cargo build --release --locked --bin wsgate --bin wsgate-bench`**\n"
+        ));
+    }
+    s.push_str(&format!(
+        "- settings: {} round(s), targets interleaved in a rotating order, {} s measured per \
+         run after {} s warm-up; a fresh proxy process for every run; all on 127.0.0.1; \
+         took {:.0} s\n",
+        a.rounds,
+        a.duration.as_secs_f64(),
+        a.warmup.as_secs_f64(),
+        took.as_secs_f64()
+    ));
+    s.push_str(&format!(
+        "- load: echo {} connections × 64 B, bulk {} × 64 KiB, latency 1 × 64 B, churn {} \
+         concurrent cycles, release {} connections per ending, idle {} WebSockets\n",
+        a.echo_connections,
+        a.bulk_connections,
+        a.churn_concurrency,
+        a.release_count,
+        a.idle_connections
+    ));
+    s.push_str(
+        "- proxies: wsgate with bench/wsgate.toml (pings off, admin off), nginx with \
+         bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread 2)",
+    );
+    if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
+        s.push_str(&format!(
+            "; HAProxy maxconn {maxconn}, not 20000: it needs two descriptors per connection \
+             and the open-file limit here is lower than the 40,017 that 20000 asks for"
+        ));
+    }
+    s.push('\n');
+    s.push_str(
+        "- cells: median over rounds (min–max); ratios: wsgate's median ÷ the other's median \
+         (↑: higher is better, ↓: lower is better, ·: for information)\n\n",
+    );
+    s.push_str(&report::table(&metrics(a), targets, results));
+    if !results.observations.is_empty() {
+        s.push_str("\nObserved:\n");
+        for o in &results.observations {
+            s.push_str(&format!("- {o}\n"));
+        }
+    }
+    if !results.problems.is_empty() {
+        s.push_str("\nProblems:\n");
+        for p in &results.problems {
+            s.push_str(&format!("- {p}\n"));
+        }
+    }
+    s
+}
+
+/// `--install-anchors`: installs nginx and HAProxy with apt-get.
+fn install_anchors() {
+    let root = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        eprintln!(
+            "wsgate-bench run: --install-anchors needs root; run \
+             `sudo apt-get install -y nginx-light haproxy` instead"
+        );
+        return;
+    }
+    let apt = |args: &[&str]| -> bool {
+        eprintln!("wsgate-bench run: apt-get {}", args.join(" "));
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !apt(&["update", "-qq"]) {
+        eprintln!("wsgate-bench run: apt-get update failed");
+    }
+    let base = ["install", "-y", "-qq", "--no-install-recommends"];
+    let with = |pkgs: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(pkgs.iter()).copied().collect()
+    };
+    if !apt(&with(&["nginx-light", "haproxy"])) && !apt(&with(&["nginx", "haproxy"])) {
+        eprintln!(
+            "wsgate-bench run: could not install nginx and HAProxy; the missing ones are skipped"
+        );
+    }
+}
