@@ -62,6 +62,9 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
 }
 
+/// Pending connections the kernel may queue per listener.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// The listening sockets, bound before serving so that tests can bind port 0 and read
 /// the address back.
 pub struct Listeners {
@@ -72,10 +75,21 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `listen` and `admin.listen` from the configuration.
     pub async fn bind(config: &Config) -> Result<Listeners, Error> {
-        let bind = |what, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Bind { what, addr, source })
+        let bind = |what, addr: SocketAddr| async move {
+            let listen = || -> std::io::Result<TcpListener> {
+                let socket = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(addr)?;
+                // The default backlog (128) overflows when a few hundred clients
+                // reconnect at once (a pod restart), and each dropped SYN costs the
+                // client a 1 s retransmission. The kernel caps it at somaxconn.
+                socket.listen(LISTEN_BACKLOG)
+            };
+            listen().map_err(|source| Error::Bind { what, addr, source })
         };
         let proxy = bind("listen", config.listen).await?;
         let admin = match config.admin.listen {

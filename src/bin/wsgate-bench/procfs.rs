@@ -75,3 +75,21 @@ pub fn clock_ticks_per_second() -> f64 {
         .filter(|t| *t > 0.0)
         .unwrap_or(100.0)
 }
+
+/// The kernel's count of connection attempts dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows` of /proc/net/netstat; system-wide).
+pub fn listen_overflows() -> Option<u64> {
+    let text = fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let Some(names) = lines.next() {
+        let values = lines.next()?;
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
+}

@@ -221,7 +221,24 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
                     t.name(),
                     started.elapsed().as_secs_f64()
                 );
-                if let Err(e) = measure(&mut ctx, m, t, &mut results) {
+                let overflows = procfs::listen_overflows();
+                let outcome = measure(&mut ctx, m, t, &mut results);
+                if let (Some(before), Some(after)) = (overflows, procfs::listen_overflows())
+                    && after > before
+                {
+                    let msg = format!(
+                        "round {} {} via {}: {} connection attempts dropped by a full listen \
+                         queue (kernel ListenOverflows, system-wide); each delays its client by \
+                         a 1 s SYN retransmission",
+                        round + 1,
+                        m.name(),
+                        t.name(),
+                        after - before
+                    );
+                    eprintln!("wsgate-bench run: {msg}");
+                    results.problems.push(msg);
+                }
+                if let Err(e) = outcome {
                     let msg = format!("round {} {} via {}: {e}", round + 1, m.name(), t.name());
                     eprintln!("wsgate-bench run: {msg}");
                     results.problems.push(msg);
@@ -464,7 +481,11 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         ),
         row("echo.p50", "echo: round trip p50 (µs)".into(), false),
         row("echo.p99", "echo: round trip p99 (µs)".into(), false),
-        row("echo.cpu", "echo: proxy CPU per message (µs)".into(), false),
+        row(
+            "echo.cpu",
+            "echo: proxy CPU per round trip (µs)".into(),
+            false,
+        ),
         info("echo.cpu_pct", "echo: proxy CPU (% of one core)".into()),
         row(
             "bulk.rate",
@@ -474,7 +495,7 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         row("bulk.p50", "bulk: round trip p50 (µs)".into(), false),
         row(
             "bulk.cpu",
-            "bulk: proxy CPU per 64 KiB message (µs)".into(),
+            "bulk: proxy CPU per 64 KiB round trip (µs)".into(),
             false,
         ),
         info("bulk.cpu_pct", "bulk: proxy CPU (% of one core)".into()),
@@ -487,7 +508,7 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         row("latency.max", "latency: round trip max (µs)".into(), false),
         row(
             "latency.cpu",
-            "latency: proxy CPU per message (µs)".into(),
+            "latency: proxy CPU per round trip (µs)".into(),
             false,
         ),
         row(
@@ -797,6 +818,9 @@ fn render(
         load_average()
     ));
     for (name, version) in &env.versions {
+        if !targets.iter().any(|t| t.name() == name) {
+            continue;
+        }
         let extra = match (name.as_str(), &env.git) {
             ("wsgate", Some(rev)) => format!(" (git {rev})"),
             _ => String::new(),
@@ -818,18 +842,22 @@ fn render(
         a.warmup.as_secs_f64(),
         took.as_secs_f64()
     ));
-    s.push_str(&format!(
-        "- load: echo {} connections × 64 B, bulk {} × 64 KiB, latency 1 × 64 B, churn {} \
-         concurrent cycles, release {} connections per ending, idle {} WebSockets\n",
-        a.echo_connections,
-        a.bulk_connections,
-        a.churn_concurrency,
-        a.release_count,
-        a.idle_connections
-    ));
+    let load: Vec<String> = a
+        .measurements
+        .iter()
+        .map(|m| match m {
+            Measurement::Echo => format!("echo {} connections × 64 B", a.echo_connections),
+            Measurement::Bulk => format!("bulk {} × 64 KiB", a.bulk_connections),
+            Measurement::Latency => "latency 1 × 64 B".to_string(),
+            Measurement::Churn => format!("churn {} concurrent cycles", a.churn_concurrency),
+            Measurement::Release => format!("release {} connections per ending", a.release_count),
+            Measurement::Idle => format!("idle {} WebSockets", a.idle_connections),
+        })
+        .collect();
+    s.push_str(&format!("- load: {}\n", load.join(", ")));
     s.push_str(
         "- proxies: wsgate with bench/wsgate.toml (pings off, admin off), nginx with \
-         bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread 2)",
+         bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread = CPUs)",
     );
     if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
         s.push_str(&format!(

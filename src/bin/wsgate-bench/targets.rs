@@ -150,6 +150,12 @@ impl Drop for Proxy {
     }
 }
 
+/// As many proxy threads as CPUs, like nginx's `worker_processes auto` and tokio's
+/// default runtime.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 fn fill(
     template: &str,
     listen: SocketAddr,
@@ -162,6 +168,7 @@ fn fill(
         .replace("{{BACKEND}}", &backend.to_string())
         .replace("{{DIR}}", &dir.display().to_string())
         .replace("{{MAXCONN}}", &maxconn.to_string())
+        .replace("{{THREADS}}", &threads().to_string())
 }
 
 /// Starts `target` in front of `backend` and waits until it accepts connections.
