@@ -21,9 +21,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::frame::{ControlPayload, FrameError, Header, Scanner, Step};
 
-/// Bytes read from a socket at most at once. The buffer exists only while bytes are in
+/// Bytes read from a socket at once at first. The buffer exists only while bytes are in
 /// flight: an idle connection holds none.
 pub const READ_SIZE: usize = 16 * 1024;
+
+/// The largest read a busy direction grows to: a read that fills its buffer doubles the
+/// next one, so bulk transfers move in few large system calls while chatty connections
+/// keep small buffers. Memory per direction stays bounded by this.
+pub const MAX_READ_SIZE: usize = 256 * 1024;
 
 /// Reads per poll before the pump yields, so one busy direction cannot starve the other
 /// direction or the timers of its connection.
@@ -77,6 +82,8 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Pump {
     scanner: Scanner,
+    /// How much the next read asks for (grows from [`READ_SIZE`] to [`MAX_READ_SIZE`]).
+    read_size: usize,
     /// Bytes read and not yet written or dropped. `buf[..ready]` is scanned and goes to
     /// the destination next; the rest is an incomplete header or control frame.
     buf: BytesMut,
@@ -119,6 +126,7 @@ impl Pump {
         Pump {
             scanner,
             buf: BytesMut::from(initial),
+            read_size: READ_SIZE,
             ready: 0,
             held: 0,
             injections: Vec::new(),
@@ -285,9 +293,10 @@ impl Pump {
                 return Poll::Pending;
             }
             reads += 1;
-            if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-                self.buf.reserve(READ_SIZE);
+            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+                self.buf.reserve(self.read_size);
             }
+            let spare = self.buf.capacity() - self.buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(src), cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => {
                     self.read_done = true;
@@ -298,6 +307,9 @@ impl Pump {
                 Poll::Ready(Ok(n)) => {
                     self.rx_any = true;
                     self.counters.bytes += n as u64;
+                    if n == spare && self.read_size < MAX_READ_SIZE {
+                        self.read_size *= 2;
+                    }
                 }
                 Poll::Ready(Err(error)) => {
                     self.read_done = true;
