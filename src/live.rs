@@ -32,7 +32,7 @@ pub struct LiveConn {
     pub id: u64,
     pub client: SocketAddr,
     /// Request path without the query string.
-    pub path: String,
+    pub path: Arc<str>,
     started: Instant,
     /// Per source side (client, backend): bytes and frames read.
     bytes: [AtomicU64; 2],
@@ -43,7 +43,8 @@ pub struct LiveConn {
     rtt_us: [AtomicU64; 2],
     /// Index into [`Outcome::ALL`] once the connection is ending, else [`NONE`].
     outcome: AtomicU64,
-    /// Cancelled when an operator asks for a close; the request is in `close_request`.
+    /// Cancelled when an operator asks for a close (the request is in `close_request`),
+    /// or with its parent, the server's shutdown token.
     pub close_token: CancellationToken,
     close_request: Mutex<Option<CloseRequest>>,
 }
@@ -68,6 +69,12 @@ impl LiveConn {
 
     pub fn ping_rtt(&self, side: Side, rtt: std::time::Duration) {
         self.rtt_us[idx(side)].store(rtt.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The last liveness round trip measured on `side`.
+    pub fn rtt(&self, side: Side) -> Option<std::time::Duration> {
+        let us = self.rtt_us[idx(side)].load(Ordering::Relaxed);
+        (us != NONE).then(|| std::time::Duration::from_micros(us))
     }
 
     pub fn ending(&self, outcome: Outcome) {
@@ -107,7 +114,7 @@ impl LiveConn {
         ConnSnapshot {
             id: self.id,
             client: self.client.to_string(),
-            path: self.path.clone(),
+            path: self.path.to_string(),
             age_seconds: age.as_secs_f64(),
             state: if outcome.is_some() { "closing" } else { "open" },
             outcome,
@@ -181,7 +188,15 @@ impl Drop for Registration<'_> {
 }
 
 impl LiveTable {
-    pub fn register(&self, id: u64, client: SocketAddr, path: String) -> Registration<'_> {
+    /// `shutdown` is the server's shutdown token: the connection's close token is its
+    /// child, so a relay waits on one token for both.
+    pub fn register(
+        &self,
+        id: u64,
+        client: SocketAddr,
+        path: Arc<str>,
+        shutdown: &CancellationToken,
+    ) -> Registration<'_> {
         let conn = Arc::new(LiveConn {
             id,
             client,
@@ -192,7 +207,7 @@ impl LiveTable {
             last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             outcome: AtomicU64::new(NONE),
-            close_token: CancellationToken::new(),
+            close_token: shutdown.child_token(),
             close_request: Mutex::new(None),
         });
         lock(&self.conns).insert(id, conn.clone());
@@ -237,7 +252,12 @@ mod tests {
     #[test]
     fn registration_lists_and_removes_connections() {
         let table = LiveTable::default();
-        let reg = table.register(7, "127.0.0.1:1".parse().unwrap(), "/ws".into());
+        let reg = table.register(
+            7,
+            "127.0.0.1:1".parse().unwrap(),
+            "/ws".into(),
+            &CancellationToken::new(),
+        );
         reg.conn.update_counters(
             Side::Client,
             Counters {
@@ -259,7 +279,12 @@ mod tests {
     #[test]
     fn close_requests_are_checked() {
         let table = LiveTable::default();
-        let reg = table.register(1, "127.0.0.1:1".parse().unwrap(), "/".into());
+        let reg = table.register(
+            1,
+            "127.0.0.1:1".parse().unwrap(),
+            "/".into(),
+            &CancellationToken::new(),
+        );
         assert_eq!(
             table.close(2, 1000, String::new()),
             Err(CloseError::NotFound(2))

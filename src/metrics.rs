@@ -9,6 +9,7 @@
 //! `_bytes`), counters end in `_total`; labels come from closed sets only.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -155,7 +156,6 @@ fn status_class(s: StatusCode) -> usize {
 }
 
 /// Handles a relay updates while it runs: bytes and frames each way, ping RTTs.
-#[derive(Clone)]
 pub struct RelayMetrics {
     /// Indexed by the side that sent them: client (client_to_backend), backend.
     pub frames: [Counter; 2],
@@ -178,7 +178,7 @@ pub struct Metrics {
     release: Vec<Histogram>,
     /// [sender][code label]
     close_frames: Vec<Vec<Counter>>,
-    relay: RelayMetrics,
+    relay: Arc<RelayMetrics>,
     /// [status class][method group]
     http_requests: Vec<Vec<Counter>>,
     /// [status class]
@@ -366,7 +366,7 @@ impl Metrics {
                         .collect()
                 })
                 .collect(),
-            relay: RelayMetrics {
+            relay: Arc::new(RelayMetrics {
                 frames: [
                     counter(
                         "wsgate_websocket_frames_total",
@@ -391,7 +391,7 @@ impl Metrics {
                     histogram("wsgate_websocket_ping_rtt_seconds", side("client")),
                     histogram("wsgate_websocket_ping_rtt_seconds", side("backend")),
                 ],
-            },
+            }),
             http_requests: STATUS_CLASSES
                 .iter()
                 .map(|class| {
@@ -420,8 +420,8 @@ impl Metrics {
         }
     }
 
-    /// Handles for a relay.
-    pub fn relay(&self) -> RelayMetrics {
+    /// Handles for a relay, shared by all of them (one pointer per connection).
+    pub fn relay(&self) -> Arc<RelayMetrics> {
         self.relay.clone()
     }
 

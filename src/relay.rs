@@ -30,9 +30,10 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 /// Per-connection settings of the relay.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RelayConfig {
-    pub timers: Timers,
+    /// Shared by every relay: one pointer per connection instead of a copy.
+    pub timers: Arc<Timers>,
     /// Largest data frame accepted from either side; `None` for no limit.
     pub max_frame_size: Option<u64>,
 }
@@ -132,23 +133,24 @@ pub struct Relay<C, B> {
     timer: Pin<Box<Sleep>>,
     /// The deadline the timer is set to, if any.
     armed: Option<Instant>,
-    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    force: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    signals: Signals,
+    /// The outside signal awaited next: first this connection's close token (a child of
+    /// the shutdown token, also cancelled by an operator's close), then the force token.
+    /// One future instead of three keeps idle connections small and wake-ups cheap.
+    signal: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// wsgate's outstanding liveness Ping per side (client, backend).
     pings: [Option<Ping>; 2],
     ping_seq: u64,
-    rtts: [Option<Duration>; 2],
     /// Write-blocked state last reported to the session, per destination.
     blocked: [bool; 2],
     /// Which pump is polled first, alternated for fairness.
     client_first: bool,
     started: Instant,
-    metrics: RelayMetrics,
+    metrics: Arc<RelayMetrics>,
     /// Counters already added to `metrics`, per source side.
     flushed: [Counters; 2],
     /// This connection's entry in the admin `/connections` table.
     live: Arc<LiveConn>,
-    admin_close: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// The outcome was published to `live`.
     ending_published: bool,
 }
@@ -160,7 +162,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         negotiated: Negotiated,
         config: RelayConfig,
         signals: Signals,
-        metrics: RelayMetrics,
+        metrics: Arc<RelayMetrics>,
         live: Arc<LiveConn>,
     ) -> Self {
         let now = Instant::now();
@@ -170,27 +172,26 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             backend: Some(backend.stream),
             c2b: Pump::new(scanner(Side::Client), client.buffered),
             b2c: Pump::new(scanner(Side::Backend), backend.buffered),
-            session: Session::new(config.timers, now.into_std()),
+            session: Session::new(config.timers.clone(), now.into_std()),
             timer: Box::pin(tokio::time::sleep_until(now)),
             armed: None,
-            shutdown: Some(Box::pin(signals.shutdown.cancelled_owned())),
-            force: Some(Box::pin(signals.force.cancelled_owned())),
+            signal: Some(Box::pin(live.close_token.clone().cancelled_owned())),
+            signals,
             pings: [None, None],
             ping_seq: 0,
-            rtts: [None, None],
             blocked: [false, false],
             client_first: true,
             started: now,
             metrics,
             flushed: [Counters::default(); 2],
-            admin_close: Some(Box::pin(live.close_token.clone().cancelled_owned())),
             live,
             ending_published: false,
         }
     }
 
-    /// Relays until both sockets are closed.
-    pub async fn run(mut self) -> Report {
+    /// Relays until both sockets are closed. Takes `&mut self` so the caller's relay is
+    /// the only copy.
+    pub async fn run(&mut self) -> Report {
         self.rearm();
         loop {
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
@@ -229,23 +230,19 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     }
 
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if let Some(f) = &mut self.force
+        if let Some(f) = &mut self.signal
             && f.as_mut().poll(cx).is_ready()
         {
-            self.force = None;
-            return Poll::Ready(Wake::Force);
-        }
-        if let Some(f) = &mut self.shutdown
-            && f.as_mut().poll(cx).is_ready()
-        {
-            self.shutdown = None;
-            return Poll::Ready(Wake::Shutdown);
-        }
-        if let Some(f) = &mut self.admin_close
-            && f.as_mut().poll(cx).is_ready()
-        {
-            self.admin_close = None;
-            return Poll::Ready(Wake::AdminClose);
+            let wake = if self.signals.force.is_cancelled() {
+                Wake::Force
+            } else if self.signals.shutdown.is_cancelled() {
+                Wake::Shutdown
+            } else {
+                Wake::AdminClose
+            };
+            self.signal = (!matches!(wake, Wake::Force))
+                .then(|| Box::pin(self.signals.force.clone().cancelled_owned()));
+            return Poll::Ready(wake);
         }
         self.client_first = !self.client_first;
         let order = if self.client_first {
@@ -354,7 +351,6 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                                 self.pings[from as usize].take().and_then(|p| p.sent_at)
                         {
                             let rtt = now - sent;
-                            self.rtts[from as usize] = Some(rtt);
                             self.metrics.ping_rtt[from as usize].record(rtt.as_secs_f64());
                             self.live.ping_rtt(from, rtt);
                         }
@@ -464,8 +460,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             backend_close: s.close_from(Side::Backend),
             wsgate_to_client_close: s.wsgate_code_to(Side::Client),
             wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
-            client_rtt: self.rtts[Side::Client as usize],
-            backend_rtt: self.rtts[Side::Backend as usize],
+            client_rtt: self.live.rtt(Side::Client),
+            backend_rtt: self.live.rtt(Side::Backend),
         }
     }
 }

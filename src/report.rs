@@ -13,8 +13,9 @@ pub struct ConnectionInfo {
     pub id: u64,
     /// The client's address as wsgate sees it.
     pub client: SocketAddr,
-    /// Request path without the query string (queries may carry tokens).
-    pub path: String,
+    /// Request path without the query string (queries may carry tokens); shared with
+    /// the connection's `/connections` entry.
+    pub path: std::sync::Arc<str>,
 }
 
 /// Records a connection's end. Called exactly once per relayed connection.

@@ -102,7 +102,7 @@ impl Shared {
         };
         Ok(Shared {
             relay_config: RelayConfig {
-                timers: config.websocket.timers(),
+                timers: Arc::new(config.websocket.timers()),
                 max_frame_size: config.websocket.max_frame_size,
             },
             client: proxy::backend_client(&config, backend_tls.as_ref()),

@@ -16,6 +16,7 @@
 //! - wsgate never sends the reserved codes 1005, 1006, 1015;
 //! - every wait is bounded by a timer, so both sockets always end up closed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::frame::is_sendable_close_code;
@@ -267,7 +268,7 @@ impl Peer {
 /// The ending state machine of one relayed connection.
 #[derive(Debug)]
 pub struct Session {
-    timers: Timers,
+    timers: Arc<Timers>,
     started: Instant,
     /// Last data frame (not control) in either direction, for `idle_timeout`.
     last_data: Instant,
@@ -286,7 +287,7 @@ enum Failure {
 }
 
 impl Session {
-    pub fn new(timers: Timers, now: Instant) -> Self {
+    pub fn new(timers: Arc<Timers>, now: Instant) -> Self {
         Session {
             timers,
             started: now,
@@ -446,7 +447,7 @@ impl Session {
 
     /// Time passed: fire whatever timer is due.
     pub fn on_timer(&mut self, now: Instant) {
-        let t = self.timers;
+        let t = *self.timers;
         if self.outcome.is_none() {
             if t.max_lifetime.is_some_and(|d| now >= self.started + d) {
                 self.end_both(Outcome::MaxLifetime, now);
@@ -511,7 +512,7 @@ impl Session {
 
     /// The earliest time [`Session::on_timer`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let t = self.timers;
+        let t = *self.timers;
         let mut next: Option<Instant> = None;
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
@@ -672,7 +673,7 @@ mod tests {
         fn new(timers: Timers) -> Self {
             let t0 = Instant::now();
             Harness {
-                s: Session::new(timers, t0),
+                s: Session::new(Arc::new(timers), t0),
                 t0,
             }
         }

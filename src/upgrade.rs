@@ -162,7 +162,7 @@ async fn upgrade(
     let info = ConnectionInfo {
         id: conn.id,
         client: conn.peer,
-        path: req.uri().path().to_string(),
+        path: req.uri().path().into(),
     };
     // An HTTP/2 client sends no key (RFC 8441 §5): wsgate makes one for the backend.
     let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
@@ -313,10 +313,15 @@ impl RelayStart {
     async fn run<C: Transport>(self, client: Owned<C>, backend: Owned<Stream>) {
         let shared = self.shared;
         let info = self.info;
-        let registration = shared
-            .live
-            .register(info.id, info.client, info.path.clone());
-        let relay = Relay::new(
+        let registration = shared.live.register(
+            info.id,
+            info.client,
+            info.path.clone(),
+            &shared.signals.shutdown,
+        );
+        // Run in place (by reference): moving the relay into its own future would keep
+        // two copies of it alive for the connection's whole life.
+        let mut relay = Relay::new(
             Leg {
                 stream: client.stream,
                 buffered: &client.buffered,
@@ -326,7 +331,7 @@ impl RelayStart {
                 buffered: &backend.buffered,
             },
             self.negotiated,
-            shared.relay_config,
+            shared.relay_config.clone(),
             shared.signals.clone(),
             shared.metrics.relay(),
             registration.conn.clone(),
