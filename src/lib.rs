@@ -4,12 +4,14 @@
 //! # The life of a connection
 //!
 //! 1. [`server`] accepts a client TCP connection (bounded by `max_connections`), tunes
-//!    the socket (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT) and serves HTTP/1.1 on it.
+//!    the socket (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT), terminates TLS if
+//!    configured ([`tls`], [`stream`]) and serves HTTP/1.1 or HTTP/2 on it.
 //! 2. A plain request goes to [`proxy`], which forwards it to the backend through a
 //!    keep-alive pool and streams the response back.
-//! 3. A WebSocket handshake goes to [`upgrade`], which validates it, opens a dedicated
-//!    backend connection, repeats the handshake there and answers the client with the
-//!    backend's own response. On 101 both raw sockets go to a relay.
+//! 3. A WebSocket handshake (an HTTP/1.1 upgrade or an HTTP/2 extended CONNECT) goes to
+//!    [`upgrade`], which validates it, opens a dedicated backend connection, repeats the
+//!    handshake there as HTTP/1.1 and answers the client with the backend's own
+//!    response. On success both streams go to a relay.
 //! 4. [`relay`] runs two [`pump`]s, one per direction, in one task. Each pump forwards
 //!    bytes unchanged while [`frame`] tracks frame boundaries, so wsgate can read Close
 //!    codes, answer nothing on anyone's behalf, and insert its own Close or Ping frames
@@ -20,8 +22,9 @@
 //!    with its outcome, duration, release time, bytes, frames and close codes, and the
 //!    same in [`metrics`].
 //!
-//! [`admin`] serves `/metrics`, `/livez`, `/readyz` and the [`live`] connection table; [`shutdown`] turns SIGTERM/SIGINT into the
-//! drain of [`server::serve`]; [`config`] reads the TOML file.
+//! [`admin`] serves `/metrics`, `/livez`, `/readyz` and the [`live`] connection table;
+//! [`shutdown`] turns SIGTERM/SIGINT into the drain of [`server::serve`] and SIGHUP into
+//! a certificate reload; [`config`] reads the TOML file.
 
 pub mod admin;
 pub mod config;
