@@ -14,8 +14,7 @@ const FAST: Duration = Duration::from_millis(300);
 
 #[tokio::test]
 async fn client_close_is_forwarded_and_answered() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     client.send(TEXT, b"hello").await;
@@ -41,8 +40,7 @@ async fn client_close_is_forwarded_and_answered() {
 
 #[tokio::test]
 async fn backend_close_waits_for_the_clients_reply() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     backend.send_close(4001, "query cancelled").await;
@@ -58,10 +56,10 @@ async fn backend_close_waits_for_the_clients_reply() {
 
 #[tokio::test]
 async fn unanswered_close_times_out_and_wsgate_answers_the_client() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.close_timeout = FAST;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.close_timeout = FAST;
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     client.send_close(1000, "").await;
@@ -75,8 +73,7 @@ async fn unanswered_close_times_out_and_wsgate_answers_the_client() {
 
 #[tokio::test]
 async fn client_fin_without_close_gets_the_backend_a_1001() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     client.shutdown_write().await;
@@ -91,8 +88,7 @@ async fn client_fin_without_close_gets_the_backend_a_1001() {
 
 #[tokio::test]
 async fn client_reset_gets_the_backend_a_1001() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (client, mut backend) = pair(&gate, &backend_l).await;
 
     client.reset();
@@ -101,8 +97,7 @@ async fn client_reset_gets_the_backend_a_1001() {
 
 #[tokio::test]
 async fn client_gone_mid_frame_aborts_the_backend() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     let frame = encode(true, 0, BINARY, &[7u8; 1000], true);
@@ -120,11 +115,11 @@ async fn client_gone_mid_frame_aborts_the_backend() {
 
 #[tokio::test]
 async fn silent_client_is_pinged_then_aborted() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.ping_interval = Some(Duration::from_millis(200));
-    config.websocket.pong_timeout = Duration::from_millis(200);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.ping_interval = Some(Duration::from_millis(200));
+        c.websocket.pong_timeout = Duration::from_millis(200);
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     // The backend answers wsgate's pings; the client never does.
@@ -153,10 +148,10 @@ async fn silent_client_is_pinged_then_aborted() {
 
 #[tokio::test]
 async fn wsgate_pong_is_consumed_and_application_pings_pass() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.ping_interval = Some(Duration::from_millis(100));
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.ping_interval = Some(Duration::from_millis(100));
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     // The client answers wsgate's Ping; the backend must never see that Pong.
@@ -193,10 +188,10 @@ async fn wsgate_pong_is_consumed_and_application_pings_pass() {
 
 #[tokio::test]
 async fn client_that_stops_reading_is_cut_off_after_write_timeout() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.write_timeout = Some(FAST);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.write_timeout = Some(FAST);
+    })
+    .await;
     let (mut client, backend) = pair(&gate, &backend_l).await;
 
     let (mut rd, mut wr) = backend.stream.into_split();
@@ -237,8 +232,7 @@ async fn client_that_stops_reading_is_cut_off_after_write_timeout() {
 
 #[tokio::test]
 async fn backend_fin_without_close_gets_the_client_a_1014() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     backend.shutdown_write().await;
@@ -252,8 +246,7 @@ async fn backend_fin_without_close_gets_the_client_a_1014() {
 
 #[tokio::test]
 async fn backend_reset_gets_the_client_a_1014() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, backend) = pair(&gate, &backend_l).await;
 
     backend.reset();
@@ -264,11 +257,11 @@ async fn backend_reset_gets_the_client_a_1014() {
 
 #[tokio::test]
 async fn silent_backend_is_declared_unresponsive() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.ping_interval = Some(Duration::from_millis(200));
-    config.websocket.pong_timeout = Duration::from_millis(200);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.ping_interval = Some(Duration::from_millis(200));
+        c.websocket.pong_timeout = Duration::from_millis(200);
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     // The client answers pings, the backend does not.
@@ -292,10 +285,10 @@ async fn silent_backend_is_declared_unresponsive() {
 
 #[tokio::test]
 async fn idle_timeout_closes_both_sides_with_1001() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.idle_timeout = Some(FAST);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.idle_timeout = Some(FAST);
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     let c = client.recv().await;
@@ -312,10 +305,10 @@ async fn idle_timeout_closes_both_sides_with_1001() {
 
 #[tokio::test]
 async fn max_lifetime_closes_a_busy_connection() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.max_lifetime = Some(FAST);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.max_lifetime = Some(FAST);
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     // Traffic does not postpone max_lifetime: echo until the Close comes (bounded).
@@ -336,8 +329,7 @@ async fn max_lifetime_closes_a_busy_connection() {
 
 #[tokio::test]
 async fn unmasked_client_frame_is_a_protocol_error() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     client
@@ -358,10 +350,10 @@ async fn unmasked_client_frame_is_a_protocol_error() {
 
 #[tokio::test]
 async fn oversized_frame_gets_1009() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.max_frame_size = Some(1024);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.max_frame_size = Some(1024);
+    })
+    .await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     client.send(BINARY, &[0u8; 1024]).await;
@@ -373,8 +365,7 @@ async fn oversized_frame_gets_1009() {
 
 #[tokio::test]
 async fn shutdown_closes_both_sides_with_1001_and_finishes() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut gate = start_gate(test_config(backend_addr)).await;
+    let (mut gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     let done = gate.begin_shutdown();
@@ -396,8 +387,7 @@ async fn release_time_after_client_fin() {
     // The figure of the core issue's closing note: from the client's FIN to the
     // backend holding Close 1001, over 100 connections. Printed, not asserted: speed
     // targets live in the benchmark.
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let mut times = Vec::new();
     for _ in 0..100 {
         let (mut client, mut backend) = pair(&gate, &backend_l).await;

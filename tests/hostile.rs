@@ -117,8 +117,7 @@ fn upgrades(result: &str) -> String {
 
 #[tokio::test]
 async fn malformed_request_line_gets_400_and_the_gate_serves_on() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     let got = exchange(gate.addr, b"GARBAGE\r\n\r\n").await;
     let head = head_of(&got);
@@ -130,8 +129,7 @@ async fn malformed_request_line_gets_400_and_the_gate_serves_on() {
 
 #[tokio::test]
 async fn header_line_without_colon_gets_400_and_the_gate_serves_on() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     let got = exchange(
         gate.addr,
@@ -147,10 +145,10 @@ async fn header_line_without_colon_gets_400_and_the_gate_serves_on() {
 
 #[tokio::test]
 async fn header_section_over_max_header_size_gets_431() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.http.max_header_size = 8192;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.http.max_header_size = 8192;
+    })
+    .await;
 
     let filler = |total: usize| {
         let line = format!("X-Filler: {}\r\n", "f".repeat(190));
@@ -184,10 +182,10 @@ async fn header_section_over_max_header_size_gets_431() {
 #[tokio::test]
 async fn slowloris_client_is_disconnected_after_header_read_timeout() {
     const TIMEOUT: Duration = Duration::from_millis(300);
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.http.header_read_timeout = TIMEOUT;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.http.header_read_timeout = TIMEOUT;
+    })
+    .await;
 
     let started = Instant::now();
     let mut s = within(TcpStream::connect(gate.addr)).await.unwrap();
@@ -217,10 +215,10 @@ async fn silent_and_idle_connections_are_disconnected_after_header_read_timeout(
     // A connection that never sends a byte, and one idle after a keep-alive request,
     // would otherwise each hold a `max_connections` slot for as long as they like.
     const TIMEOUT: Duration = Duration::from_millis(300);
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.http.header_read_timeout = TIMEOUT;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.http.header_read_timeout = TIMEOUT;
+    })
+    .await;
 
     let mut silent = within(TcpStream::connect(gate.addr)).await.unwrap();
     let got = read_until_closed(&mut silent).await;
@@ -249,11 +247,11 @@ async fn silent_h2c_connection_is_disconnected_after_header_read_timeout() {
     // The HTTP/2 twin of the slowloris above: the preface and an empty SETTINGS frame,
     // then nothing. Without a bound the connection holds a `max_connections` slot for
     // as long as the client likes.
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.http.h2c = true;
-    config.http.header_read_timeout = Duration::from_millis(300);
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.http.h2c = true;
+        c.http.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
 
     let mut s = within(TcpStream::connect(gate.addr)).await.unwrap();
     within(s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"))
@@ -267,8 +265,7 @@ async fn silent_h2c_connection_is_disconnected_after_header_read_timeout() {
 
 #[tokio::test]
 async fn unsupported_version_gets_426_and_missing_key_gets_400() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     let request = upgrade_request("/ws", "Connection: close\r\n").replace(
         "Sec-WebSocket-Version: 13\r\n",
@@ -405,8 +402,7 @@ async fn close_with_a_one_byte_payload_is_a_protocol_error() {
 
 #[tokio::test]
 async fn masked_frame_from_the_backend_is_a_protocol_error() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     backend
@@ -435,8 +431,7 @@ async fn masked_frame_from_the_backend_is_a_protocol_error() {
 
 #[tokio::test]
 async fn rsv1_with_permessage_deflate_negotiated_passes_unchanged() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
     let ((mut client, head), (mut backend, seen)) = tokio::join!(
         connect_ws(gate.addr, "/ws", ext),
@@ -499,8 +494,7 @@ async fn answer_upgrade_with(backend: &TcpListener, response: &[u8]) -> String {
 
 #[tokio::test]
 async fn backend_answering_the_upgrade_with_garbage_is_a_502() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     // Bytes from a fixed-seed generator, not starting like "HTTP/".
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -533,8 +527,7 @@ async fn backend_answering_the_upgrade_with_garbage_is_a_502() {
 
 #[tokio::test]
 async fn backend_101_with_a_wrong_accept_is_a_502() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     let upgrade = upgrade_request("/ws", "Connection: close\r\n");
     let response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -573,8 +566,7 @@ async fn backend_101_with_a_wrong_accept_is_a_502() {
 
 #[tokio::test]
 async fn client_gone_during_the_upgrade_releases_the_backend() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     let mut client = within(TcpStream::connect(gate.addr)).await.unwrap();
     within(client.write_all(upgrade_request("/ws", "").as_bytes()))
@@ -634,10 +626,10 @@ enum Refusal {
 async fn connection_flood_past_max_connections_leaves_open_websockets_working() {
     const MAX: usize = 20;
     const FLOOD: usize = 200;
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.max_connections = MAX;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.max_connections = MAX;
+    })
+    .await;
 
     let mut open = Vec::new();
     for _ in 0..MAX {
@@ -713,10 +705,10 @@ async fn connection_flood_past_max_connections_leaves_open_websockets_working() 
 
 #[tokio::test]
 async fn only_allowed_origins_open_websockets() {
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.websocket.allowed_origins = vec!["https://dash.example".to_string()];
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.allowed_origins = vec!["https://dash.example".to_string()];
+    })
+    .await;
 
     let (head, body) = http_raw(
         gate.addr,

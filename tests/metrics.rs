@@ -58,8 +58,7 @@ async fn ended(gate: &Gate, n: f64) -> String {
 
 #[tokio::test]
 async fn counters_by_outcome_and_close_code_after_one_of_each_ending() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
 
     // client_close with 1000 both ways.
     let (mut c, mut b) = pair(&gate, &backend_l).await;
@@ -234,8 +233,7 @@ async fn counters_by_outcome_and_close_code_after_one_of_each_ending() {
 
 #[tokio::test]
 async fn connections_table_shows_live_counters_and_forgets_ended_ones() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut c, mut b) = pair(&gate, &backend_l).await;
     c.send(TEXT, &[b'x'; 100]).await;
     b.recv().await;
@@ -265,18 +263,17 @@ async fn connections_table_shows_live_counters_and_forgets_ended_ones() {
 
 #[tokio::test]
 async fn operator_close_needs_opt_in_then_closes_both_sides() {
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (_c, _b) = pair(&gate, &backend_l).await;
     let body = r#"{"code": 4000, "reason": "maintenance"}"#;
     let (status, _) = http_request(gate.admin, "POST", "/connections/1/close", body).await;
     assert_eq!(status, 403);
     drop(gate);
 
-    let (backend_l, backend_addr) = listener().await;
-    let mut config = test_config(backend_addr);
-    config.admin.allow_close = true;
-    let gate = start_gate(config).await;
+    let (gate, backend_l) = gate_with(|c| {
+        c.admin.allow_close = true;
+    })
+    .await;
     let (mut c, mut b) = pair(&gate, &backend_l).await;
     let (_, table) = http_get(gate.admin, "/connections").await;
     let id = serde_json::from_str::<serde_json::Value>(&table).unwrap()[0]["id"]
@@ -322,8 +319,7 @@ async fn promtool_accepts_a_real_scrape() {
     if !have("promtool") {
         return;
     }
-    let (backend_l, backend_addr) = listener().await;
-    let gate = start_gate(test_config(backend_addr)).await;
+    let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut c, mut b) = pair(&gate, &backend_l).await;
     c.send_close(1000, "").await;
     b.recv().await;

@@ -459,3 +459,12 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// wsgate in front of a fresh scripted backend listener, with `tweak` applied to the
+/// test configuration first.
+pub async fn gate_with(tweak: impl FnOnce(&mut Config)) -> (Gate, TcpListener) {
+    let (backend_l, backend_addr) = listener().await;
+    let mut config = test_config(backend_addr);
+    tweak(&mut config);
+    (start_gate(config).await, backend_l)
+}
