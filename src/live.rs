@@ -169,21 +169,24 @@ pub enum CloseError {
     ReasonTooLong,
 }
 
+type Conns = Mutex<BTreeMap<u64, Arc<LiveConn>>>;
+
 /// All live relayed connections.
 #[derive(Debug, Default)]
 pub struct LiveTable {
-    conns: Mutex<BTreeMap<u64, Arc<LiveConn>>>,
+    conns: Arc<Conns>,
 }
 
-/// Removes its connection from the table when dropped.
-pub struct Registration<'a> {
-    table: &'a LiveTable,
+/// Removes its connection from the table when dropped. It shares the table instead of
+/// borrowing it, so a relay's future can own it.
+pub struct Registration {
+    table: Arc<Conns>,
     pub conn: Arc<LiveConn>,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.table.conns).remove(&self.conn.id);
+        lock(&self.table).remove(&self.conn.id);
     }
 }
 
@@ -196,7 +199,7 @@ impl LiveTable {
         client: SocketAddr,
         path: Arc<str>,
         shutdown: &CancellationToken,
-    ) -> Registration<'_> {
+    ) -> Registration {
         let conn = Arc::new(LiveConn {
             id,
             client,
@@ -211,7 +214,10 @@ impl LiveTable {
             close_request: Mutex::new(None),
         });
         lock(&self.conns).insert(id, conn.clone());
-        Registration { table: self, conn }
+        Registration {
+            table: self.conns.clone(),
+            conn,
+        }
     }
 
     pub fn snapshot(&self) -> Vec<ConnSnapshot> {

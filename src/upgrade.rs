@@ -7,6 +7,7 @@
 //! down or refuses the upgrade (401, 403, 404...) produces a real HTTP response the
 //! browser can show, not a WebSocket that opens and dies.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -245,6 +246,9 @@ async fn upgrade(
         info,
         negotiated,
     };
+    // The task first waits for hyper to hand over the client's stream, then runs a
+    // future built by `RelayStart::start`. Each await holds only what it needs: an idle
+    // WebSocket's task is about the size of its relay.
     shared.tracker.spawn(async move {
         let upgraded = match client_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -258,18 +262,18 @@ async fn upgrade(
                 stream: TokioIo::new(upgraded),
                 buffered: bytes::Bytes::new(),
             };
-            relay.run(client, backend).await;
-        } else {
-            match upgraded.downcast::<TokioIo<Stream>>() {
-                Ok(parts) => {
-                    let client = Owned {
-                        stream: parts.io.into_inner(),
-                        buffered: parts.read_buf,
-                    };
-                    relay.run(client, backend).await;
-                }
-                Err(_) => tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream"),
+            relay.start(client, backend).await;
+            return;
+        }
+        match upgraded.downcast::<TokioIo<Stream>>() {
+            Ok(parts) => {
+                let client = Owned {
+                    stream: parts.io.into_inner(),
+                    buffered: parts.read_buf,
+                };
+                relay.start(client, backend).await;
             }
+            Err(_) => tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream"),
         }
     });
 
@@ -310,17 +314,26 @@ struct RelayStart {
 }
 
 impl RelayStart {
-    async fn run<C: Transport>(self, client: Owned<C>, backend: Owned<Stream>) {
-        let shared = self.shared;
-        let info = self.info;
+    /// Builds the relay now and returns the future that runs it. Building outside that
+    /// future keeps it from also holding the streams, buffers and handshake state the
+    /// relay was made from: a future stores its arguments for its whole life.
+    fn start<C: Transport>(
+        self,
+        client: Owned<C>,
+        backend: Owned<Stream>,
+    ) -> impl Future<Output = ()> + Send + use<C> {
+        let RelayStart {
+            shared,
+            conn,
+            info,
+            negotiated,
+        } = self;
         let registration = shared.live.register(
             info.id,
             info.client,
             info.path.clone(),
             &shared.signals.shutdown,
         );
-        // Run in place (by reference): moving the relay into its own future would keep
-        // two copies of it alive for the connection's whole life.
         let mut relay = Relay::new(
             Leg {
                 stream: client.stream,
@@ -330,23 +343,26 @@ impl RelayStart {
                 stream: backend.stream,
                 buffered: &backend.buffered,
             },
-            self.negotiated,
+            negotiated,
             shared.relay_config.clone(),
             shared.signals.clone(),
             shared.metrics.relay(),
             registration.conn.clone(),
         );
         // The pumps copied these bytes; the buffers they came from are the HTTP layer's
-        // whole read buffers, which must not stay alive for the connection's life.
-        drop(client.buffered);
-        drop(backend.buffered);
-        let active = &shared.metrics.websockets_active;
-        active.increment(1.0);
-        let ended = relay.run().await;
-        active.decrement(1.0);
-        drop(registration);
-        report::connection_ended(&shared.metrics, &info, &ended);
-        drop(self.conn);
+        // whole read buffers, which must not stay alive for the connection's life. (They
+        // drop here, at the end of this function.)
+        async move {
+            // `run` takes the relay by reference: moving it into its own future would
+            // keep a second copy alive for the connection's whole life.
+            let active = &shared.metrics.websockets_active;
+            active.increment(1.0);
+            let ended = relay.run().await;
+            active.decrement(1.0);
+            drop(registration);
+            report::connection_ended(&shared.metrics, &info, &ended);
+            drop(conn);
+        }
     }
 }
 
