@@ -95,6 +95,7 @@ impl Listeners {
             listen().map_err(|source| Error::Bind { what, addr, source })
         };
         let proxy = bind("listen", config.listen).await?;
+        server::tune_listener(&proxy);
         let admin = match config.admin.listen {
             Some(addr) => Some(bind("admin.listen", addr).await?),
             None => None,
