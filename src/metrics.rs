@@ -21,7 +21,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::relay::Report;
-use crate::session::{Outcome, Side};
+use crate::session::Outcome;
 
 const METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -567,14 +567,6 @@ impl ProcessStats {
             max_fds,
             start_time_seconds: boot + start_ticks / Self::TICKS,
         })
-    }
-}
-
-/// Which side a relay direction's counters belong to.
-pub fn side_index(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
     }
 }
 

@@ -135,14 +135,29 @@ where
     code
 }
 
-fn tls_config(c: &mut wsgate::Config, cert: PathBuf, key: PathBuf) {
-    c.tls = Some(wsgate::config::TlsConfig {
-        cert,
-        key,
+/// wsgate serving TLS with `p`'s leaf (files written to `d`, re-read every 50 ms) in
+/// front of `backend_addr`.
+async fn tls_gate(p: &Pki, d: &std::path::Path, backend_addr: std::net::SocketAddr) -> Gate {
+    let mut config = test_config(backend_addr);
+    config.tls = Some(wsgate::config::TlsConfig {
+        cert: write(d, "tls.crt", &p.leaf_pem),
+        key: write(d, "tls.key", &p.key_pem),
         handshake_timeout: std::time::Duration::from_secs(5),
         reload_interval: Some(std::time::Duration::from_millis(50)),
         http2: true,
     });
+    start_gate(config).await
+}
+
+/// A TLS connection to `addr` for `localhost`, trusting `ca_pem`, offering `alpn`.
+async fn connect_tls(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    client_tls(ca_pem, alpn).connect(name, tcp).await
 }
 
 #[tokio::test]
@@ -151,17 +166,9 @@ async fn wss_client_to_plain_backend_echoes_and_closes() {
     let d = dir();
     let (backend_l, backend_addr) = listener().await;
     let backend = tokio::spawn(echo_backend(backend_l, None, 1));
-    let mut config = test_config(backend_addr);
-    tls_config(
-        &mut config,
-        write(&d, "tls.crt", &p.leaf_pem),
-        write(&d, "tls.key", &p.key_pem),
-    );
-    let gate = start_gate(config).await;
+    let gate = tls_gate(&p, &d, backend_addr).await;
 
-    let tcp = within(TcpStream::connect(gate.addr)).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let tls = within(client_tls(&p.ca_pem, &[b"http/1.1"]).connect(name, tcp))
+    let tls = within(connect_tls(gate.addr, &p.ca_pem, &[b"http/1.1"]))
         .await
         .unwrap();
     let url = format!("wss://localhost:{}/ws", gate.addr.port());
@@ -249,17 +256,9 @@ async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_surviv
     let d = dir();
     let (backend_l, backend_addr) = listener().await;
     let backend = tokio::spawn(echo_backend(backend_l, None, 1));
-    let mut config = test_config(backend_addr);
-    let (cert, key) = (
-        write(&d, "tls.crt", &p1.leaf_pem),
-        write(&d, "tls.key", &p1.key_pem),
-    );
-    tls_config(&mut config, cert, key);
-    let gate = start_gate(config).await;
+    let gate = tls_gate(&p1, &d, backend_addr).await;
 
-    let name = ServerName::try_from("localhost").unwrap();
-    let tcp = within(TcpStream::connect(gate.addr)).await.unwrap();
-    let tls = within(client_tls(&p1.ca_pem, &[]).connect(name.clone(), tcp))
+    let tls = within(connect_tls(gate.addr, &p1.ca_pem, &[]))
         .await
         .unwrap();
     let url = format!("wss://localhost:{}/ws", gate.addr.port());
@@ -273,14 +272,7 @@ async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_surviv
     write(&d, "tls.key", &p2.key_pem);
     let new_ca = p2.ca_pem.clone();
     let addr = gate.addr;
-    eventually(async || {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        client_tls(&new_ca, &[])
-            .connect(name.clone(), tcp)
-            .await
-            .is_ok()
-    })
-    .await;
+    eventually(async || connect_tls(addr, &new_ca, &[]).await.is_ok()).await;
 
     // The connection opened with the old certificate still works.
     within(ws.send(Message::text("still here"))).await.unwrap();
@@ -400,17 +392,9 @@ async fn rfc8441_websocket_over_tls_alpn_h2() {
     let d = dir();
     let (backend_l, backend_addr) = listener().await;
     let backend = tokio::spawn(echo_backend(backend_l, None, 1));
-    let mut config = test_config(backend_addr);
-    tls_config(
-        &mut config,
-        write(&d, "tls.crt", &p.leaf_pem),
-        write(&d, "tls.key", &p.key_pem),
-    );
-    let gate = start_gate(config).await;
+    let gate = tls_gate(&p, &d, backend_addr).await;
 
-    let tcp = within(TcpStream::connect(gate.addr)).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let tls = within(client_tls(&p.ca_pem, &[b"h2"]).connect(name, tcp))
+    let tls = within(connect_tls(gate.addr, &p.ca_pem, &[b"h2"]))
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
