@@ -54,7 +54,7 @@ pub struct LoadArgs {
     /// The WebSocket endpoint: ws://HOST:PORT[/PATH] (a proxy, or the backend itself).
     #[arg(long)]
     url: String,
-    /// Connections (echo 32, bulk 8, latency 1, churn 20 concurrent cycles, idle 1000).
+    /// Connections (echo 50, bulk 8, latency 1, churn 20 concurrent cycles, idle 1000).
     #[arg(long)]
     connections: Option<usize>,
     /// Message payload size in bytes (64; bulk 65536).
@@ -163,7 +163,7 @@ pub fn main(args: LoadArgs) -> ExitCode {
 async fn measure(args: &LoadArgs, endpoint: &Endpoint) -> LoadResult {
     let small = args.size.unwrap_or(64);
     match args.mode {
-        Mode::Echo => closed_loop(args, endpoint, args.connections.unwrap_or(32), small).await,
+        Mode::Echo => closed_loop(args, endpoint, args.connections.unwrap_or(50), small).await,
         Mode::Bulk => {
             let size = args.size.unwrap_or(64 << 10);
             closed_loop(args, endpoint, args.connections.unwrap_or(8), size).await

@@ -73,7 +73,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 9900)]
     idle_connections: usize,
     /// Connections of the echo measurement (64 B messages, closed loop).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 50)]
     echo_connections: usize,
     /// Connections of the bulk measurement (64 KiB messages, closed loop).
     #[arg(long, default_value_t = 8)]
