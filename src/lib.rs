@@ -63,6 +63,9 @@ pub enum Error {
     /// A TLS certificate, key or CA bundle does not load: fix the file named.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The server task itself failed (a bug: it panicked).
+    #[error("the server task failed: {0}")]
+    Internal(String),
 }
 
 /// Pending connections the kernel may queue per listener.

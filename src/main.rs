@@ -62,7 +62,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(wsgate::run(config)) {
+    // The server runs as a task on a worker thread, not on this thread: accepted
+    // connections are then spawned onto that worker's own queue, without waking another
+    // thread for every client.
+    let served = runtime.block_on(async {
+        tokio::spawn(wsgate::run(config))
+            .await
+            .unwrap_or_else(|e| Err(wsgate::Error::Internal(e.to_string())))
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

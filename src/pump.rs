@@ -294,6 +294,9 @@ impl Pump {
             }
             reads += 1;
             if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+                if self.buf.capacity() == 0 {
+                    self.buf = spare_buffers::take();
+                }
                 self.buf.reserve(self.read_size);
             }
             let spare = self.buf.capacity() - self.buf.len();
@@ -321,7 +324,7 @@ impl Pump {
                 Poll::Pending => {
                     if self.buf.is_empty() {
                         // Idle connections keep no buffer.
-                        self.buf = BytesMut::new();
+                        spare_buffers::give(std::mem::take(&mut self.buf));
                     }
                     return Poll::Pending;
                 }
@@ -411,6 +414,57 @@ impl Pump {
             Scanned::Progress
         } else {
             Scanned::NeedMore
+        }
+    }
+}
+
+/// Read buffers of pumps that went idle, kept per thread for the next pump that reads.
+///
+/// A pump gives its buffer back whenever it has nothing left to write, which on a chatty
+/// connection is after every message; without this, each message would cost a
+/// `malloc`/`free` pair of a [`READ_SIZE`] buffer. The pool is small and per thread (no
+/// locking), so idle memory stays bounded by a few buffers per worker thread, however
+/// many connections there are.
+mod spare_buffers {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    use super::READ_SIZE;
+
+    /// Buffers kept per thread. Buffers return at the end of each poll, so a few cover
+    /// every pump a thread has mid-read at once.
+    pub(super) const KEEP: usize = 8;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer with room for at least [`READ_SIZE`] bytes.
+    pub fn take() -> BytesMut {
+        SPARE
+            .with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| BytesMut::with_capacity(READ_SIZE))
+    }
+
+    /// Buffers kept on this thread.
+    #[cfg(test)]
+    pub fn kept() -> usize {
+        SPARE.with_borrow(Vec::len)
+    }
+
+    /// Keeps an empty buffer of the standard size for reuse; frees any other.
+    pub fn give(mut buf: BytesMut) {
+        buf.clear();
+        // Reclaims the room before the read position (no allocation: the buffer is empty
+        // and owned by this pump alone).
+        buf.reserve(READ_SIZE);
+        if (READ_SIZE..2 * READ_SIZE).contains(&buf.capacity()) {
+            SPARE.with_borrow_mut(|spare| {
+                if spare.len() < KEEP {
+                    spare.push(buf);
+                }
+            });
         }
     }
 }
@@ -536,6 +590,60 @@ mod tests {
         let mut out = vec![0u8; good.len()];
         dst_peer.read_exact(&mut out).await.unwrap();
         assert_eq!(out, good);
+    }
+
+    #[tokio::test]
+    async fn an_idle_pump_holds_no_buffer_and_reuses_a_spare_one() {
+        let (mut src_peer, mut src) = duplex(1024);
+        let (mut dst, mut dst_peer) = duplex(1024);
+        let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+        for round in 0..3 {
+            src_peer
+                .write_all(&backend_frame(2, b"data"))
+                .await
+                .unwrap();
+            // Everything read is written, then the read would block: the pump is idle.
+            let mut polled =
+                std::pin::pin!(poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))));
+            assert!(
+                futures_poll_once(&mut polled).await.is_none(),
+                "round {round}"
+            );
+            let mut out = [0u8; 6];
+            dst_peer.read_exact(&mut out).await.unwrap();
+            assert_eq!(
+                pump.buf.capacity(),
+                0,
+                "round {round}: idle pump kept a buffer"
+            );
+        }
+    }
+
+    #[test]
+    fn spare_buffers_are_reused_and_bounded() {
+        std::thread::spawn(|| {
+            let mut buf = spare_buffers::take();
+            buf.extend_from_slice(b"bytes in flight");
+            let ptr = buf.as_ptr();
+            buf.advance(buf.len());
+            spare_buffers::give(buf);
+            let again = spare_buffers::take();
+            assert_eq!(again.as_ptr(), ptr, "the spare buffer is reused");
+            assert!(again.is_empty() && again.capacity() >= READ_SIZE);
+
+            assert_eq!(spare_buffers::kept(), 0);
+
+            // A grown (bulk) buffer is freed, not kept.
+            spare_buffers::give(BytesMut::with_capacity(MAX_READ_SIZE));
+            assert_eq!(spare_buffers::kept(), 0);
+
+            // At most a few are kept per thread.
+            let many: Vec<_> = (0..20).map(|_| spare_buffers::take()).collect();
+            many.into_iter().for_each(spare_buffers::give);
+            assert_eq!(spare_buffers::kept(), spare_buffers::KEEP);
+        })
+        .join()
+        .unwrap();
     }
 
     /// Polls a future once; `None` if it is pending.

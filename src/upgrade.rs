@@ -9,7 +9,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -180,21 +182,12 @@ async fn upgrade(
             tracing::debug!(error = %e, "backend handshake setup failed");
             ProxyError::BackendFailed
         })?;
-    // Drives the backend connection until it upgrades (or ends after a refusal).
-    let force = shared.signals.force.clone();
-    shared.tracker.spawn(async move {
-        tokio::select! {
-            result = handshake.with_upgrades() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "backend upgrade connection ended");
-                }
-            }
-            () = force.cancelled() => {}
-        }
-    });
+    // The backend connection is driven from this future until it upgrades: no task of
+    // its own, so no extra spawn and no task-to-task hand-off per WebSocket.
+    let mut backend_conn = BackendConn::new(handshake.with_upgrades());
 
     let backend_req = backend_request(&req, conn.peer, shared.config.tls.is_some(), key);
-    let sent = sender.send_request(backend_req);
+    let sent = backend_conn.drive(sender.send_request(backend_req));
     let mut resp = match shared.config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
             .await
@@ -207,8 +200,16 @@ async fn upgrade(
     })?;
 
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The backend refused (401, 403, 404...): the client sees exactly that.
+        // The backend refused (401, 403, 404...): the client sees exactly that. Its body
+        // still has to be read from the backend connection, which now gets a task.
         tracing::debug!(status = %resp.status(), "backend refused the upgrade");
+        let force = shared.signals.force.clone();
+        shared.tracker.spawn(async move {
+            tokio::select! {
+                () = backend_conn.finish() => {}
+                () = force.cancelled() => {}
+            }
+        });
         let (mut parts, body) = resp.into_parts();
         proxy::remove_hop_by_hop(&mut parts.headers);
         return Ok(Response::from_parts(
@@ -228,7 +229,8 @@ async fn upgrade(
             .filter_map(|v| v.to_str().ok()),
     );
     let mut headers = resp.headers().clone();
-    let backend_upgraded = hyper::upgrade::on(&mut resp).await.map_err(|e| {
+    let backend_upgraded = backend_conn.drive(hyper::upgrade::on(&mut resp)).await;
+    let backend_upgraded = backend_upgraded.map_err(|e| {
         tracing::debug!(error = %e, "backend upgrade failed");
         ProxyError::BackendFailed
     })?;
@@ -295,6 +297,57 @@ async fn upgrade(
     }
     *client_resp.headers_mut() = headers;
     Ok(client_resp)
+}
+
+/// hyper's client connection to the backend during the upgrade handshake: it must be
+/// polled for the request to go out, the response to come in and the upgrade to
+/// complete.
+struct BackendConn<C> {
+    /// `None` once the connection future completed (upgraded, or closed).
+    conn: Option<Pin<Box<C>>>,
+}
+
+impl<C: Future<Output = hyper::Result<()>>> BackendConn<C> {
+    fn new(conn: C) -> Self {
+        BackendConn {
+            conn: Some(Box::pin(conn)),
+        }
+    }
+
+    /// Awaits `work` while driving the connection. A connection that ends first makes
+    /// `work` fail on its own (hyper's request or upgrade future reports it).
+    async fn drive<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            self.poll_conn(cx);
+            work.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Drives the connection to its end (a refused upgrade's body being read).
+    async fn finish(mut self) {
+        std::future::poll_fn(|cx| {
+            self.poll_conn(cx);
+            if self.conn.is_some() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(result) = conn.as_mut().poll(cx)
+        {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "backend upgrade connection ended");
+            }
+            self.conn = None;
+        }
+    }
 }
 
 /// A side's stream and the bytes it sent behind its handshake.
