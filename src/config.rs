@@ -169,6 +169,16 @@ impl Backend {
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }
+
+    /// The backend is in the same network namespace (the sidecar case): `localhost` or a
+    /// loopback address.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
 }
 
 impl Backend {
@@ -847,5 +857,16 @@ mod tests {
         assert_eq!((tls.tls, tls.port, tls.scheme()), (true, 443, "https"));
         assert!(Backend::parse("ws://x").is_err());
         assert!(Backend::parse("127.0.0.1:80").is_err());
+    }
+
+    #[test]
+    fn loopback_backends_are_recognised() {
+        let lo = |url| Backend::parse(url).unwrap().is_loopback();
+        assert!(lo("http://localhost:5080"));
+        assert!(lo("http://127.0.0.1:5080"));
+        assert!(lo("http://127.8.9.10"));
+        assert!(lo("http://[::1]:5080"));
+        assert!(!lo("http://10.0.0.1:5080"));
+        assert!(!lo("http://backend.default.svc:8080"));
     }
 }

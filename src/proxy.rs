@@ -4,6 +4,7 @@
 //! `X-Forwarded-*`, and the responses wsgate makes itself.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -228,15 +229,29 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// Runs for every request and WebSocket handshake, so it allocates nothing: one pass over
+/// the names finds the few headers to remove.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Other names listed in `Connection` are rare (`keep-alive, Upgrade` is the usual
+    // value), and an empty Vec does not allocate.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
+        headers.remove(name);
+    }
+    while let Some(name) = headers.keys().find(|n| HOP_BY_HOP.contains(n)).cloned() {
         headers.remove(name);
     }
 }
@@ -246,22 +261,31 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// proxy in front of wsgate (an ingress terminating TLS, say) already set them. `Host` is
 /// left as the client sent it.
 pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client_tls: bool) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const FWD_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     remove_hop_by_hop(headers);
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
-    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    // A parsed request's map is full: grow it once for everything added here and by
+    // the WebSocket handshake, not once per insert.
+    headers.reserve(6);
+    let xff = XFF;
+    let mut chain = String::with_capacity(64);
+    if let Some(prior) = headers.get(&xff).and_then(|v| v.to_str().ok())
+        && !prior.trim().is_empty()
+    {
+        chain.push_str(prior);
+        chain.push_str(", ");
+    }
+    let _ = write!(chain, "{}", peer.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(xff, v);
     }
-    let proto = HeaderName::from_static("x-forwarded-proto");
+    let proto = PROTO;
     if !headers.contains_key(&proto) {
         let scheme = if client_tls { "https" } else { "http" };
         headers.insert(proto, HeaderValue::from_static(scheme));
     }
-    let fwd_host = HeaderName::from_static("x-forwarded-host");
+    let fwd_host = FWD_HOST;
     if !headers.contains_key(&fwd_host)
         && let Some(host) = headers.get(header::HOST).cloned()
     {

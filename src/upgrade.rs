@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -186,7 +187,7 @@ async fn upgrade(
     // its own, so no extra spawn and no task-to-task hand-off per WebSocket.
     let mut backend_conn = BackendConn::new(handshake.with_upgrades());
 
-    let backend_req = backend_request(&req, conn.peer, shared.config.tls.is_some(), key);
+    let backend_req = backend_request(&mut req, conn.peer, shared.config.tls.is_some(), key);
     let sent = backend_conn.drive(sender.send_request(backend_req));
     let mut resp = match shared.config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
@@ -430,7 +431,14 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
                 tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
                 ProxyError::BackendUnreachable
             })?;
-        crate::server::tune_socket(&tcp);
+        if b.is_loopback() {
+            // A loopback peer cannot vanish silently: when its process dies the kernel
+            // closes its sockets. Keepalive and TCP_USER_TIMEOUT would only cost five
+            // system calls per WebSocket; Nagle still has to go.
+            let _ = tcp.set_nodelay(true);
+        } else {
+            crate::server::tune_socket(&tcp);
+        }
         let Some(tls) = &shared.backend_tls else {
             return Ok(Stream::Plain(tcp));
         };
@@ -459,13 +467,15 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
 /// (cookies, authorization, origin, `Sec-WebSocket-*`), `Host` unchanged (or taken from
 /// `:authority` for an HTTP/2 client), the `X-Forwarded-*` headers, and the HTTP/1.1
 /// upgrade headers with `key`.
+/// The handshake request for the backend. Takes the client request's headers (the
+/// client request itself is not used after this) rather than copying them.
 fn backend_request(
-    req: &Request<Incoming>,
+    req: &mut Request<Incoming>,
     peer: SocketAddr,
     client_tls: bool,
     key: HeaderValue,
 ) -> Request<http_body_util::Empty<bytes::Bytes>> {
-    let mut headers = req.headers().clone();
+    let mut headers = std::mem::take(req.headers_mut());
     if !headers.contains_key(header::HOST)
         && let Some(host) = req
             .uri()
@@ -478,12 +488,16 @@ fn backend_request(
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::SEC_WEBSOCKET_KEY, key);
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
     let mut out = Request::new(http_body_util::Empty::new());
     *out.method_mut() = Method::GET;
-    *out.uri_mut() = path
-        .parse()
-        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    *out.uri_mut() = hyper::Uri::from_parts(uri).unwrap_or_else(|_| hyper::Uri::from_static("/"));
     *out.headers_mut() = headers;
     out
 }
