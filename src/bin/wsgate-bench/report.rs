@@ -12,6 +12,9 @@ pub struct Metric {
     pub label: String,
     /// `Some(true)`: higher is better; `Some(false)`: lower is better; `None`: neither.
     pub better: Option<bool>,
+    /// Ratios between targets mean something (not for a difference near zero, such as
+    /// a memory growth).
+    pub ratios: bool,
 }
 
 /// Every figure of every round, by metric and target, and notes for the reader.
@@ -120,7 +123,9 @@ pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> Strin
         let ours = results.spread(m.key, Target::Wsgate);
         for o in &others {
             let ratio = match (ours, results.spread(m.key, *o)) {
-                (Some(a), Some(b)) if b.median != 0.0 => format!("{:.2}", a.median / b.median),
+                (Some(a), Some(b)) if m.ratios && b.median != 0.0 => {
+                    format!("{:.2}", a.median / b.median)
+                }
                 _ => "—".to_string(),
             };
             let _ = write!(out, " {ratio} |");
@@ -149,6 +154,7 @@ mod tests {
             key: "k",
             label: "rate".to_string(),
             better: Some(true),
+            ratios: true,
         }];
         let mut r = Results::default();
         for v in [10.0, 12.0, 11.0] {

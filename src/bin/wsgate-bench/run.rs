@@ -342,6 +342,14 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
                 results.record(key("cpu"), t, cpu_s * 1e6 / r.messages as f64);
                 results.record(key("cpu_pct"), t, cpu_s / wall * 100.0);
             }
+            if m == Measurement::Churn {
+                // Memory must not creep with connections that come and go: RSS at the
+                // end of the window against RSS after the warm-up.
+                results.record("churn.cycles", t, r.messages as f64);
+                if let Some((start, end)) = run.rss_window_kib {
+                    results.record("churn.rss_growth", t, end as f64 - start as f64);
+                }
+            }
         }
         Measurement::Release => {
             let scripted = targets::free_port();
@@ -462,11 +470,19 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         key,
         label,
         better: Some(higher_is_better),
+        ratios: true,
     };
     let info = |key, label: String| Metric {
         key,
         label,
         better: None,
+        ratios: true,
+    };
+    let absolute = |key, label: String| Metric {
+        key,
+        label,
+        better: None,
+        ratios: false,
     };
     let e = a.echo_connections;
     let b = a.bulk_connections;
@@ -519,6 +535,11 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         row("churn.p50", "churn: cycle p50 (ms)".into(), false),
         row("churn.p99", "churn: cycle p99 (ms)".into(), false),
         row("churn.cpu", "churn: proxy CPU per cycle (µs)".into(), false),
+        info("churn.cycles", "churn: cycles in the window".into()),
+        absolute(
+            "churn.rss_growth",
+            "churn: proxy RSS growth over the window (KiB)".into(),
+        ),
         row(
             "release.close_p50",
             format!("release, {k}×: client Close → backend gets Close, p50 (µs)"),
@@ -570,6 +591,8 @@ struct LoadRun {
     window_wall_s: Option<f64>,
     /// Proxy RSS once every idle connection was open.
     rss_open_kib: Option<u64>,
+    /// Proxy RSS at START and at END.
+    rss_window_kib: Option<(u64, u64)>,
 }
 
 /// Runs `wsgate-bench load ARGS`, killing it after `limit`.
@@ -612,20 +635,28 @@ fn run_load(
         cpu_ticks: None,
         window_wall_s: None,
         rss_open_kib: None,
+        rss_window_kib: None,
     };
     let mut got_result = false;
-    let mut start: Option<(u64, Instant)> = None;
+    let mut start: Option<(u64, u64, Instant)> = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         match word {
-            "START" => start = Some((procfs::cpu_ticks(&pids), Instant::now())),
+            "START" => {
+                start = Some((
+                    procfs::cpu_ticks(&pids),
+                    procfs::rss_kib(&pids),
+                    Instant::now(),
+                ));
+            }
             "END" => {
-                if let Some((ticks, at)) = start
+                if let Some((ticks, rss, at)) = start
                     && !pids.is_empty()
                 {
                     run.cpu_ticks = Some(procfs::cpu_ticks(&pids).saturating_sub(ticks));
                     run.window_wall_s = Some(at.elapsed().as_secs_f64());
+                    run.rss_window_kib = Some((rss, procfs::rss_kib(&pids)));
                 }
             }
             "OPEN" => {
