@@ -26,22 +26,12 @@ use crate::server::Shared;
 
 /// Bound on reading an admin request's header.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often histogram upkeep runs between scrapes.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Serves the admin endpoints until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
-    let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
-        let accepted = tokio::select! {
-            _ = upkeep.tick() => {
-                shared.metrics.run_upkeep();
-                continue;
-            }
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
+        let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");

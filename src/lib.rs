@@ -115,7 +115,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let shared = Arc::new(server::Shared::new(config)?);
-    // Neither helper task holds connections: both are stopped once the drain is over.
+    // No helper task holds connections: all are stopped once the drain is over.
+    let upkeep = {
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.metrics.keep_up().await })
+    };
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
@@ -124,7 +128,7 @@ pub async fn serve(
         tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
     });
     server::serve(shared, listeners.proxy, shutdown).await;
-    for task in admin.into_iter().chain(reload) {
+    for task in admin.into_iter().chain(reload).chain([upkeep]) {
         task.abort();
     }
     Ok(())
