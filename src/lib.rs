@@ -114,6 +114,17 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    serve_until(config, listeners, shutdown, std::future::pending()).await
+}
+
+/// Like [`serve`]; `abort`, first polled when the drain starts, ends the drain at once
+/// when it completes (a second SIGTERM): what is still open is reset.
+pub async fn serve_until(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let shared = Arc::new(server::Shared::new(config)?);
     // No helper task holds connections: all are stopped once the drain is over.
     let upkeep = {
@@ -127,7 +138,7 @@ pub async fn serve(
         let interval = shared.config.tls.as_ref().and_then(|t| t.reload_interval);
         tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
     });
-    server::serve(shared, listeners.proxy, shutdown).await;
+    server::serve(shared, listeners.proxy, shutdown, abort).await;
     for task in admin.into_iter().chain(reload).chain([upkeep]) {
         task.abort();
     }
@@ -148,5 +159,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         max_connections = config.max_connections,
         "wsgate started"
     );
-    serve(config, listeners, shutdown::signal()).await
+    // The second `signal()` starts listening only when the drain starts, so it is the
+    // next SIGTERM or SIGINT after the one that began the drain.
+    serve_until(config, listeners, shutdown::signal(), shutdown::signal()).await
 }

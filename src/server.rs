@@ -200,8 +200,14 @@ impl Drop for Connection {
 /// Accepts clients until `shutdown` completes, then drains (DESIGN §5): readiness off,
 /// no new connections, every WebSocket closed with 1001 on both sides, keep-alive HTTP
 /// connections closed after their current request, all of it bounded by
-/// `shutdown.drain_timeout`, after which what is left is aborted.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// `shutdown.drain_timeout`, after which what is left is aborted. `abort` completing
+/// during the drain (polled only from then on) aborts at once.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) {
     shared.ready.store(true, Ordering::SeqCst);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -250,10 +256,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Fu
         }
     }
     drop(listener);
-    drain(&shared).await;
+    drain(&shared, abort).await;
 }
 
-async fn drain(shared: &Shared) {
+async fn drain(shared: &Shared, abort: impl Future<Output = ()>) {
     shared.ready.store(false, Ordering::SeqCst);
     let drain_timeout = shared.config.shutdown.drain_timeout;
     tracing::info!(
@@ -263,14 +269,25 @@ async fn drain(shared: &Shared) {
     );
     shared.signals.shutdown.cancel();
     shared.tracker.close();
-    if tokio::time::timeout(drain_timeout, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open_tasks = shared.tracker.len(),
-            "drain timeout reached: aborting the rest"
-        );
+    let drained = tokio::select! {
+        waited = tokio::time::timeout(drain_timeout, shared.tracker.wait()) => {
+            if waited.is_err() {
+                tracing::warn!(
+                    open_tasks = shared.tracker.len(),
+                    "drain timeout reached: aborting the rest"
+                );
+            }
+            waited.is_ok()
+        }
+        () = abort => {
+            tracing::warn!(
+                open_tasks = shared.tracker.len(),
+                "second stop signal: aborting the rest"
+            );
+            false
+        }
+    };
+    if !drained {
         shared.signals.force.cancel();
         if tokio::time::timeout(FORCE_GRACE, shared.tracker.wait())
             .await

@@ -152,3 +152,35 @@ async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
     let exit = within(child.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let (backend_l, backend_addr) = listener().await;
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"60s\"\n\
+         [websocket]\nclose_timeout = \"60s\"\n[log]\nformat = \"json\"\n"
+    );
+    let (mut child, addr, _admin, _stderr) = spawn(&config).await;
+    let ((mut c, _), (mut b, _)) =
+        tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+    let pid = child.id().unwrap().to_string();
+    let term = || async {
+        let sent = within(Command::new("kill").args(["-TERM", &pid]).status())
+            .await
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    term().await;
+    let (cf, bf) = (c.recv().await, b.recv().await);
+    assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+    // Neither side answers the Close: the drain would wait up to 60 s. A second SIGTERM
+    // ends it now: both connections are dropped and the process exits with 0, well
+    // within `within`'s 10 s.
+    term().await;
+    assert!(matches!(c.expect_end().await, End::Eof | End::Reset));
+    assert!(matches!(b.expect_end().await, End::Eof | End::Reset));
+    let exit = within(child.wait()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
