@@ -226,7 +226,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                 self.flush_counters(now);
                 return self.report(now);
             }
-            self.rearm();
+            // `poll_wake` re-arms the timer before it waits again.
         }
     }
 

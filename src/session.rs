@@ -512,7 +512,7 @@ impl Session {
 
     /// The earliest time [`Session::on_timer`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let t = *self.timers;
+        let t = &*self.timers;
         let mut next: Option<Instant> = None;
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
