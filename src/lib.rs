@@ -127,10 +127,7 @@ pub async fn serve_until(
 ) -> Result<(), Error> {
     let shared = Arc::new(server::Shared::new(config)?);
     // No helper task holds connections: all are stopped once the drain is over.
-    let upkeep = {
-        let shared = shared.clone();
-        tokio::spawn(async move { shared.metrics.keep_up().await })
-    };
+    let housekeeping = tokio::spawn(server::housekeeping(shared.clone()));
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
@@ -139,7 +136,7 @@ pub async fn serve_until(
         tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
     });
     server::serve(shared, listeners.proxy, shutdown, abort).await;
-    for task in admin.into_iter().chain(reload).chain([upkeep]) {
+    for task in admin.into_iter().chain(reload).chain([housekeeping]) {
         task.abort();
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::RelayMetrics;
 use crate::pump::Counters;
 use crate::session::{Outcome, Side};
 
@@ -37,6 +38,9 @@ pub struct LiveConn {
     /// Per source side (client, backend): bytes and frames read.
     bytes: [AtomicU64; 2],
     frames: [AtomicU64; 2],
+    /// The part of `bytes` and `frames` already added to the process-wide counters.
+    counted_bytes: [AtomicU64; 2],
+    counted_frames: [AtomicU64; 2],
     /// Per source side: milliseconds after `started` when bytes last arrived.
     last_rx_ms: [AtomicU64; 2],
     /// Per side pinged: last liveness round trip in microseconds.
@@ -60,6 +64,24 @@ impl LiveConn {
     pub fn update_counters(&self, from: Side, c: Counters) {
         self.bytes[idx(from)].store(c.bytes, Ordering::Relaxed);
         self.frames[idx(from)].store(c.frames, Ordering::Relaxed);
+    }
+
+    /// Adds the bytes and frames read since the last call to the process-wide counters.
+    /// The relay calls it at the end, the server's housekeeping every second meanwhile;
+    /// `fetch_max` makes concurrent calls count every byte exactly once.
+    pub fn add_to_metrics(&self, metrics: &RelayMetrics) {
+        for i in 0..2 {
+            let bytes = self.bytes[i].load(Ordering::Relaxed);
+            let before = self.counted_bytes[i].fetch_max(bytes, Ordering::Relaxed);
+            if bytes > before {
+                metrics.bytes[i].increment(bytes - before);
+            }
+            let frames = self.frames[i].load(Ordering::Relaxed);
+            let before = self.counted_frames[i].fetch_max(frames, Ordering::Relaxed);
+            if frames > before {
+                metrics.frames[i].increment(frames - before);
+            }
+        }
     }
 
     pub fn received(&self, from: Side, at: Instant) {
@@ -207,6 +229,8 @@ impl LiveTable {
             started: Instant::now(),
             bytes: Default::default(),
             frames: Default::default(),
+            counted_bytes: Default::default(),
+            counted_frames: Default::default(),
             last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             outcome: AtomicU64::new(NONE),
@@ -228,6 +252,14 @@ impl LiveTable {
 
     pub fn len(&self) -> usize {
         lock(&self.conns).len()
+    }
+
+    /// Adds the traffic of every open connection to the process-wide counters (see
+    /// [`LiveConn::add_to_metrics`]).
+    pub fn add_to_metrics(&self, metrics: &RelayMetrics) {
+        for conn in lock(&self.conns).values() {
+            conn.add_to_metrics(metrics);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -254,6 +286,42 @@ impl LiveTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traffic_reaches_the_shared_counters_exactly_once() {
+        let metrics = crate::metrics::Metrics::new(10);
+        let table = LiveTable::default();
+        let reg = table.register(
+            1,
+            "127.0.0.1:1".parse().unwrap(),
+            "/ws".into(),
+            &CancellationToken::new(),
+        );
+        let bytes = |text: &str| -> String {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("wsgate_websocket_bytes_total{direction=\"client_to_backend\"}")
+                })
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let sent = |n| Counters {
+            frames: 1,
+            bytes: n,
+        };
+        reg.conn.update_counters(Side::Client, sent(106));
+        // The sweep and the relay's final call may both run: each byte counts once.
+        table.add_to_metrics(&metrics.relay());
+        reg.conn.add_to_metrics(&metrics.relay());
+        table.add_to_metrics(&metrics.relay());
+        assert_eq!(bytes(&metrics.render()), "106");
+        reg.conn.update_counters(Side::Client, sent(150));
+        table.add_to_metrics(&metrics.relay());
+        assert_eq!(bytes(&metrics.render()), "150");
+    }
 
     #[test]
     fn registration_lists_and_removes_connections() {

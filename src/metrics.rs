@@ -27,9 +27,6 @@ const METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// Connection durations: 10 ms to 24 h.
-/// How often histogram samples are folded into their buckets between scrapes.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
 const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
     14400.0, 43200.0, 86400.0,
@@ -460,17 +457,12 @@ impl Metrics {
         self.http_duration[class].record(elapsed.as_secs_f64());
     }
 
-    /// Folds recorded histogram samples into their buckets, every [`UPKEEP_INTERVAL`],
-    /// until the task running it is aborted. Samples wait in a queue until upkeep (or a
-    /// scrape) drains it, so without this task memory would grow with every connection
-    /// whenever nothing scrapes, for example with the admin listener off.
-    pub async fn keep_up(&self) {
-        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            self.handle.run_upkeep();
-        }
+    /// Folds queued histogram samples into their buckets. Samples wait in a queue until
+    /// this (or a scrape) drains it, so the server calls it every second: with nothing
+    /// scraping (the admin listener off) memory would otherwise grow with every
+    /// connection.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// The Prometheus text exposition of every metric, process metrics included.

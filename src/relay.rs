@@ -110,12 +110,6 @@ struct Ping {
     sent_at: Option<Instant>,
 }
 
-/// How often a busy connection adds its traffic to the process-wide byte and frame
-/// counters. Those counters are shared by every connection, so updating them per read
-/// would bounce their cache lines between cores on every message; a second is far
-/// below any scrape interval.
-const METRICS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Prefix of wsgate's liveness Ping payloads; the rest is a sequence number.
 const PING_PREFIX: &[u8; 8] = b"wsgate:p";
 
@@ -153,9 +147,6 @@ pub struct Relay<C, B> {
     client_first: bool,
     started: Instant,
     metrics: Arc<RelayMetrics>,
-    /// Counters already added to `metrics`, per source side, and when.
-    flushed: [Counters; 2],
-    flushed_at: Instant,
     /// This connection's entry in the admin `/connections` table.
     live: Arc<LiveConn>,
     /// The outcome was published to `live`.
@@ -190,8 +181,6 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             client_first: true,
             started: now,
             metrics,
-            flushed: [Counters::default(); 2],
-            flushed_at: now,
             live,
             ending_published: false,
         }
@@ -223,7 +212,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             }
             self.apply_actions();
             if self.session.is_finished() {
-                self.flush_counters(now);
+                self.publish_counters();
+                self.live.add_to_metrics(&self.metrics);
                 return self.report(now);
             }
             // `poll_wake` re-arms the timer before it waits again.
@@ -290,15 +280,12 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         if !(c.0 || b.0 || blocked != self.blocked) {
             return;
         }
-        let now_tokio = Instant::now();
-        let now = now_tokio.into_std();
+        let now = Instant::now().into_std();
         if c.0 || b.0 {
-            self.live.update_counters(Side::Client, self.c2b.counters());
-            self.live
-                .update_counters(Side::Backend, self.b2c.counters());
-            if now_tokio >= self.flushed_at + METRICS_FLUSH_INTERVAL {
-                self.flush_counters(now_tokio);
-            }
+            // Plain stores to this connection's own atomics. The process-wide counters
+            // (shared by every connection, so contended) are fed from these by the
+            // server's housekeeping every second, and at the end.
+            self.publish_counters();
         }
         if c.0 {
             self.session.on_received(Side::Client, c.1, now);
@@ -316,19 +303,10 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         self.blocked = blocked;
     }
 
-    /// Adds the bytes and frames relayed since the last flush to the metrics, so long
-    /// connections show their traffic while they last.
-    fn flush_counters(&mut self, now: Instant) {
-        self.flushed_at = now;
-        for (i, now) in [self.c2b.counters(), self.b2c.counters()]
-            .into_iter()
-            .enumerate()
-        {
-            let before = self.flushed[i];
-            self.metrics.bytes[i].increment(now.bytes - before.bytes);
-            self.metrics.frames[i].increment(now.frames - before.frames);
-            self.flushed[i] = now;
-        }
+    fn publish_counters(&self) {
+        self.live.update_counters(Side::Client, self.c2b.counters());
+        self.live
+            .update_counters(Side::Backend, self.b2c.counters());
     }
 
     /// Sets the timer to the session's next deadline when that is earlier than the one

@@ -197,6 +197,22 @@ impl Drop for Connection {
     }
 }
 
+/// How often open WebSockets' traffic reaches the process-wide counters.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every second, until aborted: adds open WebSockets' traffic to the process-wide byte
+/// and frame counters (relays only write their own atomics, so the shared counters are
+/// not contended per message) and folds histogram samples into their buckets.
+pub async fn housekeeping(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        shared.live.add_to_metrics(&shared.metrics.relay());
+        shared.metrics.run_upkeep();
+    }
+}
+
 /// Accepts clients until `shutdown` completes, then drains (DESIGN §5): readiness off,
 /// no new connections, every WebSocket closed with 1001 on both sides, keep-alive HTTP
 /// connections closed after their current request, all of it bounded by

@@ -232,6 +232,37 @@ async fn counters_by_outcome_and_close_code_after_one_of_each_ending() {
 }
 
 #[tokio::test]
+async fn traffic_of_an_open_connection_reaches_the_byte_counters() {
+    let (gate, backend_l) = gate_with(|_| {}).await;
+    let (mut c, mut b) = pair(&gate, &backend_l).await;
+    // One burst, then silence: the counters are updated within about a second anyway,
+    // not only when the connection ends.
+    c.send(TEXT, &[b'x'; 100]).await;
+    b.recv().await;
+    eventually(async || {
+        let text = http_get(gate.admin, "/metrics").await.1;
+        sample(
+            &text,
+            "wsgate_websocket_bytes_total{direction=\"client_to_backend\"}",
+        ) == 106.0
+    })
+    .await;
+    let text = http_get(gate.admin, "/metrics").await.1;
+    assert_eq!(
+        sample(
+            &text,
+            "wsgate_websocket_frames_total{direction=\"client_to_backend\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_websocket_connections_active"),
+        1.0,
+        "the connection is still open"
+    );
+}
+
+#[tokio::test]
 async fn connections_table_shows_live_counters_and_forgets_ended_ones() {
     let (gate, backend_l) = gate_with(|_| {}).await;
     let (mut c, mut b) = pair(&gate, &backend_l).await;
