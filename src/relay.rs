@@ -303,6 +303,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         self.blocked = blocked;
     }
 
+    /// Stores both directions' counters in this connection's live entry, where
+    /// `/connections` and the process-wide counters read them.
     fn publish_counters(&self) {
         self.live.update_counters(Side::Client, self.c2b.counters());
         self.live
