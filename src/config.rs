@@ -163,21 +163,14 @@ pub struct Backend {
     pub port: u16,
     /// `host:port` as it goes into absolute URIs (IPv6 in brackets).
     pub authority: String,
+    /// In the same network namespace (the sidecar case): `localhost` or a loopback
+    /// address.
+    pub loopback: bool,
 }
 
 impl Backend {
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
-    }
-
-    /// The backend is in the same network namespace (the sidecar case): `localhost` or a
-    /// loopback address.
-    pub fn is_loopback(&self) -> bool {
-        self.host.eq_ignore_ascii_case("localhost")
-            || self
-                .host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -218,11 +211,16 @@ impl Backend {
         } else {
             format!("{host}:{port}")
         };
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
         Ok(Backend {
             tls,
             host: host.to_string(),
             port,
             authority,
+            loopback,
         })
     }
 }
@@ -236,6 +234,7 @@ impl Default for Config {
                 host: "127.0.0.1".into(),
                 port: 5080,
                 authority: "127.0.0.1:5080".into(),
+                loopback: true,
             },
             max_connections: 10_000,
             http: HttpConfig {
@@ -861,7 +860,7 @@ mod tests {
 
     #[test]
     fn loopback_backends_are_recognised() {
-        let lo = |url| Backend::parse(url).unwrap().is_loopback();
+        let lo = |url| Backend::parse(url).unwrap().loopback;
         assert!(lo("http://localhost:5080"));
         assert!(lo("http://127.0.0.1:5080"));
         assert!(lo("http://127.8.9.10"));

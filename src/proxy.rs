@@ -228,6 +228,17 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// The comma-separated tokens of every `name` header (`Connection: keep-alive, Upgrade`
+/// gives `keep-alive`, `Upgrade`), trimmed; values that are not text are skipped.
+pub fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 ///
 /// Runs for every request and WebSocket handshake, so it allocates nothing: one pass over
@@ -235,12 +246,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Other names listed in `Connection` are rare (`keep-alive, Upgrade` is the usual
     // value), and an empty Vec does not allocate.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    let named: Vec<HeaderName> = header_tokens(headers, header::CONNECTION)
         .filter(|t| {
             !HOP_BY_HOP
                 .iter()

@@ -47,12 +47,7 @@ pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    proxy::header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Checks the client's opening handshake; the error says what is wrong.
@@ -431,7 +426,7 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
                 tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
                 ProxyError::BackendUnreachable
             })?;
-        if b.is_loopback() {
+        if b.loopback {
             // A loopback peer cannot vanish silently: when its process dies the kernel
             // closes its sockets. Keepalive and TCP_USER_TIMEOUT would only cost five
             // system calls per WebSocket; Nagle still has to go.

@@ -195,6 +195,28 @@ fn markers(start: Instant, end: Instant) -> tokio::task::JoinHandle<()> {
 /// Samples per worker before more are dropped (bounds memory on very fast machines).
 const MAX_SAMPLES: usize = 5_000_000;
 
+/// A worker's figures and latency samples (ns).
+type WorkerResult = (LoadResult, Vec<u64>);
+
+/// Merges the workers' figures into `result` once they and the window markers are done.
+async fn gather(
+    mut result: LoadResult,
+    workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
+    marker: tokio::task::JoinHandle<()>,
+    window: Duration,
+) -> LoadResult {
+    let mut samples = Vec::new();
+    for w in workers {
+        let (part, mut lat) = w.await.expect("a load worker panicked");
+        result.merge(part);
+        samples.append(&mut lat);
+    }
+    let _ = marker.await;
+    result.window_s = window.as_secs_f64();
+    result.latency_us = Summary::from_nanos(&mut samples);
+    result
+}
+
 /// echo, bulk, latency: each connection sends one message, waits for its echo, repeats.
 async fn closed_loop(
     args: &LoadArgs,
@@ -228,16 +250,7 @@ async fn closed_loop(
         .into_iter()
         .map(|client| tokio::spawn(closed_loop_worker(client, message.clone(), start, end)))
         .collect();
-    let mut samples = Vec::new();
-    for w in workers {
-        let (part, mut lat) = w.await.expect("a load worker panicked");
-        result.merge(part);
-        samples.append(&mut lat);
-    }
-    let _ = marker.await;
-    result.window_s = args.duration.as_secs_f64();
-    result.latency_us = Summary::from_nanos(&mut samples);
-    result
+    gather(result, workers, marker, args.duration).await
 }
 
 async fn closed_loop_worker(
@@ -286,7 +299,7 @@ async fn closed_loop_worker(
 
 /// churn: `conns` workers each repeat connect → upgrade → one echo → close handshake.
 async fn churn(args: &LoadArgs, endpoint: &Endpoint, conns: usize, size: usize) -> LoadResult {
-    let mut result = LoadResult {
+    let result = LoadResult {
         connections: conns,
         size,
         ..LoadResult::default()
@@ -340,16 +353,7 @@ async fn churn(args: &LoadArgs, endpoint: &Endpoint, conns: usize, size: usize) 
             })
         })
         .collect();
-    let mut samples = Vec::new();
-    for w in workers {
-        let (part, mut lat) = w.await.expect("a churn worker panicked");
-        result.merge(part);
-        samples.append(&mut lat);
-    }
-    let _ = marker.await;
-    result.window_s = args.duration.as_secs_f64();
-    result.latency_us = Summary::from_nanos(&mut samples);
-    result
+    gather(result, workers, marker, args.duration).await
 }
 
 /// idle: opens `n` WebSockets from spread loopback addresses, reports `OPEN`, holds them
