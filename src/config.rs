@@ -26,6 +26,8 @@ pub struct Config {
     /// 503. Each WebSocket also holds a backend socket, so the file descriptors used are
     /// about twice this. Default 10000.
     pub max_connections: usize,
+    /// Runtime threads. Default [`Workers::Auto`].
+    pub workers: Workers,
     pub http: HttpConfig,
     pub websocket: WebSocketConfig,
     pub shutdown: ShutdownConfig,
@@ -34,6 +36,29 @@ pub struct Config {
     /// `[tls]`: terminate TLS for clients; `None` (the default) serves plain HTTP.
     pub tls: Option<TlsConfig>,
     pub backend_tls: BackendTlsConfig,
+}
+
+/// How many threads serve connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    /// One per CPU the process may use: its CPU affinity and its cgroup CPU quota (a
+    /// container's `resources.limits.cpu`), so a sidecar limited to one CPU or less runs
+    /// single-threaded.
+    Auto,
+    /// This many (1 to [`Workers::MAX`]).
+    Count(usize),
+}
+
+impl Workers {
+    pub const MAX: usize = 1024;
+
+    /// The thread count this resolves to on this machine, now.
+    pub fn count(self) -> usize {
+        match self {
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Workers::Count(n) => n,
+        }
+    }
 }
 
 /// `[tls]`: TLS toward clients.
@@ -237,6 +262,7 @@ impl Default for Config {
                 loopback: true,
             },
             max_connections: 10_000,
+            workers: Workers::Auto,
             http: HttpConfig {
                 connect_timeout: Duration::from_secs(5),
                 header_read_timeout: Duration::from_secs(10),
@@ -391,6 +417,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let listen = top.parsed("listen", d.listen, parse_addr);
     let backend = top.parsed("backend", d.backend, Backend::parse);
     let max_connections = top.integer("max_connections", d.max_connections as u64) as usize;
+    let workers = top.workers("workers", d.workers);
     let http = top.table("http");
     let websocket = top.table("websocket");
     let shutdown = top.table("shutdown");
@@ -493,6 +520,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         listen,
         backend,
         max_connections,
+        workers,
         http,
         websocket,
         shutdown,
@@ -601,6 +629,26 @@ impl<'a> Section<'a> {
                 self.problem(
                     key,
                     format!("expected an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn workers(&mut self, key: &'static str, default: Workers) -> Workers {
+        match self.get(key) {
+            None => default,
+            Some(Value::String(s)) if s == "auto" => Workers::Auto,
+            Some(Value::Integer(n)) if (1..=Workers::MAX as i64).contains(n) => {
+                Workers::Count(*n as usize)
+            }
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!(
+                        "expected \"auto\" or a thread count from 1 to {}, found {other}",
+                        Workers::MAX
+                    ),
                 );
                 default
             }
@@ -833,6 +881,28 @@ mod tests {
             "{}",
             p[4]
         );
+    }
+
+    #[test]
+    fn workers_are_auto_or_a_count() {
+        let workers = |v: &str| {
+            Config::parse(&format!("workers = {v}"))
+                .ok()
+                .map(|c| c.workers)
+        };
+        assert_eq!(Config::default().workers, Workers::Auto);
+        assert_eq!(workers("\"auto\""), Some(Workers::Auto));
+        assert_eq!(workers("1"), Some(Workers::Count(1)));
+        assert_eq!(workers("16"), Some(Workers::Count(16)));
+        assert!(Workers::Auto.count() >= 1);
+        for bad in ["0", "1025", "-2", "\"all\"", "2.5"] {
+            let p = problems(&format!("workers = {bad}"));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert!(
+                p[0].starts_with("workers: expected \"auto\" or a thread count from 1 to 1024"),
+                "{bad}: {p:?}"
+            );
+        }
     }
 
     #[test]

@@ -154,6 +154,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         admin = %listeners.admin.as_ref().map_or_else(|| "off".to_string(), bound),
         backend = %config.backend.authority,
         max_connections = config.max_connections,
+        workers = config.workers.count(),
         "wsgate started"
     );
     // The second `signal()` starts listening only when the drain starts, so it is the

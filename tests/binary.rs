@@ -184,3 +184,32 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     let exit = within(child.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Threads of a running process, from /proc.
+fn threads(child: &Child) -> usize {
+    let pid = child.id().unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
+    let (backend_l, backend_addr) = listener().await;
+    for (workers, expected) in [(1, 1), (3, 4)] {
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\nworkers = {workers}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
+        );
+        let (child, addr, _admin, _stderr) = spawn(&config).await;
+        // A WebSocket relayed end to end: the single thread does all the work.
+        let ((mut c, _), (mut b, _)) =
+            tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+        c.send(TEXT, b"one thread").await;
+        assert_eq!(b.recv().await.payload, b"one thread");
+        b.send(TEXT, b"back").await;
+        assert_eq!(c.recv().await.payload, b"back");
+        // The main thread plus the workers (it only waits when there are several).
+        assert_eq!(threads(&child), expected, "workers = {workers}");
+    }
+}

@@ -82,28 +82,25 @@ fn cell(s: Option<Spread>) -> String {
 }
 
 /// The markdown table: one row per metric, one column per target, then the ratios of
-/// wsgate's median to each other target's median.
+/// each wsgate configuration's median to each baseline's median.
 pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> String {
-    let others: Vec<Target> = if targets.contains(&Target::Wsgate) {
-        targets
-            .iter()
-            .copied()
-            .filter(|t| *t != Target::Wsgate)
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let (ours, others): (Vec<Target>, Vec<Target>) =
+        targets.iter().copied().partition(|t| t.is_wsgate());
+    let pairs: Vec<(Target, Target)> = ours
+        .iter()
+        .flat_map(|a| others.iter().map(move |b| (*a, *b)))
+        .collect();
     let mut out = String::new();
     let _ = write!(out, "| measurement | better |");
     for t in targets {
         let _ = write!(out, " {} |", t.name());
     }
-    for o in &others {
-        let _ = write!(out, " wsgate ÷ {} |", o.name());
+    for (a, b) in &pairs {
+        let _ = write!(out, " {} ÷ {} |", a.name(), b.name());
     }
     out.push('\n');
     let _ = write!(out, "|---|:-:|");
-    for _ in 0..targets.len() + others.len() {
+    for _ in 0..targets.len() + pairs.len() {
         out.push_str("---:|");
     }
     out.push('\n');
@@ -120,9 +117,8 @@ pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> Strin
         for t in targets {
             let _ = write!(out, " {} |", cell(results.spread(m.key, *t)));
         }
-        let ours = results.spread(m.key, Target::Wsgate);
-        for o in &others {
-            let ratio = match (ours, results.spread(m.key, *o)) {
+        for (a, b) in &pairs {
+            let ratio = match (results.spread(m.key, *a), results.spread(m.key, *b)) {
                 (Some(a), Some(b)) if m.ratios && b.median != 0.0 => {
                     format!("{:.2}", a.median / b.median)
                 }
@@ -164,6 +160,30 @@ mod tests {
         let t = table(&metrics, &[Target::Direct, Target::Wsgate], &r);
         assert!(
             t.contains("| rate | ↑ | 22.0 | 11.0 (10.0–12.0) | 0.50 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn each_wsgate_configuration_gets_ratios_to_each_baseline() {
+        let metrics = [Metric {
+            key: "k",
+            label: "cpu".to_string(),
+            better: Some(false),
+            ratios: true,
+        }];
+        let mut r = Results::default();
+        r.record("k", Target::Wsgate, 12.0);
+        r.record("k", Target::Wsgate1, 9.0);
+        r.record("k", Target::Nginx, 10.0);
+        let targets = [Target::Wsgate, Target::Wsgate1, Target::Nginx];
+        let t = table(&metrics, &targets, &r);
+        assert!(
+            t.contains("| wsgate ÷ nginx | wsgate 1 thread ÷ nginx |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| cpu | ↓ | 12.0 | 9.00 | 10.0 | 1.20 | 0.90 |"),
             "{t}"
         );
     }

@@ -57,7 +57,7 @@ pub struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,wsgate,nginx,haproxy"
+        default_value = "direct,wsgate,wsgate-1,nginx,haproxy"
     )]
     targets: Vec<Target>,
     /// Measurements to run.
@@ -123,7 +123,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         .wsgate
         .clone()
         .unwrap_or_else(|| exe.with_file_name("wsgate"));
-    if args.targets.contains(&Target::Wsgate) && !wsgate.is_file() {
+    if args.targets.iter().any(|t| t.is_wsgate()) && !wsgate.is_file() {
         eprintln!(
             "wsgate-bench run: {} not found; build it first:\n  \
              cargo build --release --locked --bin wsgate --bin wsgate-bench\n\
@@ -849,7 +849,7 @@ fn render(
         load_average()
     ));
     for (name, version) in &env.versions {
-        if !targets.iter().any(|t| t.name() == name) {
+        if !targets.iter().any(|t| t.name().starts_with(name.as_str())) {
             continue;
         }
         let extra = match (name.as_str(), &env.git) {
@@ -887,7 +887,8 @@ fn render(
         .collect();
     s.push_str(&format!("- load: {}\n", load.join(", ")));
     s.push_str(
-        "- proxies: wsgate with bench/wsgate.toml (pings off, admin off), nginx with \
+        "- proxies: wsgate with bench/wsgate.toml (pings off, admin off; `wsgate`: workers \
+         \"auto\", one thread per CPU; `wsgate 1 thread`: workers = 1), nginx with \
          bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread = CPUs)",
     );
     if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
@@ -898,7 +899,7 @@ fn render(
     }
     s.push('\n');
     s.push_str(
-        "- cells: median over rounds (min–max); ratios: wsgate's median ÷ the other's median \
+        "- cells: median over rounds (min–max); ratios: a wsgate configuration's median ÷ a baseline's median \
          (↑: higher is better, ↓: lower is better, ·: for information)\n\n",
     );
     s.push_str(&report::table(&metrics(a), targets, results));

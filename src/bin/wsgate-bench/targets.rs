@@ -18,16 +18,27 @@ const WSGATE_TEMPLATE: &str = include_str!("../../../bench/wsgate.toml");
 pub enum Target {
     /// No proxy: the load generator talks to the backend.
     Direct,
+    /// wsgate with its default configuration (`workers = "auto"`: one thread per CPU).
     Wsgate,
+    /// wsgate with `workers = 1`: everything on one thread, as a sidecar limited to one
+    /// CPU or less runs.
+    #[value(name = "wsgate-1")]
+    Wsgate1,
     Nginx,
     Haproxy,
 }
 
 impl Target {
+    /// One of wsgate's configurations, as opposed to the baselines.
+    pub fn is_wsgate(self) -> bool {
+        matches!(self, Target::Wsgate | Target::Wsgate1)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Wsgate => "wsgate",
+            Target::Wsgate1 => "wsgate 1 thread",
             Target::Nginx => "nginx",
             Target::Haproxy => "HAProxy",
         }
@@ -162,8 +173,10 @@ fn fill(
     backend: SocketAddr,
     dir: &Path,
     maxconn: u64,
+    workers: &str,
 ) -> String {
     template
+        .replace("{{WORKERS}}", workers)
         .replace("{{LISTEN}}", &listen.to_string())
         .replace("{{BACKEND}}", &backend.to_string())
         .replace("{{DIR}}", &dir.display().to_string())
@@ -181,11 +194,23 @@ pub fn start(
 ) -> Result<Option<Proxy>, String> {
     let listen = free_port();
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let workers = if target == Target::Wsgate1 {
+        "1"
+    } else {
+        "\"auto\""
+    };
     let write = |name: &str, template: &str| -> Result<PathBuf, String> {
         let path = dir.join(name);
         fs::write(
             &path,
-            fill(template, listen, backend, dir, tools.haproxy_maxconn),
+            fill(
+                template,
+                listen,
+                backend,
+                dir,
+                tools.haproxy_maxconn,
+                workers,
+            ),
         )
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(path)
@@ -193,7 +218,7 @@ pub fn start(
     let log = dir.join("output.log");
     let mut command = match target {
         Target::Direct => return Ok(None),
-        Target::Wsgate => {
+        Target::Wsgate | Target::Wsgate1 => {
             let config = write("wsgate.toml", WSGATE_TEMPLATE)?;
             let mut c = Command::new(&tools.wsgate);
             c.arg("--config").arg(config).env("NO_COLOR", "1");
