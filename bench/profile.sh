@@ -13,7 +13,8 @@
 # Needs `cargo build --release --locked --bin wsgate --bin wsgate-bench` first, and
 # perf, strace or valgrind (Debian: linux-perf, strace, valgrind). Output goes to stdout;
 # raw data stays in a temporary directory that is printed first. Environment:
-# CONNECTIONS (the load's connections), RUST_LOG (wsgate's log level, default warn).
+# CONNECTIONS (the load's connections), RUST_LOG (wsgate's log level, default warn),
+# WORKERS (wsgate's `workers`, default "auto").
 set -euo pipefail
 
 tool=${1:?TOOL: perf, strace or callgrind}
@@ -34,6 +35,7 @@ cat >"$tmp/wsgate.toml" <<EOF
 listen = "127.0.0.1:$listen_port"
 backend = "http://127.0.0.1:$backend_port"
 max_connections = 9950
+workers = ${WORKERS:-\"auto\"}
 [websocket]
 ping_interval = "0s"
 [admin]
