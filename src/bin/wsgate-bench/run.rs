@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// The wsgate binary (default: `wsgate` next to this program).
     #[arg(long)]
     wsgate: Option<PathBuf>,
+    /// Another wsgate binary to compare builds (e.g. one built from the previous
+    /// commit): measured as the target `wsgate-base`, added to the targets, with the
+    /// default configuration, interleaved with the rest like any baseline.
+    #[arg(long, value_name = "PATH")]
+    wsgate_base: Option<PathBuf>,
     /// Keep the temporary directory (configurations and proxy logs).
     #[arg(long)]
     keep_tmp: bool,
@@ -132,6 +137,19 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    match &args.wsgate_base {
+        Some(base) if !base.is_file() => {
+            eprintln!(
+                "wsgate-bench run: --wsgate-base {} not found",
+                base.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Some(_) if !args.targets.contains(&Target::WsgateBase) => {
+            args.targets.push(Target::WsgateBase);
+        }
+        _ => {}
+    }
     // A proxy holds two sockets per WebSocket, plus a few of its own.
     let fit = usize::try_from(nofile.saturating_sub(150) / 2).unwrap_or(usize::MAX);
     let mut problems = Vec::new();
@@ -148,6 +166,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
     }
     let tools = Tools {
         wsgate,
+        wsgate_base: args.wsgate_base.clone(),
         nginx: targets::find_program("nginx"),
         haproxy: targets::find_program("haproxy"),
         // HAProxy needs two descriptors per connection plus a few (maxconn 20000 asks
@@ -157,17 +176,19 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
     };
     let mut run_targets = Vec::new();
     for &t in &args.targets {
+        let install = "is not installed: skipped (install with `apt-get install -y nginx-light \
+                       haproxy` — or `nginx` where nginx-light does not exist — or run with \
+                       --install-anchors)";
         let missing = match t {
-            Target::Nginx => tools.nginx.is_none(),
-            Target::Haproxy => tools.haproxy.is_none(),
-            _ => false,
+            Target::Nginx if tools.nginx.is_none() => Some(install),
+            Target::Haproxy if tools.haproxy.is_none() => Some(install),
+            Target::WsgateBase if tools.wsgate_base.is_none() => {
+                Some("needs --wsgate-base PATH: skipped")
+            }
+            _ => None,
         };
-        if missing {
-            let msg = format!(
-                "{} is not installed: skipped (install with `apt-get install -y nginx-light haproxy` \
-                 — or `nginx` where nginx-light does not exist — or run with --install-anchors)",
-                t.name()
-            );
+        if let Some(why) = missing {
+            let msg = format!("{} {why}", t.name());
             eprintln!("wsgate-bench run: {msg}");
             problems.push(msg);
         } else if !run_targets.contains(&t) {
@@ -281,7 +302,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
         "{:03}-{}-{}",
         ctx.runs,
         m.name(),
-        t.name().to_lowercase()
+        t.name().to_lowercase().replace(' ', "-")
     ));
     let a = ctx.args;
     let ms = |d: Duration| format!("{}ms", d.as_millis());
@@ -891,6 +912,12 @@ fn render(
          \"auto\", one thread per CPU; `wsgate 1 thread`: workers = 1), nginx with \
          bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread = CPUs)",
     );
+    if targets.contains(&Target::WsgateBase) {
+        s.push_str(
+            "; `wsgate base build`: the --wsgate-base binary with the same configuration \
+             (workers \"auto\")",
+        );
+    }
     if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
         s.push_str(&format!(
             "; HAProxy maxconn {maxconn}, not 20000: it needs two descriptors per connection \

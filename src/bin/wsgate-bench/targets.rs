@@ -24,6 +24,11 @@ pub enum Target {
     /// CPU or less runs.
     #[value(name = "wsgate-1")]
     Wsgate1,
+    /// Another wsgate build (`--wsgate-base`, e.g. the previous commit's) with the
+    /// default configuration: a baseline, so the table gives each configuration's
+    /// ratio to it, measured in the same run.
+    #[value(name = "wsgate-base")]
+    WsgateBase,
     Nginx,
     Haproxy,
 }
@@ -39,6 +44,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Wsgate => "wsgate",
             Target::Wsgate1 => "wsgate 1 thread",
+            Target::WsgateBase => "wsgate base build",
             Target::Nginx => "nginx",
             Target::Haproxy => "HAProxy",
         }
@@ -49,6 +55,8 @@ impl Target {
 #[derive(Debug, Clone)]
 pub struct Tools {
     pub wsgate: PathBuf,
+    /// The baseline build of `--wsgate-base`.
+    pub wsgate_base: Option<PathBuf>,
     pub nginx: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
     /// HAProxy's maxconn, 20000 unless the open-file limit forbids it.
@@ -167,6 +175,15 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// What `{{WORKERS}}` becomes in wsgate's configuration for `target`.
+fn workers_line(target: Target) -> &'static str {
+    if target == Target::Wsgate1 {
+        "workers = 1"
+    } else {
+        "# workers: the default, \"auto\""
+    }
+}
+
 fn fill(
     template: &str,
     listen: SocketAddr,
@@ -194,11 +211,7 @@ pub fn start(
 ) -> Result<Option<Proxy>, String> {
     let listen = free_port();
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let workers = if target == Target::Wsgate1 {
-        "1"
-    } else {
-        "\"auto\""
-    };
+    let workers = workers_line(target);
     let write = |name: &str, template: &str| -> Result<PathBuf, String> {
         let path = dir.join(name);
         fs::write(
@@ -218,9 +231,16 @@ pub fn start(
     let log = dir.join("output.log");
     let mut command = match target {
         Target::Direct => return Ok(None),
-        Target::Wsgate | Target::Wsgate1 => {
+        Target::Wsgate | Target::Wsgate1 | Target::WsgateBase => {
             let config = write("wsgate.toml", WSGATE_TEMPLATE)?;
-            let mut c = Command::new(&tools.wsgate);
+            let binary = match target {
+                Target::WsgateBase => tools
+                    .wsgate_base
+                    .as_ref()
+                    .ok_or("no --wsgate-base binary given")?,
+                _ => &tools.wsgate,
+            };
+            let mut c = Command::new(binary);
             c.arg("--config").arg(config).env("NO_COLOR", "1");
             c
         }
@@ -283,6 +303,12 @@ pub fn versions(tools: &Tools) -> Vec<(String, String)> {
             .unwrap_or_else(|e| format!("unknown ({e})"))
     };
     let mut v = vec![("wsgate".to_string(), first_line(&tools.wsgate, "--version"))];
+    if let Some(base) = &tools.wsgate_base {
+        v.push((
+            "wsgate base build".to_string(),
+            format!("{} ({})", first_line(base, "--version"), base.display()),
+        ));
+    }
     if let Some(nginx) = &tools.nginx {
         v.push(("nginx".to_string(), first_line(nginx, "-v")));
     }
@@ -290,4 +316,36 @@ pub fn versions(tools: &Tools) -> Vec<(String, String)> {
         v.push(("HAProxy".to_string(), first_line(haproxy, "-v")));
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wsgate::config::{Config, Workers};
+
+    #[test]
+    fn each_wsgate_target_gets_a_valid_configuration_with_its_workers() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for (target, workers) in [
+            (Target::Wsgate, Workers::Auto),
+            (Target::Wsgate1, Workers::Count(1)),
+            (Target::WsgateBase, Workers::Auto),
+        ] {
+            let text = fill(
+                WSGATE_TEMPLATE,
+                addr,
+                addr,
+                Path::new("/tmp"),
+                1,
+                workers_line(target),
+            );
+            let config = Config::parse(&text).unwrap();
+            assert_eq!(config.workers, workers, "{target:?}");
+            assert_eq!(config.websocket.ping_interval, None);
+            // The base build may predate `workers`: its file must not name the key.
+            if target == Target::WsgateBase {
+                assert!(!text.lines().any(|l| l.starts_with("workers")), "{text}");
+            }
+        }
+    }
 }
