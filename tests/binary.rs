@@ -6,22 +6,8 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
-
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStderr, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
-
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wsgate-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use tokio::process::{Child, Command};
 
 #[tokio::test]
 async fn check_config_accepts_the_example() {
@@ -65,35 +51,6 @@ async fn a_bad_flag_value_is_a_config_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--backend"));
 }
 
-/// Starts the binary on port 0 with `config`; returns it and its proxy and admin
-/// addresses, read from its "wsgate started" log line.
-async fn spawn(config: &str) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
-    let path = temp_file("run.toml", config);
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = within(stderr.read_line(&mut line)).await.unwrap();
-        assert!(n > 0, "wsgate exited before starting");
-        if line.contains("wsgate started") {
-            break;
-        }
-    }
-    let field = |name: &str| -> SocketAddr {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        v[name].as_str().unwrap().parse().unwrap()
-    };
-    let (listen, admin) = (field("listen"), field("admin"));
-    (child, listen, admin, stderr)
-}
-
 #[tokio::test]
 async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
     let (backend_l, backend_addr) = listener().await;
@@ -102,7 +59,7 @@ async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
          [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"20s\"\n\
          [log]\nformat = \"json\"\n"
     );
-    let (mut child, addr, admin, _stderr) = spawn(&config).await;
+    let (mut child, addr, admin, _stderr) = spawn_wsgate(&config).await;
     let mut clients = Vec::new();
     let mut backends = Vec::new();
     for _ in 0..3 {
@@ -161,7 +118,7 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
          [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"60s\"\n\
          [websocket]\nclose_timeout = \"60s\"\n[log]\nformat = \"json\"\n"
     );
-    let (mut child, addr, _admin, _stderr) = spawn(&config).await;
+    let (mut child, addr, _admin, _stderr) = spawn_wsgate(&config).await;
     let ((mut c, _), (mut b, _)) =
         tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
     let pid = child.id().unwrap().to_string();
@@ -201,7 +158,7 @@ async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
             "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\nworkers = {workers}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
         );
-        let (child, addr, _admin, _stderr) = spawn(&config).await;
+        let (child, addr, _admin, _stderr) = spawn_wsgate(&config).await;
         // A WebSocket relayed end to end: the single thread does all the work.
         let ((mut c, _), (mut b, _)) =
             tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));

@@ -6,10 +6,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -53,6 +57,50 @@ pub fn test_config(backend: SocketAddr) -> Config {
     c.websocket.close_timeout = Duration::from_millis(500);
     c.shutdown.drain_timeout = Duration::from_secs(5);
     c
+}
+
+/// The `wsgate` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+/// Writes `text` to a new file (unique within this test process, whose tests run in
+/// parallel) and returns its path.
+pub fn temp_file(name: &str, text: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("wsgate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts the real binary with `config`, a TOML text that puts both listeners on port
+/// 0 and logs JSON; returns it (killed on drop), its proxy and admin addresses (read
+/// from its "wsgate started" line), and the rest of its log.
+pub async fn spawn_wsgate(config: &str) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
+    let path = temp_file("run.toml", config);
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = within(stderr.read_line(&mut line)).await.unwrap();
+        assert!(n > 0, "wsgate exited before starting");
+        if line.contains("wsgate started") {
+            break;
+        }
+    }
+    let field = |name: &str| -> SocketAddr {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v[name].as_str().unwrap().parse().unwrap()
+    };
+    let (listen, admin) = (field("listen"), field("admin"));
+    (child, listen, admin, stderr)
 }
 
 /// wsgate running in-process. Dropping it stops it.
