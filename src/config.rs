@@ -745,6 +745,7 @@ mod tests {
             "listen",
             "backend",
             "max_connections",
+            "workers",
             "connect_timeout",
             "header_read_timeout",
             "response_timeout",
@@ -811,6 +812,23 @@ mod tests {
             c.backend_tls.server_name.as_deref(),
             Some("backend.internal")
         );
+
+        // The README's configuration table names every key of the example.
+        let readme = include_str!("../README.md");
+        let table: Table = uncommented.parse().unwrap();
+        for (name, value) in &table {
+            let keys: Vec<String> = match value {
+                Value::Table(section) => section.keys().map(|k| format!("{name}.{k}")).collect(),
+                _ => vec![name.clone()],
+            };
+            for key in keys {
+                assert!(
+                    readme.contains(&format!("| `{key}`"))
+                        || readme.contains(&format!(", `{key}`")),
+                    "README.md's configuration table does not list {key}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -612,4 +612,22 @@ mod tests {
             assert!(text.contains("process_open_fds "), "{text}");
         }
     }
+
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        let text = Metrics::new(10).render();
+        let names: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(names.len() > 10, "{names:?}");
+        for name in names {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "README.md's metrics table does not list {name}"
+            );
+        }
+    }
 }
