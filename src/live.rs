@@ -70,17 +70,16 @@ impl LiveConn {
     /// The relay calls it at the end, the server's housekeeping every second meanwhile;
     /// `fetch_max` makes concurrent calls count every byte exactly once.
     pub fn add_to_metrics(&self, metrics: &RelayMetrics) {
+        let add = |total: &AtomicU64, counted: &AtomicU64, counter: &metrics::Counter| {
+            let now = total.load(Ordering::Relaxed);
+            let before = counted.fetch_max(now, Ordering::Relaxed);
+            if now > before {
+                counter.increment(now - before);
+            }
+        };
         for i in 0..2 {
-            let bytes = self.bytes[i].load(Ordering::Relaxed);
-            let before = self.counted_bytes[i].fetch_max(bytes, Ordering::Relaxed);
-            if bytes > before {
-                metrics.bytes[i].increment(bytes - before);
-            }
-            let frames = self.frames[i].load(Ordering::Relaxed);
-            let before = self.counted_frames[i].fetch_max(frames, Ordering::Relaxed);
-            if frames > before {
-                metrics.frames[i].increment(frames - before);
-            }
+            add(&self.bytes[i], &self.counted_bytes[i], &metrics.bytes[i]);
+            add(&self.frames[i], &self.counted_frames[i], &metrics.frames[i]);
         }
     }
 

@@ -54,12 +54,8 @@ async fn a_bad_flag_value_is_a_config_error() {
 #[tokio::test]
 async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
     let (backend_l, backend_addr) = listener().await;
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"20s\"\n\
-         [log]\nformat = \"json\"\n"
-    );
-    let (mut child, addr, admin, _stderr) = spawn_wsgate(&config).await;
+    let (mut child, addr, admin, _stderr) =
+        spawn_wsgate(backend_addr, "[shutdown]\ndrain_timeout = \"20s\"").await;
     let mut clients = Vec::new();
     let mut backends = Vec::new();
     for _ in 0..3 {
@@ -77,11 +73,7 @@ async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
     .await;
     assert_eq!(status(&head), 200);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = within(Command::new("kill").args(["-TERM", &pid]).status())
-        .await
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&child).await;
 
     for (c, b) in clients.iter_mut().zip(backends.iter_mut()) {
         let (cf, bf) = (c.recv().await, b.recv().await);
@@ -113,29 +105,20 @@ async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
 #[tokio::test]
 async fn a_second_sigterm_ends_the_drain_at_once() {
     let (backend_l, backend_addr) = listener().await;
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ndrain_timeout = \"60s\"\n\
-         [websocket]\nclose_timeout = \"60s\"\n[log]\nformat = \"json\"\n"
-    );
-    let (mut child, addr, _admin, _stderr) = spawn_wsgate(&config).await;
+    let (mut child, addr, _admin, _stderr) = spawn_wsgate(
+        backend_addr,
+        "[shutdown]\ndrain_timeout = \"60s\"\n[websocket]\nclose_timeout = \"60s\"",
+    )
+    .await;
     let ((mut c, _), (mut b, _)) =
         tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
-    let pid = child.id().unwrap().to_string();
-    let term = || async {
-        let sent = within(Command::new("kill").args(["-TERM", &pid]).status())
-            .await
-            .unwrap();
-        assert!(sent.success());
-    };
-
-    term().await;
+    sigterm(&child).await;
     let (cf, bf) = (c.recv().await, b.recv().await);
     assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
     // Neither side answers the Close: the drain would wait up to 60 s. A second SIGTERM
     // ends it now: both connections are dropped and the process exits with 0, well
     // within `within`'s 10 s.
-    term().await;
+    sigterm(&child).await;
     assert!(matches!(c.expect_end().await, End::Eof | End::Reset));
     assert!(matches!(b.expect_end().await, End::Eof | End::Reset));
     let exit = within(child.wait()).await.unwrap();
@@ -154,11 +137,8 @@ fn threads(child: &Child) -> usize {
 async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
     let (backend_l, backend_addr) = listener().await;
     for (workers, expected) in [(1, 1), (3, 4)] {
-        let config = format!(
-            "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\nworkers = {workers}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
-        );
-        let (child, addr, _admin, _stderr) = spawn_wsgate(&config).await;
+        let (child, addr, _admin, _stderr) =
+            spawn_wsgate(backend_addr, &format!("workers = {workers}")).await;
         // A WebSocket relayed end to end: the single thread does all the work.
         let ((mut c, _), (mut b, _)) =
             tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));

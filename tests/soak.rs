@@ -509,14 +509,13 @@ async fn soak_leaves_nothing_behind() {
     let (backend_l, backend_addr) = listener().await;
     let stats = Arc::new(BackendStats::default());
     let backend_task = tokio::spawn(backend(backend_l, stats.clone()));
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend_addr}\"\n\
-         [websocket]\nping_interval = \"200ms\"\npong_timeout = \"300ms\"\n\
+    let (mut wsgate, addr, admin, log) = spawn_wsgate(
+        backend_addr,
+        "[websocket]\nping_interval = \"200ms\"\npong_timeout = \"300ms\"\n\
          close_timeout = \"300ms\"\nwrite_timeout = \"500ms\"\n\
-         [shutdown]\ndrain_timeout = \"5s\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
-    );
-    let (mut wsgate, addr, admin, log) = spawn_wsgate(&config).await;
+         [shutdown]\ndrain_timeout = \"5s\"",
+    )
+    .await;
     let pid = wsgate.id().unwrap();
     let logged = count_log_lines(log);
 
@@ -670,14 +669,7 @@ async fn soak_leaves_nothing_behind() {
     .await;
     assert!(checked.is_ok(), "the soak took longer than {SOAK_LIMIT:?}");
     // Nothing open: SIGTERM ends wsgate at once, with status 0.
-    let killed = within(
-        tokio::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status(),
-    )
-    .await
-    .unwrap();
-    assert!(killed.success());
+    sigterm(&wsgate).await;
     let exit = within(wsgate.wait()).await.unwrap();
     assert!(exit.success(), "{exit:?}");
     backend_task.abort();

@@ -73,11 +73,19 @@ pub fn temp_file(name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Starts the real binary with `config`, a TOML text that puts both listeners on port
-/// 0 and logs JSON; returns it (killed on drop), its proxy and admin addresses (read
-/// from its "wsgate started" line), and the rest of its log.
-pub async fn spawn_wsgate(config: &str) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
-    let path = temp_file("run.toml", config);
+/// Starts the real binary in front of `backend`, with both listeners on port 0, JSON
+/// logs and `extra` (top-level keys first, then any sections) in its configuration
+/// file; returns it (killed on drop), its proxy and admin addresses (read from its
+/// "wsgate started" line), and the rest of its log.
+pub async fn spawn_wsgate(
+    backend: SocketAddr,
+    extra: &str,
+) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend}\"\n{extra}\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
+    );
+    let path = temp_file("run.toml", &config);
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(&path)
@@ -101,6 +109,15 @@ pub async fn spawn_wsgate(config: &str) -> (Child, SocketAddr, SocketAddr, BufRe
     };
     let (listen, admin) = (field("listen"), field("admin"));
     (child, listen, admin, stderr)
+}
+
+/// Sends SIGTERM to a child process (kill(1): the crate forbids unsafe code).
+pub async fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let sent = within(Command::new("kill").args(["-TERM", &pid]).status())
+        .await
+        .unwrap();
+    assert!(sent.success());
 }
 
 /// wsgate running in-process. Dropping it stops it.

@@ -144,14 +144,19 @@ mod tests {
         assert_eq!(num(0.5123), "0.512");
     }
 
+    /// One metric with ratios, keyed "k".
+    fn metric(label: &str, better: bool) -> [Metric; 1] {
+        [Metric {
+            key: "k",
+            label: label.to_string(),
+            better: Some(better),
+            ratios: true,
+        }]
+    }
+
     #[test]
     fn table_has_ratios_of_medians() {
-        let metrics = [Metric {
-            key: "k",
-            label: "rate".to_string(),
-            better: Some(true),
-            ratios: true,
-        }];
+        let metrics = metric("rate", true);
         let mut r = Results::default();
         for v in [10.0, 12.0, 11.0] {
             r.record("k", Target::Wsgate, v);
@@ -166,12 +171,7 @@ mod tests {
 
     #[test]
     fn each_wsgate_configuration_gets_ratios_to_each_baseline() {
-        let metrics = [Metric {
-            key: "k",
-            label: "cpu".to_string(),
-            better: Some(false),
-            ratios: true,
-        }];
+        let metrics = metric("cpu", false);
         let mut r = Results::default();
         r.record("k", Target::Wsgate, 12.0);
         r.record("k", Target::Wsgate1, 9.0);
