@@ -453,18 +453,29 @@ mod spare_buffers {
         SPARE.with_borrow(Vec::len)
     }
 
-    /// Keeps an empty buffer of the standard size for reuse; frees any other.
+    /// Keeps a buffer of the standard size for reuse, emptied; frees any other. Never
+    /// allocates: a buffer that cannot get its room back without a new allocation (a
+    /// small one, or one still shared) is simply freed.
     pub fn give(mut buf: BytesMut) {
         buf.clear();
-        // Reclaims the room before the read position (no allocation: the buffer is empty
-        // and owned by this pump alone).
-        buf.reserve(READ_SIZE);
-        if (READ_SIZE..2 * READ_SIZE).contains(&buf.capacity()) {
+        // Reclaims the room before the read position.
+        if buf.try_reclaim(READ_SIZE) && buf.capacity() < 2 * READ_SIZE {
             SPARE.with_borrow_mut(|spare| {
                 if spare.len() < KEEP {
                     spare.push(buf);
                 }
             });
+        }
+    }
+}
+
+impl Drop for Pump {
+    /// A pump that ends hands its buffer to the next one: without this, every WebSocket
+    /// would take two buffers out of the pool (its last reads, the Close and the FIN, keep
+    /// them) and free them here, a `malloc`/`free` pair of [`READ_SIZE`] per direction.
+    fn drop(&mut self) {
+        if self.buf.capacity() > 0 {
+            spare_buffers::give(std::mem::take(&mut self.buf));
         }
     }
 }
@@ -619,6 +630,37 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_ended_pump_returns_its_buffer_to_the_pool() {
+        let (mut src_peer, mut src) = duplex(1024);
+        let (mut dst, mut dst_peer) = duplex(1024);
+        let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+        let bound = std::time::Duration::from_secs(5);
+        src_peer
+            .write_all(&backend_frame(2, b"data"))
+            .await
+            .unwrap();
+        // FIN right behind the frame: the pump reads both and stops with its buffer.
+        drop(src_peer);
+        let ev = tokio::time::timeout(
+            bound,
+            poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(ev, PumpEvent::Eof { mid_frame: false }), "{ev:?}");
+        let mut out = [0u8; 6];
+        tokio::time::timeout(bound, dst_peer.read_exact(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(pump.buf.capacity() > 0, "the pump still holds its buffer");
+        assert_eq!(spare_buffers::kept(), 0);
+        drop(pump);
+        assert_eq!(spare_buffers::kept(), 1);
+        assert!(spare_buffers::take().capacity() >= READ_SIZE);
+    }
+
     #[test]
     fn spare_buffers_are_reused_and_bounded() {
         std::thread::spawn(|| {
@@ -633,8 +675,10 @@ mod tests {
 
             assert_eq!(spare_buffers::kept(), 0);
 
-            // A grown (bulk) buffer is freed, not kept.
+            // A grown (bulk) buffer is freed, not kept; so is one too small to hold a
+            // read (giving never allocates).
             spare_buffers::give(BytesMut::with_capacity(MAX_READ_SIZE));
+            spare_buffers::give(BytesMut::from(&b"handshake leftovers"[..]));
             assert_eq!(spare_buffers::kept(), 0);
 
             // At most a few are kept per thread.
