@@ -40,16 +40,44 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
-/// utime + stime of the processes, in clock ticks (all threads of each process).
-pub fn cpu_ticks(pids: &[u32]) -> u64 {
+/// CPU time of processes in clock ticks, split as the kernel accounts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// Time in user space (utime).
+    pub user: u64,
+    /// Time in the kernel on the processes' behalf (stime): system calls, and the
+    /// loopback TCP work they do inline.
+    pub system: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+
+    /// The ticks spent since `earlier`.
+    pub fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// utime and stime of the processes (all threads of each process).
+pub fn cpu_ticks(pids: &[u32]) -> CpuTicks {
     pids.iter()
         .filter_map(|&pid| {
             let f = stat_fields(pid)?;
-            let utime: u64 = f.get(11)?.parse().ok()?;
-            let stime: u64 = f.get(12)?.parse().ok()?;
-            Some(utime + stime)
+            Some(CpuTicks {
+                user: f.get(11)?.parse().ok()?,
+                system: f.get(12)?.parse().ok()?,
+            })
         })
-        .sum()
+        .fold(CpuTicks::default(), |a, b| CpuTicks {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
 }
 
 /// Sum of VmRSS of the processes, KiB.
@@ -92,4 +120,47 @@ pub fn listen_overflows() -> Option<u64> {
         return values.split_whitespace().nth(i)?.parse().ok();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_split_user_and_kernel() {
+        let before = CpuTicks {
+            user: 10,
+            system: 30,
+        };
+        let after = CpuTicks {
+            user: 14,
+            system: 45,
+        };
+        let spent = after.since(before);
+        assert_eq!(
+            spent,
+            CpuTicks {
+                user: 4,
+                system: 15
+            }
+        );
+        assert_eq!(spent.total(), 19);
+        // A process that exited between the samples cannot make time negative.
+        assert_eq!(before.since(after), CpuTicks::default());
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_in_both_parts() {
+        // Spin (bounded) until the kernel has charged at least one tick of each kind
+        // to this process: user time for the loop, system time for the /proc reads.
+        let me = std::process::id();
+        let began = std::time::Instant::now();
+        let mut ticks = cpu_ticks(&[me]);
+        while !(ticks.user > 0 && ticks.system > 0)
+            && began.elapsed() < std::time::Duration::from_secs(10)
+        {
+            ticks = cpu_ticks(&[me]);
+        }
+        assert!(ticks.user > 0 && ticks.system > 0, "{ticks:?}");
+    }
 }

@@ -359,8 +359,11 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
                 results.record(key("max"), t, l.max * scale);
             }
             if let (Some(ticks), Some(wall)) = (run.cpu_ticks, run.window_wall_s) {
-                let cpu_s = ticks as f64 / ctx.ticks_per_second;
-                results.record(key("cpu"), t, cpu_s * 1e6 / r.messages as f64);
+                let per_op_us =
+                    |ticks: u64| ticks as f64 / ctx.ticks_per_second * 1e6 / r.messages as f64;
+                let cpu_s = ticks.total() as f64 / ctx.ticks_per_second;
+                results.record(key("cpu"), t, per_op_us(ticks.total()));
+                results.record(key("cpu_kernel"), t, per_op_us(ticks.system));
                 results.record(key("cpu_pct"), t, cpu_s / wall * 100.0);
             }
             if m == Measurement::Churn {
@@ -463,24 +466,28 @@ fn metric_key(m: Measurement, suffix: &str) -> &'static str {
         (Measurement::Echo, "p99") => "echo.p99",
         (Measurement::Echo, "max") => "echo.max",
         (Measurement::Echo, "cpu") => "echo.cpu",
+        (Measurement::Echo, "cpu_kernel") => "echo.cpu_kernel",
         (Measurement::Echo, "cpu_pct") => "echo.cpu_pct",
         (Measurement::Bulk, "rate") => "bulk.rate",
         (Measurement::Bulk, "p50") => "bulk.p50",
         (Measurement::Bulk, "p99") => "bulk.p99",
         (Measurement::Bulk, "max") => "bulk.max",
         (Measurement::Bulk, "cpu") => "bulk.cpu",
+        (Measurement::Bulk, "cpu_kernel") => "bulk.cpu_kernel",
         (Measurement::Bulk, "cpu_pct") => "bulk.cpu_pct",
         (Measurement::Latency, "rate") => "latency.rate",
         (Measurement::Latency, "p50") => "latency.p50",
         (Measurement::Latency, "p99") => "latency.p99",
         (Measurement::Latency, "max") => "latency.max",
         (Measurement::Latency, "cpu") => "latency.cpu",
+        (Measurement::Latency, "cpu_kernel") => "latency.cpu_kernel",
         (Measurement::Latency, "cpu_pct") => "latency.cpu_pct",
         (Measurement::Churn, "rate") => "churn.rate",
         (Measurement::Churn, "p50") => "churn.p50",
         (Measurement::Churn, "p99") => "churn.p99",
         (Measurement::Churn, "max") => "churn.max",
         (Measurement::Churn, "cpu") => "churn.cpu",
+        (Measurement::Churn, "cpu_kernel") => "churn.cpu_kernel",
         (Measurement::Churn, "cpu_pct") => "churn.cpu_pct",
         _ => "other",
     }
@@ -523,6 +530,10 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
             "echo: proxy CPU per round trip (µs)".into(),
             false,
         ),
+        info(
+            "echo.cpu_kernel",
+            "echo: of that CPU, in the kernel (µs)".into(),
+        ),
         info("echo.cpu_pct", "echo: proxy CPU (% of one core)".into()),
         row(
             "bulk.rate",
@@ -556,6 +567,10 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         row("churn.p50", "churn: cycle p50 (ms)".into(), false),
         row("churn.p99", "churn: cycle p99 (ms)".into(), false),
         row("churn.cpu", "churn: proxy CPU per cycle (µs)".into(), false),
+        info(
+            "churn.cpu_kernel",
+            "churn: of that CPU, in the kernel (µs)".into(),
+        ),
         info("churn.cycles", "churn: cycles in the window".into()),
         absolute(
             "churn.rss_growth",
@@ -608,7 +623,7 @@ fn check_errors(results: &mut Results, m: Measurement, t: Target, r: &LoadResult
 struct LoadRun {
     result: LoadResult,
     /// Proxy CPU ticks between START and END.
-    cpu_ticks: Option<u64>,
+    cpu_ticks: Option<procfs::CpuTicks>,
     window_wall_s: Option<f64>,
     /// Proxy RSS once every idle connection was open.
     rss_open_kib: Option<u64>,
@@ -659,7 +674,7 @@ fn run_load(
         rss_window_kib: None,
     };
     let mut got_result = false;
-    let mut start: Option<(u64, u64, Instant)> = None;
+    let mut start: Option<(procfs::CpuTicks, u64, Instant)> = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
@@ -675,7 +690,7 @@ fn run_load(
                 if let Some((ticks, rss, at)) = start
                     && !pids.is_empty()
                 {
-                    run.cpu_ticks = Some(procfs::cpu_ticks(&pids).saturating_sub(ticks));
+                    run.cpu_ticks = Some(procfs::cpu_ticks(&pids).since(ticks));
                     run.window_wall_s = Some(at.elapsed().as_secs_f64());
                     run.rss_window_kib = Some((rss, procfs::rss_kib(&pids)));
                 }
