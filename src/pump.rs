@@ -460,7 +460,10 @@ mod spare_buffers {
         buf.clear();
         // Reclaims the room before the read position.
         if buf.try_reclaim(READ_SIZE) && buf.capacity() < 2 * READ_SIZE {
-            SPARE.with_borrow_mut(|spare| {
+            // `try_with`: a pump dropped while this thread's locals are being destroyed
+            // (a task freed as its thread exits) frees its buffer instead of panicking.
+            let _ = SPARE.try_with(|spare| {
+                let mut spare = spare.borrow_mut();
                 if spare.len() < KEEP {
                     spare.push(buf);
                 }
@@ -659,6 +662,25 @@ mod tests {
         drop(pump);
         assert_eq!(spare_buffers::kept(), 1);
         assert!(spare_buffers::take().capacity() >= READ_SIZE);
+    }
+
+    #[test]
+    fn a_pump_dropped_after_the_pool_is_gone_frees_its_buffer_quietly() {
+        thread_local! {
+            static HOLDER: std::cell::RefCell<Option<Pump>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            // Registered first, destroyed last (thread locals are destroyed in reverse
+            // order of first use here): the pool is gone when this pump drops.
+            HOLDER.with_borrow_mut(|h| *h = None);
+            spare_buffers::give(spare_buffers::take());
+            let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+            pump.buf = spare_buffers::take();
+            HOLDER.with_borrow_mut(|h| *h = Some(pump));
+        })
+        .join()
+        .expect("dropping a pump at thread exit must not panic");
     }
 
     #[test]
