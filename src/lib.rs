@@ -29,6 +29,7 @@
 pub mod admin;
 pub mod config;
 pub mod frame;
+pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod proxy;
@@ -41,14 +42,17 @@ pub mod shutdown;
 pub mod stream;
 pub mod tls;
 pub mod upgrade;
+pub mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::net::TcpListener;
 
 pub use config::Config;
+pub use listener::Listeners;
 
 /// Errors that stop wsgate from starting.
 #[derive(Debug, thiserror::Error)]
@@ -63,48 +67,19 @@ pub enum Error {
     /// A TLS certificate, key or CA bundle does not load: fix the file named.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// A bound listener could not be registered with the runtime (out of memory or
+    /// descriptors).
+    #[error("cannot watch the {what} socket: {source}")]
+    Register {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A worker thread could not start (no threads or memory left).
+    #[error("worker {index} failed to start: {why}")]
+    Worker { index: usize, why: String },
     /// The server task itself failed (a bug: it panicked).
     #[error("the server task failed: {0}")]
     Internal(String),
-}
-
-/// Pending connections the kernel may queue per listener.
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// The listening sockets, bound before serving so that tests can bind port 0 and read
-/// the address back.
-pub struct Listeners {
-    pub proxy: TcpListener,
-    pub admin: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds `listen` and `admin.listen` from the configuration.
-    pub async fn bind(config: &Config) -> Result<Listeners, Error> {
-        let bind = |what, addr: SocketAddr| async move {
-            let listen = || -> std::io::Result<TcpListener> {
-                let socket = if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                socket.set_reuseaddr(true)?;
-                socket.bind(addr)?;
-                // The default backlog (128) overflows when a few hundred clients
-                // reconnect at once (a pod restart), and each dropped SYN costs the
-                // client a 1 s retransmission. The kernel caps it at somaxconn.
-                socket.listen(LISTEN_BACKLOG)
-            };
-            listen().map_err(|source| Error::Bind { what, addr, source })
-        };
-        let proxy = bind("listen", config.listen).await?;
-        server::tune_listener(&proxy);
-        let admin = match config.admin.listen {
-            Some(addr) => Some(bind("admin.listen", addr).await?),
-            None => None,
-        };
-        Ok(Listeners { proxy, admin })
-    }
 }
 
 /// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.
@@ -125,17 +100,30 @@ pub async fn serve_until(
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let shared = Arc::new(server::Shared::new(config)?);
+    let mut proxy = listeners.proxy.into_iter();
+    let first = proxy
+        .next()
+        .ok_or_else(|| Error::Internal("no proxy listener".into()))?;
+    let shared = Arc::new(server::Shared::new(config, 1 + proxy.len())?);
+    let register =
+        |what, l| TcpListener::from_std(l).map_err(|source| Error::Register { what, source });
+    let first = register("listen", first)?;
+    let admin_listener = listeners
+        .admin
+        .map(|l| register("admin.listen", l))
+        .transpose()?;
+    // Worker 0 is this task's thread; the others get threads of their own.
+    let workers = worker::Workers::start(&shared, proxy.collect()).await?;
+    shared.ready.store(true, Ordering::SeqCst);
     // No helper task holds connections: all are stopped once the drain is over.
     let housekeeping = tokio::spawn(server::housekeeping(shared.clone()));
-    let admin = listeners
-        .admin
-        .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
+    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone())));
     let reload = shared.tls.as_ref().map(|tls| {
         let interval = shared.config.tls.as_ref().and_then(|t| t.reload_interval);
         tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
     });
-    server::serve(shared, listeners.proxy, shutdown, abort).await;
+    server::serve(shared, first, shutdown, abort).await;
+    workers.stop().await;
     for task in admin.into_iter().chain(reload).chain([housekeeping]) {
         task.abort();
     }
@@ -144,17 +132,15 @@ pub async fn serve_until(
 
 /// Binds the configured addresses and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
-    let listeners = Listeners::bind(&config).await?;
-    let bound = |l: &TcpListener| {
-        l.local_addr()
-            .map_or_else(|e| e.to_string(), |a| a.to_string())
-    };
+    let listeners = Listeners::bind(&config)?;
+    let shown =
+        |a: std::io::Result<SocketAddr>| a.map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(
-        listen = %bound(&listeners.proxy),
-        admin = %listeners.admin.as_ref().map_or_else(|| "off".to_string(), bound),
+        listen = %shown(listeners.local_addr()),
+        admin = %listeners.admin.as_ref().map_or_else(|| "off".to_string(), |l| shown(l.local_addr())),
         backend = %config.backend.authority,
         max_connections = config.max_connections,
-        workers = config.workers.count(),
+        workers = listeners.proxy.len(),
         "wsgate started"
     );
     // The second `signal()` starts listening only when the drain starts, so it is the

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RelayMetrics;
 use crate::pump::Counters;
+use crate::report::ConnectionInfo;
 use crate::session::{Outcome, Side};
 
 /// "Not measured yet" in the atomics below.
@@ -32,6 +33,8 @@ pub struct CloseRequest {
 pub struct LiveConn {
     pub id: u64,
     pub client: SocketAddr,
+    /// The worker thread relaying it (see `workers`).
+    pub worker: usize,
     /// Request path without the query string.
     pub path: Arc<str>,
     started: Instant,
@@ -135,6 +138,7 @@ impl LiveConn {
         ConnSnapshot {
             id: self.id,
             client: self.client.to_string(),
+            worker: self.worker,
             path: self.path.to_string(),
             age_seconds: age.as_secs_f64(),
             state: if outcome.is_some() { "closing" } else { "open" },
@@ -158,6 +162,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct ConnSnapshot {
     pub id: u64,
     pub client: String,
+    pub worker: usize,
     pub path: String,
     pub age_seconds: f64,
     /// `open`, or `closing` once the first end signal arrived.
@@ -214,17 +219,12 @@ impl Drop for Registration {
 impl LiveTable {
     /// `shutdown` is the server's shutdown token: the connection's close token is its
     /// child, so a relay waits on one token for both.
-    pub fn register(
-        &self,
-        id: u64,
-        client: SocketAddr,
-        path: Arc<str>,
-        shutdown: &CancellationToken,
-    ) -> Registration {
+    pub fn register(&self, info: &ConnectionInfo, shutdown: &CancellationToken) -> Registration {
         let conn = Arc::new(LiveConn {
-            id,
-            client,
-            path,
+            id: info.id,
+            client: info.client,
+            worker: info.worker,
+            path: info.path.clone(),
             started: Instant::now(),
             bytes: Default::default(),
             frames: Default::default(),
@@ -236,7 +236,7 @@ impl LiveTable {
             close_token: shutdown.child_token(),
             close_request: Mutex::new(None),
         });
-        lock(&self.conns).insert(id, conn.clone());
+        lock(&self.conns).insert(info.id, conn.clone());
         Registration {
             table: self.conns.clone(),
             conn,
@@ -286,16 +286,20 @@ impl LiveTable {
 mod tests {
     use super::*;
 
+    fn info(id: u64, path: &str) -> ConnectionInfo {
+        ConnectionInfo {
+            id,
+            client: "127.0.0.1:1".parse().unwrap(),
+            worker: 0,
+            path: path.into(),
+        }
+    }
+
     #[test]
     fn traffic_reaches_the_shared_counters_exactly_once() {
         let metrics = crate::metrics::Metrics::new(10);
         let table = LiveTable::default();
-        let reg = table.register(
-            1,
-            "127.0.0.1:1".parse().unwrap(),
-            "/ws".into(),
-            &CancellationToken::new(),
-        );
+        let reg = table.register(&info(1, "/ws"), &CancellationToken::new());
         let bytes = |text: &str| -> String {
             text.lines()
                 .find(|l| {
@@ -325,12 +329,7 @@ mod tests {
     #[test]
     fn registration_lists_and_removes_connections() {
         let table = LiveTable::default();
-        let reg = table.register(
-            7,
-            "127.0.0.1:1".parse().unwrap(),
-            "/ws".into(),
-            &CancellationToken::new(),
-        );
+        let reg = table.register(&info(7, "/ws"), &CancellationToken::new());
         reg.conn.update_counters(
             Side::Client,
             Counters {
@@ -352,12 +351,7 @@ mod tests {
     #[test]
     fn close_requests_are_checked() {
         let table = LiveTable::default();
-        let reg = table.register(
-            1,
-            "127.0.0.1:1".parse().unwrap(),
-            "/".into(),
-            &CancellationToken::new(),
-        );
+        let reg = table.register(&info(1, "/"), &CancellationToken::new());
         assert_eq!(
             table.close(2, 1000, String::new()),
             Err(CloseError::NotFound(2))

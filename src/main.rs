@@ -53,32 +53,19 @@ fn main() -> ExitCode {
     };
     init_logging(config.log.format);
     raise_fd_limit(config.max_connections);
-    let workers = config.workers.count();
-    // One worker runs everything on this thread. Beyond saving the thread, a process
-    // with a single thread is cheaper for the kernel: its file table is not shared, so
-    // every socket system call skips the file reference counting a threaded process pays.
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    let runtime = match builder.enable_all().build() {
+    // This thread is worker 0; `wsgate::run` starts the other workers (src/worker.rs),
+    // each on a current-thread runtime of its own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    // The server runs as a task on a worker thread, not on this thread: accepted
-    // connections are then spawned onto that worker's own queue, without waking another
-    // thread for every client. (With one worker this thread is the worker.)
-    let served = runtime.block_on(async {
-        tokio::spawn(wsgate::run(config))
-            .await
-            .unwrap_or_else(|e| Err(wsgate::Error::Internal(e.to_string())))
-    });
+    let served = runtime.block_on(wsgate::run(config));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -38,7 +38,7 @@ pub fn backend_client(config: &Config, tls: Option<&BackendTls>) -> BackendClien
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.http.connect_timeout));
     connector.set_nodelay(true);
-    connector.set_keepalive(Some(crate::server::TCP_KEEPALIVE_IDLE));
+    connector.set_keepalive(Some(crate::listener::TCP_KEEPALIVE_IDLE));
     // The TLS layer above handles `https://` URIs.
     connector.enforce_http(false);
     // Plain `http://` URIs never use the TLS configuration; it only has to exist.

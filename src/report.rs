@@ -13,6 +13,8 @@ pub struct ConnectionInfo {
     pub id: u64,
     /// The client's address as wsgate sees it.
     pub client: SocketAddr,
+    /// The worker thread that served it.
+    pub worker: usize,
     /// Request path without the query string (queries may carry tokens); shared with
     /// the connection's `/connections` entry.
     pub path: std::sync::Arc<str>,
@@ -26,6 +28,7 @@ pub fn connection_ended(metrics: &Metrics, info: &ConnectionInfo, r: &Report) {
         target: "wsgate::connection",
         id = info.id,
         client = %info.client,
+        worker = info.worker,
         path = %info.path,
         outcome = r.outcome.as_str(),
         duration_ms = ms(r.duration),

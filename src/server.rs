@@ -16,7 +16,6 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -31,17 +30,6 @@ use crate::stream::Stream;
 use crate::tls::{BackendTls, ServerTls, TlsError};
 use crate::upgrade;
 
-/// Idle time before the first TCP keepalive probe, on both legs. Keepalive finds a peer
-/// that vanished while the connection is idle at the TCP level.
-pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-/// Time between keepalive probes.
-const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Unanswered probes before the kernel drops the connection.
-const TCP_KEEPALIVE_RETRIES: u32 = 3;
-/// How long sent data may stay unacknowledged before the kernel drops the connection
-/// (TCP_USER_TIMEOUT). Without it a peer that vanished with data in flight is only
-/// noticed after ~15 minutes of retransmissions. Matches the keepalive budget above.
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Over-capacity connections answered with 503 at once; past this they are closed
 /// without an answer, so a flood cannot use more than this many extra descriptors.
 const MAX_REJECTING: usize = 64;
@@ -51,36 +39,13 @@ const FORCE_GRACE: Duration = Duration::from_secs(2);
 /// turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Sets the socket options both legs need: TCP_NODELAY (frames are latency-sensitive,
-/// and Nagle plus delayed ACK stalls a splice of compressed traffic), keepalive and
-/// TCP_USER_TIMEOUT. Failures leave the defaults, which still work.
-pub fn tune_socket(stream: &TcpStream) {
-    tune(SockRef::from(stream));
-}
-
-/// Sets the same options on a listening socket. Linux copies them to every accepted
-/// socket, which saves six system calls per client connection.
-pub fn tune_listener(listener: &TcpListener) {
-    tune(SockRef::from(listener));
-}
-
-fn tune(sock: SockRef<'_>) {
-    let _ = sock.set_tcp_nodelay(true);
-    let keepalive = TcpKeepalive::new()
-        .with_time(TCP_KEEPALIVE_IDLE)
-        .with_interval(TCP_KEEPALIVE_INTERVAL)
-        .with_retries(TCP_KEEPALIVE_RETRIES);
-    let _ = sock.set_tcp_keepalive(&keepalive);
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
-}
-
-/// State shared by every connection of one server.
+/// State shared by every connection of one server, on every worker.
 pub struct Shared {
     pub config: Config,
     pub relay_config: RelayConfig,
-    /// Pooled client for plain HTTP requests.
-    pub client: BackendClient,
+    /// Pooled clients for plain HTTP requests, one per worker: a worker's requests use
+    /// backend connections driven by its own thread.
+    clients: Vec<BackendClient>,
     /// TLS toward clients, when `[tls]` is configured.
     pub tls: Option<ServerTls>,
     /// TLS toward an `https://` backend.
@@ -101,8 +66,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Fails when a TLS certificate, key or CA file does not load.
-    pub fn new(config: Config) -> Result<Self, TlsError> {
+    /// For `workers` workers. Fails when a TLS certificate, key or CA file does not
+    /// load.
+    pub fn new(config: Config, workers: usize) -> Result<Self, TlsError> {
         let tls = config.tls.as_ref().map(ServerTls::new).transpose()?;
         let backend_tls = if config.backend.tls {
             Some(BackendTls::new(&config.backend_tls, &config.backend.host)?)
@@ -114,7 +80,9 @@ impl Shared {
                 timers: Arc::new(config.websocket.timers()),
                 max_frame_size: config.websocket.max_frame_size,
             },
-            client: proxy::backend_client(&config, backend_tls.as_ref()),
+            clients: (0..workers.max(1))
+                .map(|_| proxy::backend_client(&config, backend_tls.as_ref()))
+                .collect(),
             tls,
             backend_tls,
             tracker: TaskTracker::new(),
@@ -131,6 +99,11 @@ impl Shared {
             config,
         })
     }
+
+    /// The HTTP client of `worker`.
+    pub fn client(&self, worker: usize) -> &BackendClient {
+        &self.clients[worker % self.clients.len()]
+    }
 }
 
 /// One accepted client connection. It holds a `max_connections` slot until it drops,
@@ -139,6 +112,8 @@ pub struct Connection {
     /// Process-unique id, in log lines.
     pub id: u64,
     pub peer: SocketAddr,
+    /// The worker serving it (0 is the thread that started the server).
+    pub worker: usize,
     _slot: OwnedSemaphorePermit,
     /// `wsgate_connections_active`, decremented on drop.
     active: metrics::Gauge,
@@ -213,23 +188,35 @@ pub async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
-/// Accepts clients until `shutdown` completes, then drains (DESIGN §5): readiness off,
-/// no new connections, every WebSocket closed with 1001 on both sides, keep-alive HTTP
-/// connections closed after their current request, all of it bounded by
-/// `shutdown.drain_timeout`, after which what is left is aborted. `abort` completing
-/// during the drain (polled only from then on) aborts at once.
+/// Accepts clients on worker 0's listener until `shutdown` completes, then drains
+/// (DESIGN §5): readiness off, no new connections on any worker, every WebSocket closed
+/// with 1001 on both sides, keep-alive HTTP connections closed after their current
+/// request, all of it bounded by `shutdown.drain_timeout`, after which what is left is
+/// aborted. `abort` completing during the drain (polled only from then on) aborts at
+/// once.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) {
-    shared.ready.store(true, Ordering::SeqCst);
-    let mut shutdown = std::pin::pin!(shutdown);
+    accept(&shared, 0, listener, shutdown).await;
+    drain(&shared, abort).await;
+}
+
+/// One worker's accept loop: serves every client of `listener` on this thread's runtime
+/// until `stop` completes, then closes the listener.
+pub async fn accept(
+    shared: &Arc<Shared>,
+    worker: usize,
+    listener: TcpListener,
+    stop: impl Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -239,15 +226,16 @@ pub async fn serve(
                 }
             },
         };
-        // On Linux the socket inherited these from the listener (see `tune_listener`).
+        // On Linux the socket inherited these from the listener (see `listener::tune`).
         #[cfg(not(target_os = "linux"))]
-        tune_socket(&stream);
+        crate::listener::tune_socket(socket2::SockRef::from(&stream));
         match shared.slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 shared.metrics.connections_active.increment(1.0);
                 let conn = Arc::new(Connection {
                     id: shared.next_id.fetch_add(1, Ordering::Relaxed),
                     peer,
+                    worker,
                     _slot: slot,
                     active: shared.metrics.connections_active.clone(),
                     busy: AtomicUsize::new(0),
@@ -271,8 +259,6 @@ pub async fn serve(
             }
         }
     }
-    drop(listener);
-    drain(&shared, abort).await;
 }
 
 async fn drain(shared: &Shared, abort: impl Future<Output = ()>) {
@@ -493,7 +479,7 @@ async fn route(shared: Arc<Shared>, conn: Busy, req: Request<Incoming>) -> Respo
     }
     let started = std::time::Instant::now();
     let method = req.method().clone();
-    let resp = proxy::forward(&shared.client, &shared.config, conn.peer, req)
+    let resp = proxy::forward(shared.client(conn.worker), &shared.config, conn.peer, req)
         .await
         .unwrap_or_else(|e| e.response(e.message()));
     shared

@@ -161,6 +161,7 @@ async fn upgrade(
     let info = ConnectionInfo {
         id: conn.id,
         client: conn.peer,
+        worker: conn.worker,
         path: req.uri().path().into(),
     };
     // An HTTP/2 client sends no key (RFC 8441 §5): wsgate makes one for the backend.
@@ -377,12 +378,7 @@ impl RelayStart {
             info,
             negotiated,
         } = self;
-        let registration = shared.live.register(
-            info.id,
-            info.client,
-            info.path.clone(),
-            &shared.signals.shutdown,
-        );
+        let registration = shared.live.register(&info, &shared.signals.shutdown);
         let mut relay = Relay::new(
             Leg {
                 stream: client.stream,
@@ -432,7 +428,7 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
             // system calls per WebSocket; Nagle still has to go.
             let _ = tcp.set_nodelay(true);
         } else {
-            crate::server::tune_socket(&tcp);
+            crate::listener::tune_socket(socket2::SockRef::from(&tcp));
         }
         let Some(tls) = &shared.backend_tls else {
             return Ok(Stream::Plain(tcp));

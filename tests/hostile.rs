@@ -669,10 +669,13 @@ async fn connection_flood_past_max_connections_leaves_open_websockets_working() 
     );
     for (i, r) in refusals.iter().enumerate() {
         assert!(
-            *r == over_capacity || (*r == Refusal::Closed && i >= 5),
+            *r == over_capacity || *r == Refusal::Closed,
             "attempt {i}: {r:?}"
         );
     }
+    // Which attempts get the answers depends on when each worker accepts its share of
+    // them, but the first ones accepted all find a free answering slot.
+    assert!(answered >= 5, "only {answered} attempts were answered 503");
     assert!(
         answered < FLOOD,
         "200 silent attempts were all kept waiting for a 503: over-capacity connections are not bounded"

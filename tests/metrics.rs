@@ -269,14 +269,23 @@ async fn connections_table_shows_live_counters_and_forgets_ended_ones() {
     c.send(TEXT, &[b'x'; 100]).await;
     b.recv().await;
 
-    let (status, body) = http_get(gate.admin, "/connections").await;
-    assert_eq!(status, 200);
-    let table: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The relay publishes its counters right after writing the frame on; with two
+    // workers it may still be doing so on its own thread when the backend has read it.
+    // A masked 100-byte text frame: 2 + 4 + 100 bytes.
+    let mut body = String::new();
+    let mut table = serde_json::Value::Null;
+    eventually(async || {
+        let (status, text) = http_get(gate.admin, "/connections").await;
+        assert_eq!(status, 200);
+        table = serde_json::from_str(&text).unwrap();
+        body = text;
+        table[0]["client_to_backend"]["bytes"] == 106
+    })
+    .await;
     let conn = &table[0];
     assert_eq!(table.as_array().unwrap().len(), 1, "{body}");
     assert_eq!(conn["path"], "/ws");
     assert_eq!(conn["state"], "open");
-    // A masked 100-byte text frame: 2 + 4 + 100 bytes.
     assert_eq!(conn["client_to_backend"]["bytes"], 106, "{body}");
     assert_eq!(conn["client_to_backend"]["frames"], 1);
     assert!(

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use wsgate::Listeners;
-use wsgate::config::{Backend, Config};
+use wsgate::config::{Backend, Config, Workers};
 
 /// Upper bound on any single wait in a test: generous, because it only turns a hang into
 /// a failure; it never decides an outcome.
@@ -47,9 +47,11 @@ pub async fn eventually(mut check: impl AsyncFnMut() -> bool) {
 }
 
 /// Test configuration: loopback, port 0, admin on, wsgate's liveness pings off so raw
-/// peers see only what the test provokes.
+/// peers see only what the test provokes. Two workers whatever the machine's CPUs, so
+/// every test also crosses the multi-worker paths (a connection may land on either).
 pub fn test_config(backend: SocketAddr) -> Config {
     let mut c = Config::default();
+    c.workers = Workers::Count(2);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
     c.backend = Backend::parse(&format!("http://{backend}")).unwrap();
@@ -129,8 +131,8 @@ pub struct Gate {
 }
 
 pub async fn start_gate(config: Config) -> Gate {
-    let listeners = Listeners::bind(&config).await.unwrap();
-    let addr = listeners.proxy.local_addr().unwrap();
+    let listeners = Listeners::bind(&config).unwrap();
+    let addr = listeners.local_addr().unwrap();
     let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
