@@ -52,6 +52,9 @@ pub enum PumpEvent {
     },
     /// A frame queued with [`Pump::inject`] was written entirely.
     Injected(Injected),
+    /// After [`Pump::request_shutdown`]: everything queued was written and the
+    /// destination's write side is shut.
+    WriteShut,
     /// The source sent FIN. `mid_frame`: part of a frame was already passed on.
     Eof { mid_frame: bool },
     /// Reading from the source failed (typically a reset).
@@ -274,6 +277,7 @@ impl Pump {
                     // that from the read side.
                     let _ = ready!(Pin::new(&mut *dst).poll_shutdown(cx));
                     self.shutdown = Shutdown::Done;
+                    return Poll::Ready(PumpEvent::WriteShut);
                 }
             }
 

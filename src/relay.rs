@@ -364,6 +364,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                 self.session.on_ping_sent(to, now_std);
             }
             PumpEvent::Injected(Injected::Close) => {}
+            PumpEvent::WriteShut => self.session.on_write_shut(from.other(), now_std),
             PumpEvent::Eof { mid_frame } => {
                 tracing::debug!(side = from.as_str(), mid_frame, "peer sent FIN");
                 self.session.on_gone(from, mid_frame, false, now_std);

@@ -179,7 +179,8 @@ pub enum Action {
     /// Write a liveness Ping toward `to` at the next frame boundary, then report
     /// [`Session::on_ping_sent`].
     SendPing { to: Side },
-    /// Once everything queued toward `side` is written, send FIN.
+    /// Once everything queued toward `side` is written, shut its write side (TLS
+    /// close_notify, then FIN) and report [`Session::on_write_shut`].
     ShutdownWrite(Side),
     /// Close the socket of `side` now (its FIN was read, or it is gone).
     Release(Side),
@@ -200,7 +201,9 @@ pub enum Verdict {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tcp {
     Open,
-    /// Done talking; waiting since then for the peer's FIN before closing.
+    /// Done talking since then. The client: waiting for what is queued toward it to be
+    /// written and its write side shut. The backend: waiting for its FIN. Bounded by
+    /// `close_timeout`.
     Draining(Instant),
     Closed,
 }
@@ -380,6 +383,19 @@ impl Session {
         };
         self.advance(now);
         verdict
+    }
+
+    /// Everything queued toward `side` was written and its write side shut.
+    pub fn on_write_shut(&mut self, side: Side, now: Instant) {
+        let p = self.peer(side);
+        if matches!(p.tcp, Tcp::Draining(_)) {
+            // The server closes the TCP connection immediately after the closing
+            // handshake (RFC 6455 §7.1.1): wsgate does not wait for the client's FIN.
+            // Nothing it could still send matters: its Close came before.
+            p.tcp = Tcp::Closed;
+            self.actions.push(Action::Release(side));
+        }
+        self.advance(now);
     }
 
     /// `side` ended its stream: FIN (`dead == false`) or a read/write error (`dead`).
@@ -626,8 +642,9 @@ impl Session {
                     } else {
                         p.tcp = Tcp::Draining(now);
                         // wsgate is the server toward the client, so it closes first
-                        // (RFC 6455 §7.1.1); the backend is expected to close first, which
-                        // also leaves TIME_WAIT on the backend, not on wsgate's ports.
+                        // (RFC 6455 §7.1.1), once its last bytes are out; the backend is
+                        // expected to close first, which also leaves TIME_WAIT on the
+                        // backend, not on wsgate's ports.
                         if side == Side::Client {
                             self.actions.push(Action::ShutdownWrite(side));
                         }
@@ -709,7 +726,8 @@ mod tests {
         assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
         h.s.on_gone(Backend, false, false, h.at(3));
         assert_eq!(h.actions(), vec![Release(Backend)]);
-        h.s.on_gone(Client, false, false, h.at(4));
+        // Once the reply and the FIN are out, the client's socket closes at once.
+        h.s.on_write_shut(Client, h.at(4));
         assert_eq!(h.actions(), vec![Release(Client)]);
         assert!(h.s.is_finished());
         assert_eq!(h.s.outcome(), Some(Outcome::ClientClose));
@@ -731,9 +749,31 @@ mod tests {
             Verdict::Forward
         );
         assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        // A client FIN that arrives before the shutdown completed also releases it.
         h.s.on_gone(Client, false, false, h.at(3));
         h.s.on_gone(Backend, false, false, h.at(3));
         assert_eq!(h.actions(), vec![Release(Client), Release(Backend)]);
+        h.s.on_write_shut(Client, h.at(4));
+        assert_eq!(h.actions(), vec![]);
+        assert_eq!(h.s.outcome(), Some(Outcome::BackendClose));
+    }
+
+    #[test]
+    fn the_client_is_released_once_its_write_side_is_shut_not_on_its_fin() {
+        let mut h = Harness::new(timers());
+        h.s.on_close_frame(Backend, Some(1000), h.at(1));
+        // A shutdown reported before the handshake is over changes nothing.
+        h.s.on_write_shut(Client, h.at(1));
+        assert_eq!(h.actions(), vec![]);
+        h.s.on_close_frame(Client, Some(1000), h.at(2));
+        assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
+        h.s.on_write_shut(Client, h.at(3));
+        assert_eq!(h.actions(), vec![Release(Client)]);
+        // The backend is the server: wsgate waits for its FIN, at most close_timeout.
+        assert!(!h.s.is_finished());
+        assert_eq!(h.s.next_deadline(), Some(h.at(5_002)));
+        assert_eq!(h.tick(5_002), vec![Abort(Backend)]);
+        assert!(h.s.is_finished());
         assert_eq!(h.s.outcome(), Some(Outcome::BackendClose));
     }
 

@@ -132,10 +132,9 @@ fn run(
         };
         let _ = started.send(Ok(()));
         tracing::debug!(worker = index, "worker accepting");
-        let draining = shared.signals.shutdown.cancelled();
-        tokio::select! {
-            () = server::accept(&shared, index, listener, draining) => stop.cancelled().await,
-            () = stop.cancelled() => {}
-        }
+        shared
+            .tracker
+            .spawn(server::accept(shared.clone(), index, listener));
+        stop.cancelled().await;
     });
 }

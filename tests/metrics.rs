@@ -315,10 +315,15 @@ async fn operator_close_needs_opt_in_then_closes_both_sides() {
     })
     .await;
     let (mut c, mut b) = pair(&gate, &backend_l).await;
-    let (_, table) = http_get(gate.admin, "/connections").await;
-    let id = serde_json::from_str::<serde_json::Value>(&table).unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
+    // The relay registers on its worker's thread as the handshake completes.
+    let mut id = None;
+    eventually(async || {
+        let (_, table) = http_get(gate.admin, "/connections").await;
+        id = serde_json::from_str::<serde_json::Value>(&table).unwrap()[0]["id"].as_u64();
+        id.is_some()
+    })
+    .await;
+    let id = id.unwrap();
 
     let (status, _) = http_request(gate.admin, "POST", "/connections/999/close", body).await;
     assert_eq!(status, 404);
