@@ -29,6 +29,7 @@
 pub mod admin;
 pub mod config;
 pub mod frame;
+pub mod handshake;
 pub mod listener;
 pub mod live;
 pub mod metrics;

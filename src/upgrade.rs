@@ -15,13 +15,13 @@ use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::handshake;
 use crate::metrics::UpgradeResult;
 use crate::proxy::{self, Body, ProxyError};
 use crate::relay::{Leg, Negotiated, Relay, Transport};
@@ -171,72 +171,40 @@ async fn upgrade(
     };
     let expected_accept = derive_accept_key(key.as_bytes());
 
-    let backend = connect_backend(&shared).await?;
-    let (mut sender, handshake) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(backend))
-        .await
-        .map_err(|e| {
-            tracing::debug!(error = %e, "backend handshake setup failed");
-            ProxyError::BackendFailed
-        })?;
-    // The backend connection is driven from this future until it upgrades: no task of
-    // its own, so no extra spawn and no task-to-task hand-off per WebSocket.
-    let mut backend_conn = BackendConn::new(handshake.with_upgrades());
-
-    let backend_req = backend_request(&mut req, conn.peer, shared.config.tls.is_some(), key);
-    let sent = backend_conn.drive(sender.send_request(backend_req));
-    let mut resp = match shared.config.http.response_timeout {
-        Some(limit) => tokio::time::timeout(limit, sent)
+    let mut backend = connect_backend(&shared).await?;
+    let headers = backend_headers(&mut req, conn.peer, shared.config.tls.is_some(), key);
+    let request = handshake::encode_request(req.uri(), &headers);
+    drop(headers);
+    let exchanged = handshake::exchange(&mut backend, &request, shared.config.http.max_header_size);
+    let mut head = match shared.config.http.response_timeout {
+        Some(limit) => tokio::time::timeout(limit, exchanged)
             .await
             .map_err(|_| ProxyError::BackendTimeout)?,
-        None => sent.await,
+        None => exchanged.await,
     }
     .map_err(|e| {
         tracing::debug!(error = %e, "backend upgrade request failed");
         ProxyError::BackendFailed
     })?;
 
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The backend refused (401, 403, 404...): the client sees exactly that. Its body
-        // still has to be read from the backend connection, which now gets a task.
-        tracing::debug!(status = %resp.status(), "backend refused the upgrade");
-        let force = shared.signals.force.clone();
-        shared.tracker.spawn(async move {
-            tokio::select! {
-                () = backend_conn.finish() => {}
-                () = force.cancelled() => {}
-            }
-        });
-        let (mut parts, body) = resp.into_parts();
-        proxy::remove_hop_by_hop(&mut parts.headers);
-        return Ok(Response::from_parts(
-            parts,
-            http_body_util::BodyExt::boxed(body),
-        ));
+    if head.status != StatusCode::SWITCHING_PROTOCOLS {
+        return refused(&shared, backend, head, req.uri()).await;
     }
-    let accept = resp.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    let accept = head.headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(HeaderValue::as_bytes) != Some(expected_accept.as_bytes()) {
         tracing::warn!("backend answered the upgrade with a wrong Sec-WebSocket-Accept");
         return Err(ProxyError::BackendBadHandshake);
     }
     let negotiated = Negotiated::from_extensions(
-        resp.headers()
+        head.headers
             .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    let mut headers = resp.headers().clone();
-    let backend_upgraded = backend_conn.drive(hyper::upgrade::on(&mut resp)).await;
-    let backend_upgraded = backend_upgraded.map_err(|e| {
-        tracing::debug!(error = %e, "backend upgrade failed");
-        ProxyError::BackendFailed
-    })?;
-    let backend = backend_upgraded
-        .downcast::<TokioIo<Stream>>()
-        .map_err(|_| ProxyError::BackendFailed)?;
+    let mut headers = std::mem::take(&mut head.headers);
     let backend = Owned {
-        stream: backend.io.into_inner(),
-        buffered: backend.read_buf,
+        stream: backend,
+        buffered: head.into_rest(),
     };
 
     let relay = RelayStart {
@@ -296,9 +264,54 @@ async fn upgrade(
     Ok(client_resp)
 }
 
-/// hyper's client connection to the backend during the upgrade handshake: it must be
-/// polled for the request to go out, the response to come in and the upgrade to
-/// complete.
+/// The backend refused the upgrade (401, 403, 404...): the client gets exactly that
+/// answer, body included. hyper's client reads it (every body framing) from what was
+/// read so far and the rest of the stream, in a task of its own once the head is in.
+async fn refused(
+    shared: &Arc<Shared>,
+    backend: Stream,
+    head: handshake::ResponseHead,
+    target: &hyper::Uri,
+) -> Result<Response<Body>, ProxyError> {
+    tracing::debug!(status = %head.status, "backend refused the upgrade");
+    let failed = |e: hyper::Error| {
+        tracing::debug!(error = %e, "reading the backend's refusal failed");
+        ProxyError::BackendFailed
+    };
+    let replay = handshake::Replay::new(head.into_read(), backend);
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(replay))
+        .await
+        .map_err(failed)?;
+    let mut backend_conn = BackendConn::new(connection);
+    // Only the method and target matter: the request went out already, and the
+    // method decides how hyper reads the body of the answer.
+    let mut request = Request::new(http_body_util::Empty::new());
+    *request.uri_mut() = target.path_and_query().map_or_else(
+        || hyper::Uri::from_static("/"),
+        |p| hyper::Uri::from(p.clone()),
+    );
+    let resp = backend_conn
+        .drive(sender.send_request(request))
+        .await
+        .map_err(failed)?;
+    let force = shared.signals.force.clone();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            () = backend_conn.finish() => {}
+            () = force.cancelled() => {}
+        }
+    });
+    let (mut parts, body) = resp.into_parts();
+    proxy::remove_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::BodyExt::boxed(body),
+    ))
+}
+
+/// hyper's client connection reading a refused upgrade's answer: it must be polled for
+/// the response head to be parsed and, from a task, for the body to reach the client.
 struct BackendConn<C> {
     /// `None` once the connection future completed (upgraded, or closed).
     conn: Option<Pin<Box<C>>>,
@@ -454,18 +467,17 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
     }
 }
 
-/// The upgrade request as the backend gets it: every end-to-end header of the client's
-/// (cookies, authorization, origin, `Sec-WebSocket-*`), `Host` unchanged (or taken from
-/// `:authority` for an HTTP/2 client), the `X-Forwarded-*` headers, and the HTTP/1.1
-/// upgrade headers with `key`.
-/// The handshake request for the backend. Takes the client request's headers (the
-/// client request itself is not used after this) rather than copying them.
-fn backend_request(
+/// The headers of the upgrade request as the backend gets it: every end-to-end header
+/// of the client's (cookies, authorization, origin, `Sec-WebSocket-*`), `Host`
+/// unchanged (or taken from `:authority` for an HTTP/2 client), the `X-Forwarded-*`
+/// headers, and the HTTP/1.1 upgrade headers with `key`. Takes the client request's
+/// headers (the request is not forwarded itself) rather than copying them.
+fn backend_headers(
     req: &mut Request<Incoming>,
     peer: SocketAddr,
     client_tls: bool,
     key: HeaderValue,
-) -> Request<http_body_util::Empty<bytes::Bytes>> {
+) -> HeaderMap {
     let mut headers = std::mem::take(req.headers_mut());
     if !headers.contains_key(header::HOST)
         && let Some(host) = req
@@ -479,18 +491,7 @@ fn backend_request(
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::SEC_WEBSOCKET_KEY, key);
-    let mut uri = hyper::http::uri::Parts::default();
-    uri.path_and_query = Some(
-        req.uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    let mut out = Request::new(http_body_util::Empty::new());
-    *out.method_mut() = Method::GET;
-    *out.uri_mut() = hyper::Uri::from_parts(uri).unwrap_or_else(|_| hyper::Uri::from_static("/"));
-    *out.headers_mut() = headers;
-    out
+    headers
 }
 
 #[cfg(test)]

@@ -491,6 +491,77 @@ async fn refused_upgrade_reaches_the_client_unchanged() {
 }
 
 #[tokio::test]
+async fn refusals_with_chunked_or_close_delimited_bodies_reach_the_client_whole() {
+    let (backend_l, backend_addr) = listener().await;
+    let gate = start_gate(test_config(backend_addr)).await;
+    let request = upgrade_request("/ws", "Connection: close\r\n");
+
+    // Chunked, arriving in pieces: part of the body in the same write as the head.
+    let backend = async {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        read_head(&mut s).await;
+        for part in [
+            &b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nx-reason: expired\r\n\r\n6\r\nlog in"[..],
+            b"\r\n7\r\n again\n\r\n",
+            b"0\r\n\r\n",
+        ] {
+            within(s.write_all(part)).await.unwrap();
+            within(s.flush()).await.unwrap();
+        }
+        s
+    };
+    let ((head, raw), _s) = tokio::join!(http_raw(gate.addr, &request), backend);
+    assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
+    assert_eq!(header(&head, "x-reason"), Some("expired"), "{head}");
+    let body = if header(&head, "transfer-encoding").is_some() {
+        dechunk(&raw)
+    } else {
+        raw
+    };
+    assert_eq!(body, b"log in again\n");
+
+    // No length at all: the body ends when the backend closes.
+    let backend = async {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        read_head(&mut s).await;
+        within(s.write_all(b"HTTP/1.1 404 Not Found\r\n\r\nno such room"))
+            .await
+            .unwrap();
+    };
+    let ((head, raw), ()) = tokio::join!(http_raw(gate.addr, &request), backend);
+    assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+    let body = if header(&head, "transfer-encoding").is_some() {
+        dechunk(&raw)
+    } else {
+        raw
+    };
+    assert_eq!(body, b"no such room");
+}
+
+#[tokio::test]
+async fn a_response_head_over_max_header_size_is_a_502() {
+    let (backend_l, backend_addr) = listener().await;
+    let mut config = test_config(backend_addr);
+    config.http.max_header_size = 4096;
+    let gate = start_gate(config).await;
+    let backend = async {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        read_head(&mut s).await;
+        let huge = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nx-padding: {}\r\n",
+            "a".repeat(8192)
+        );
+        // wsgate may close while this is still being written.
+        let _ = within(s.write_all(huge.as_bytes())).await;
+        s
+    };
+    let request = upgrade_request("/ws", "Connection: close\r\n");
+    let ((head, _), _s) = tokio::join!(http_raw(gate.addr, &request), backend);
+    assert_eq!(status(&head), 502, "{head}");
+    assert!(is_gate_error(&head, "backend_failed"), "{head}");
+}
+
+#[tokio::test]
 async fn upgrade_request_reaches_the_backend_with_its_headers() {
     let (backend_l, backend_addr) = listener().await;
     let gate = start_gate(test_config(backend_addr)).await;
