@@ -26,7 +26,8 @@ pub struct Config {
     /// 503. Each WebSocket also holds a backend socket, so the file descriptors used are
     /// about twice this. Default 10000.
     pub max_connections: usize,
-    /// Runtime threads. Default [`Workers::Auto`].
+    /// Worker threads, each with its own listening socket and runtime (see
+    /// [`crate::worker`]). Default [`Workers::Auto`].
     pub workers: Workers,
     pub http: HttpConfig,
     pub websocket: WebSocketConfig,
@@ -38,7 +39,7 @@ pub struct Config {
     pub backend_tls: BackendTlsConfig,
 }
 
-/// How many threads serve connections.
+/// How many worker threads serve connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workers {
     /// One per CPU the process may use: its CPU affinity and its cgroup CPU quota (a
@@ -113,7 +114,8 @@ pub struct WebSocketConfig {
     pub ping_interval: Option<Duration>,
     /// A pinged side must send something back within this. Default 10s.
     pub pong_timeout: Duration,
-    /// How long to wait for a Close reply, and then for the peer to close TCP. Default 5s.
+    /// How long to wait for a Close reply, and then for the backend to close TCP (or for
+    /// the last bytes to reach a client). Default 5s.
     pub close_timeout: Duration,
     /// No data frame either way for this long ends the connection; `None` ("0s", the
     /// default) disables it.

@@ -3,15 +3,18 @@
 //!
 //! # The life of a connection
 //!
-//! 1. [`server`] accepts a client TCP connection (bounded by `max_connections`), tunes
-//!    the socket (TCP_NODELAY, keepalive, TCP_USER_TIMEOUT), terminates TLS if
-//!    configured ([`tls`], [`stream`]) and serves HTTP/1.1 or HTTP/2 on it.
-//! 2. A plain request goes to [`proxy`], which forwards it to the backend through a
-//!    keep-alive pool and streams the response back.
+//! 1. One of the [`worker`] threads accepts a client TCP connection on its own socket of
+//!    the proxy port ([`listener`]: `SO_REUSEPORT`, TCP_NODELAY, keepalive,
+//!    TCP_USER_TIMEOUT) and keeps everything about it on its thread from then on.
+//!    [`server`] bounds it by `max_connections`, terminates TLS if configured ([`tls`],
+//!    [`stream`]) and serves HTTP/1.1 or HTTP/2 on it.
+//! 2. A plain request goes to [`proxy`], which forwards it to the backend through the
+//!    worker's keep-alive pool and streams the response back.
 //! 3. A WebSocket handshake (an HTTP/1.1 upgrade or an HTTP/2 extended CONNECT) goes to
 //!    [`upgrade`], which validates it, opens a dedicated backend connection, repeats the
-//!    handshake there as HTTP/1.1 and answers the client with the backend's own
-//!    response. On success both streams go to a relay.
+//!    handshake there as HTTP/1.1 ([`handshake`]: one write, the answer parsed as it
+//!    arrives) and answers the client with the backend's own response. On success both
+//!    streams go to a relay.
 //! 4. [`relay`] runs two [`pump`]s, one per direction, in one task. Each pump forwards
 //!    bytes unchanged while [`frame`] tracks frame boundaries, so wsgate can read Close
 //!    codes, answer nothing on anyone's behalf, and insert its own Close or Ping frames
@@ -24,7 +27,8 @@
 //!
 //! [`admin`] serves `/metrics`, `/livez`, `/readyz` and the [`live`] connection table;
 //! [`shutdown`] turns SIGTERM/SIGINT into the drain of [`server::serve`] and SIGHUP into
-//! a certificate reload; [`config`] reads the TOML file.
+//! a certificate reload; [`config`] reads the TOML file. These, and the drain, run on
+//! worker 0: the thread that called [`serve`].
 
 pub mod admin;
 pub mod config;
