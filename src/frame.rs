@@ -213,6 +213,18 @@ impl Scanner {
         self.remaining == 0
     }
 
+    /// Payload bytes of the current data frame not seen yet.
+    pub fn payload_remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// `n` bytes of the current data frame's payload passed without being seen (they
+    /// were spliced); `n` is at most [`Scanner::payload_remaining`].
+    pub fn skip_payload(&mut self, n: u64) {
+        debug_assert!(n <= self.remaining, "skipping past the frame");
+        self.remaining -= n.min(self.remaining);
+    }
+
     /// Classifies the start of `buf`. Data bytes are consumed by the scanner when it
     /// returns [`Step::Data`]; a [`Step::Control`] frame is consumed by the same call.
     pub fn step(&mut self, buf: &[u8]) -> Result<Step, FrameError> {

@@ -44,6 +44,7 @@ pub mod report;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod splice;
 pub mod stream;
 pub mod tls;
 pub mod upgrade;

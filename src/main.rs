@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log.format);
-    raise_fd_limit(config.max_connections);
+    raise_fd_limit(config.max_connections, config.workers.count());
     // This thread is worker 0; `wsgate::run` starts the other workers (src/worker.rs),
     // each on a current-thread runtime of its own.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -106,11 +106,13 @@ fn init_logging(format: LogFormat) {
 
 /// Raises the soft open-file limit to the hard limit: each WebSocket holds two sockets,
 /// and the default soft limit (often 1024) would cap wsgate at a few hundred.
-fn raise_fd_limit(max_connections: usize) {
+fn raise_fd_limit(max_connections: usize, workers: usize) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => {
-            // Two sockets per relayed connection, plus listeners, pool and headroom.
-            let capacity = limit.saturating_sub(64) / 2;
+            // Two sockets per relayed connection, plus listeners, pool and headroom, and
+            // each worker's splice pipes.
+            let reserved = 64 + workers * wsgate::splice::MAX_DESCRIPTORS;
+            let capacity = limit.saturating_sub(reserved as u64) / 2;
             tracing::info!(
                 open_files = limit,
                 websocket_capacity = capacity,

@@ -16,10 +16,12 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::AsyncWrite;
 
 use crate::frame::{ControlPayload, FrameError, Header, Scanner, Step};
+use crate::relay::Transport;
+use crate::splice::{self, Pipe};
 
 /// Bytes read from a socket at once at first. The buffer exists only while bytes are in
 /// flight: an idle connection holds none.
@@ -29,6 +31,10 @@ pub const READ_SIZE: usize = 16 * 1024;
 /// next one, so bulk transfers move in few large system calls while chatty connections
 /// keep small buffers. Memory per direction stays bounded by this.
 pub const MAX_READ_SIZE: usize = 256 * 1024;
+
+/// The read size after a splice: enough for the next frame's header and some small
+/// frames; the copy of a large frame's first bytes is what a splice cannot save.
+const READ_AFTER_SPLICE: usize = 4 * 1024;
 
 /// Reads per poll before the pump yields, so one busy direction cannot starve the other
 /// direction or the timers of its connection.
@@ -93,6 +99,9 @@ pub struct Pump {
     ready: usize,
     /// Length of the control frame at the start of `buf` awaiting the relay's verdict.
     held: usize,
+    /// While a large payload moves by [`splice`]: the pipe. What it holds goes to the
+    /// destination before anything else; `buf` is empty while it is in use.
+    pipe: Option<Pipe>,
     /// Frames wsgate queued toward the destination, written at the next frame boundary.
     injections: Vec<Injection>,
     /// Nothing more is forwarded toward the destination (a Close went that way, or it is
@@ -132,6 +141,7 @@ impl Pump {
             read_size: READ_SIZE,
             ready: 0,
             held: 0,
+            pipe: None,
             injections: Vec::new(),
             dropping: false,
             broken: false,
@@ -210,8 +220,8 @@ impl Pump {
         mut dst: Option<&mut W>,
     ) -> Poll<PumpEvent>
     where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
+        R: Transport,
+        W: Transport,
     {
         debug_assert_eq!(self.held, 0, "a held control frame awaits its verdict");
         if self.write_failed {
@@ -222,6 +232,36 @@ impl Pump {
         }
         let mut reads = 0;
         loop {
+            // 0. Write what a splice left in the pipe: it came before anything in `buf`.
+            if let Some(pipe) = &mut self.pipe {
+                let to = dst.as_deref().and_then(Transport::plain_tcp);
+                if pipe.held() > 0
+                    && let Some(to) = to
+                {
+                    match pipe.poll_drain(cx, to) {
+                        Poll::Ready(Ok(_)) => {
+                            self.write_blocked = false;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            self.write_failed = true;
+                            return Poll::Ready(PumpEvent::WriteFailed(e));
+                        }
+                        Poll::Pending => {
+                            self.write_blocked = true;
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                // Kept for the rest of this payload; back to the pool once the payload is
+                // done or its destination is gone (its bytes go with it).
+                if (to.is_none() || self.scanner.payload_remaining() < splice::MIN_PAYLOAD)
+                    && let Some(pipe) = self.pipe.take()
+                {
+                    pipe.give();
+                }
+            }
+
             // 1. Write what was scanned.
             if self.ready > 0 {
                 let Some(dst) = dst.as_deref_mut() else {
@@ -297,14 +337,22 @@ impl Pump {
                 return Poll::Pending;
             }
             reads += 1;
+            if let Some(event) = self.splice_in(cx, &*src, dst.as_deref()) {
+                match event {
+                    Poll::Ready(Some(event)) => return Poll::Ready(event),
+                    Poll::Ready(None) => continue,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
             if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
                 if self.buf.capacity() == 0 {
                     self.buf = spare_buffers::take();
                 }
                 self.buf.reserve(self.read_size);
             }
-            let spare = self.buf.capacity() - self.buf.len();
-            match tokio_util::io::poll_read_buf(Pin::new(src), cx, &mut self.buf) {
+            let spare = (self.buf.capacity() - self.buf.len()).min(self.read_size);
+            let mut room = (&mut self.buf).limit(spare);
+            match tokio_util::io::poll_read_buf(Pin::new(src), cx, &mut room) {
                 Poll::Ready(Ok(0)) => {
                     self.read_done = true;
                     return Poll::Ready(PumpEvent::Eof {
@@ -334,6 +382,61 @@ impl Pump {
                 }
             }
         }
+    }
+
+    /// Moves the rest of a large data payload from `src` into a pipe, when everything
+    /// before it is written, both sides are plain TCP and a pipe is free. `None`: not
+    /// now, read as usual; `Some(Ready(None))`: bytes moved, go on.
+    fn splice_in<R: Transport, W: Transport>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &R,
+        dst: Option<&W>,
+    ) -> Option<Poll<Option<PumpEvent>>> {
+        let remaining = self.scanner.payload_remaining();
+        if remaining < splice::MIN_PAYLOAD
+            || !self.buf.is_empty()
+            || self.dropping
+            || self.broken
+            || self.shutdown != Shutdown::None
+        {
+            return None;
+        }
+        let from = src.plain_tcp()?;
+        dst.and_then(Transport::plain_tcp)?;
+        if self.pipe.is_none() {
+            self.pipe = Some(Pipe::take()?);
+            // The next frame's first read only needs to reach its header: the bulk of a
+            // large payload comes by splice, not through a buffer (reads that fill their
+            // buffer grow again, as for any stream of smaller frames).
+            self.read_size = READ_AFTER_SPLICE;
+            if self.buf.capacity() > 0 {
+                spare_buffers::give(std::mem::take(&mut self.buf));
+            }
+        }
+        let pipe = self.pipe.as_mut()?;
+        let max = usize::try_from(remaining).unwrap_or(usize::MAX);
+        Some(match pipe.poll_fill(cx, from, max) {
+            Poll::Ready(Ok(0)) => {
+                self.read_done = true;
+                Poll::Ready(Some(PumpEvent::Eof { mid_frame: true }))
+            }
+            Poll::Ready(Ok(n)) => {
+                self.scanner.skip_payload(n as u64);
+                self.counters.bytes += n as u64;
+                self.rx_any = true;
+                self.rx_data = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(error)) => {
+                self.read_done = true;
+                Poll::Ready(Some(PumpEvent::ReadFailed {
+                    mid_frame: true,
+                    error,
+                }))
+            }
+            Poll::Pending => Poll::Pending,
+        })
     }
 
     fn poll_write<W: AsyncWrite + Unpin + ?Sized>(
@@ -484,6 +587,9 @@ impl Drop for Pump {
         if self.buf.capacity() > 0 {
             spare_buffers::give(std::mem::take(&mut self.buf));
         }
+        if let Some(pipe) = self.pipe.take() {
+            pipe.give();
+        }
     }
 }
 
@@ -504,12 +610,93 @@ mod tests {
     use crate::frame::{Opcode, encode, encode_close};
     use crate::session::Side;
     use std::future::poll_fn;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    /// In-memory streams stand in for sockets; they cannot splice.
+    impl Transport for DuplexStream {
+        fn abort_on_close(&self) {}
+    }
 
     fn backend_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0x80 | opcode, payload.len() as u8];
         f.extend_from_slice(payload);
         f
+    }
+
+    /// Loopback sockets: both sides plain TCP, so large payloads can splice.
+    impl Transport for tokio::net::TcpStream {
+        fn abort_on_close(&self) {}
+
+        fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+            Some(self)
+        }
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_large_payload_between_tcp_sockets_is_spliced_byte_for_byte() {
+        let limit = std::time::Duration::from_secs(10);
+        let (mut client, mut src) = tcp_pair().await;
+        let (mut dst, mut backend) = tcp_pair().await;
+        // What a client sends: a large masked binary frame, a small text frame, a Close.
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        // 64-bit length, masked as every client frame is.
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut data = vec![0x82, 0x80 | 127];
+        data.extend_from_slice(&(big.len() as u64).to_be_bytes());
+        data.extend_from_slice(&key);
+        data.extend(big.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        data.extend(encode(Side::Backend, Opcode::Text, b"after"));
+        let close = encode_close(Side::Backend, 1000, "");
+        let mut sent = data.clone();
+        sent.extend_from_slice(&close);
+        let writer = tokio::spawn(async move {
+            // In pieces, as a browser's frames arrive.
+            for piece in sent.chunks(7_000) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let expected = data.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected];
+            backend.read_exact(&mut got).await.unwrap();
+            got
+        });
+
+        let mut pump = Pump::new(Scanner::new(Side::Client, 0, None), b"");
+        let ev = tokio::time::timeout(
+            limit,
+            poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(ev, PumpEvent::Control { header, .. } if header.opcode == Opcode::Close),
+            "{ev:?}"
+        );
+        let got = tokio::time::timeout(limit, reader).await.unwrap().unwrap();
+        assert!(got == data, "the relayed bytes differ");
+        assert_eq!(
+            pump.counters(),
+            Counters {
+                frames: 3,
+                bytes: (data.len() + close.len()) as u64,
+            }
+        );
+        // The pipe went back to this thread's pool once the payload was through.
+        assert!(pump.pipe.is_none());
+        assert!(crate::splice::alive() > 0, "nothing was spliced");
+        pump.release_held(true, true);
+        drop(writer.await.unwrap());
+        let _ = dst.flush().await;
     }
 
     #[tokio::test]

@@ -27,6 +27,12 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Makes closing this stream reset the connection (RST) instead of a FIN, so a peer
     /// that stopped responding cannot hold kernel buffers until TCP gives up.
     fn abort_on_close(&self);
+
+    /// The TCP socket, when the stream is nothing more (no TLS, no HTTP/2 framing): its
+    /// bytes can then move by [`crate::splice`].
+    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
 }
 
 /// Per-connection settings of the relay.

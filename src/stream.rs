@@ -101,6 +101,13 @@ impl Transport for Stream {
         // Failing to set SO_LINGER leaves a normal close: acceptable.
         let _ = self.tcp().set_zero_linger();
     }
+
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(_) => None,
+        }
+    }
 }
 
 /// A WebSocket over an HTTP/2 stream: "aborting" it is dropping it, which resets the

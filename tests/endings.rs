@@ -114,6 +114,27 @@ async fn client_gone_mid_frame_aborts_the_backend() {
 }
 
 #[tokio::test]
+async fn client_gone_inside_a_large_frame_aborts_the_backend() {
+    // The payload is large enough to move by splice: the same ending applies there.
+    let (gate, backend_l) = gate_with(|_| {}).await;
+    let (mut client, mut backend) = pair(&gate, &backend_l).await;
+
+    let frame = encode(true, 0, BINARY, &[7u8; 200_000], true);
+    let sent = 120_000;
+    let send = async {
+        client.send_raw(&frame[..sent]).await;
+        client.shutdown_write().await;
+    };
+    let mut got = vec![0u8; sent];
+    let receive = tokio::io::AsyncReadExt::read_exact(&mut backend.stream, &mut got);
+    let (_, received) = tokio::join!(send, within(receive));
+    received.unwrap();
+    assert!(got == frame[..sent], "the relayed bytes differ");
+    assert_eq!(backend.drain_to_end().await, End::Reset);
+    assert_eq!(client.expect_end().await, End::Eof);
+}
+
+#[tokio::test]
 async fn silent_client_is_pinged_then_aborted() {
     let (gate, backend_l) = gate_with(|c| {
         c.websocket.ping_interval = Some(Duration::from_millis(200));
