@@ -18,7 +18,7 @@
 //! 4. [`relay`] runs two [`pump`]s, one per direction, in one task. Each pump forwards
 //!    bytes unchanged while [`frame`] tracks frame boundaries, so wsgate can read Close
 //!    codes, answer nothing on anyone's behalf, and insert its own Close or Ping frames
-//!    between frames.
+//!    between frames. Large payloads between plain TCP sockets move by [`splice`].
 //! 5. [`session`], a pure state machine, decides how the connection ends: which Close
 //!    goes where with which code, when to give up waiting, when each socket is released.
 //! 6. When both sockets are closed, [`report`] records the connection once: one log line
