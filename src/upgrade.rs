@@ -9,9 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -172,9 +170,12 @@ async fn upgrade(
     let expected_accept = derive_accept_key(key.as_bytes());
 
     let mut backend = connect_backend(&shared).await?;
-    let headers = backend_headers(&mut req, conn.peer, shared.config.tls.is_some(), key);
-    let request = handshake::encode_request(req.uri(), &headers);
-    drop(headers);
+    // The header map is gone before the first await: the request's bytes are all the
+    // exchange needs.
+    let request = {
+        let headers = backend_headers(&mut req, conn.peer, shared.config.tls.is_some(), key);
+        handshake::encode_request(req.uri(), &headers)
+    };
     let exchanged = handshake::exchange(&mut backend, &request, shared.config.http.max_header_size);
     let mut head = match shared.config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, exchanged)
@@ -266,7 +267,8 @@ async fn upgrade(
 
 /// The backend refused the upgrade (401, 403, 404...): the client gets exactly that
 /// answer, body included. hyper's client reads it (every body framing) from what was
-/// read so far and the rest of the stream, in a task of its own once the head is in.
+/// read so far and the rest of the stream; its connection runs as a tracked task, which
+/// streams the body to the client after this returns.
 async fn refused(
     shared: &Arc<Shared>,
     backend: Stream,
@@ -283,7 +285,15 @@ async fn refused(
         .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(replay))
         .await
         .map_err(failed)?;
-    let mut backend_conn = BackendConn::new(connection);
+    let force = shared.signals.force.clone();
+    shared.tracker.spawn(async move {
+        tokio::select! {
+            ended = connection => if let Err(e) = ended {
+                tracing::debug!(error = %e, "backend refusal connection ended");
+            },
+            () = force.cancelled() => {}
+        }
+    });
     // Only the method and target matter: the request went out already, and the
     // method decides how hyper reads the body of the answer.
     let mut request = Request::new(http_body_util::Empty::new());
@@ -291,73 +301,13 @@ async fn refused(
         || hyper::Uri::from_static("/"),
         |p| hyper::Uri::from(p.clone()),
     );
-    let resp = backend_conn
-        .drive(sender.send_request(request))
-        .await
-        .map_err(failed)?;
-    let force = shared.signals.force.clone();
-    shared.tracker.spawn(async move {
-        tokio::select! {
-            () = backend_conn.finish() => {}
-            () = force.cancelled() => {}
-        }
-    });
+    let resp = sender.send_request(request).await.map_err(failed)?;
     let (mut parts, body) = resp.into_parts();
     proxy::remove_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(
         parts,
         http_body_util::BodyExt::boxed(body),
     ))
-}
-
-/// hyper's client connection reading a refused upgrade's answer: it must be polled for
-/// the response head to be parsed and, from a task, for the body to reach the client.
-struct BackendConn<C> {
-    /// `None` once the connection future completed (upgraded, or closed).
-    conn: Option<Pin<Box<C>>>,
-}
-
-impl<C: Future<Output = hyper::Result<()>>> BackendConn<C> {
-    fn new(conn: C) -> Self {
-        BackendConn {
-            conn: Some(Box::pin(conn)),
-        }
-    }
-
-    /// Awaits `work` while driving the connection. A connection that ends first makes
-    /// `work` fail on its own (hyper's request or upgrade future reports it).
-    async fn drive<F: Future>(&mut self, work: F) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            work.as_mut().poll(cx)
-        })
-        .await
-    }
-
-    /// Drives the connection to its end (a refused upgrade's body being read).
-    async fn finish(mut self) {
-        std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            if self.conn.is_some() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await
-    }
-
-    fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn
-            && let Poll::Ready(result) = conn.as_mut().poll(cx)
-        {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "backend upgrade connection ended");
-            }
-            self.conn = None;
-        }
-    }
 }
 
 /// A side's stream and the bytes it sent behind its handshake.
