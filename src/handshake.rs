@@ -41,28 +41,38 @@ pub enum HandshakeError {
     TooLarge(usize),
 }
 
-/// The request line and headers, ready to be written: `GET {target} HTTP/1.1`, then every
-/// header of `headers` as it is (names lower case, values unchanged).
-pub fn encode_request(target: &Uri, headers: &HeaderMap) -> Vec<u8> {
-    let target = target.path_and_query().map_or("/", |p| p.as_str());
-    let size = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>();
-    let mut out = Vec::with_capacity(target.len() + size + 32);
-    out.extend_from_slice(b"GET ");
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        // A HeaderValue holds no CR or LF (the http crate refuses them), so no header
-        // can end early and smuggle another.
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+/// A request head being written for one write: `GET {target} HTTP/1.1`, then header
+/// lines, then the blank line.
+pub struct RequestHead {
+    out: Vec<u8>,
+}
+
+impl RequestHead {
+    /// Starts `GET` of `target`'s path and query; `headers_size` is a guess of the
+    /// header lines' size, so that the buffer grows at most once.
+    pub fn get(target: &Uri, headers_size: usize) -> Self {
+        let target = target.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::with_capacity(target.len() + headers_size + 32);
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        RequestHead { out }
     }
-    out.extend_from_slice(b"\r\n");
-    out
+
+    /// Adds one header line. A `HeaderName` or `HeaderValue` holds no CR or LF (the http
+    /// crate refuses them), so no line can end early and smuggle another header.
+    pub fn header(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.out.extend_from_slice(name.as_str().as_bytes());
+        self.out.extend_from_slice(b": ");
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// The whole head, ending with the blank line.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.extend_from_slice(b"\r\n");
+        self.out
+    }
 }
 
 /// The backend's answer, as far as it was read.
@@ -225,23 +235,22 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    fn request_headers() -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("dash.example"));
-        h.append("cookie", HeaderValue::from_static("a=1"));
-        h.append("cookie", HeaderValue::from_static("b=2"));
-        h.insert(
-            "sec-websocket-key",
-            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
-        );
-        h
-    }
-
     #[test]
     fn the_request_is_one_http_1_1_head_with_every_header() {
         let uri: Uri = "/ws/live?room=7".parse().unwrap();
-        let bytes = encode_request(&uri, &request_headers());
-        let text = String::from_utf8(bytes).unwrap();
+        let mut head = RequestHead::get(&uri, 0);
+        for (name, value) in [
+            ("host", "dash.example"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ] {
+            head.header(
+                &HeaderName::from_static(name),
+                &HeaderValue::from_static(value),
+            );
+        }
+        let text = String::from_utf8(head.finish()).unwrap();
         assert!(
             text.starts_with("GET /ws/live?room=7 HTTP/1.1\r\n"),
             "{text}"
@@ -264,8 +273,8 @@ mod tests {
                 ("sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
             ]
         );
-        let no_path = encode_request(&Uri::from_static("http://h"), &HeaderMap::new());
-        assert!(no_path.starts_with(b"GET / HTTP/1.1\r\n"));
+        let no_path = RequestHead::get(&Uri::from_static("http://h"), 0).finish();
+        assert_eq!(no_path, b"GET / HTTP/1.1\r\n\r\n");
     }
 
     const HEAD: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\

@@ -239,63 +239,98 @@ pub fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Ite
         .map(str::trim)
 }
 
+/// The hop-by-hop headers of one message: the fixed list, and whatever its `Connection`
+/// header names (RFC 9110 §7.6.1).
+pub struct HopByHop<'a> {
+    /// Names from `Connection` outside the fixed list. Rare (`keep-alive, Upgrade` is
+    /// the usual value), and an empty Vec does not allocate.
+    named: Vec<&'a str>,
+}
+
+impl<'a> HopByHop<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let named = header_tokens(headers, header::CONNECTION)
+            .filter(|t| {
+                !t.is_empty()
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(t))
+            })
+            .collect();
+        HopByHop { named }
+    }
+
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(name)
+            || self
+                .named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_str()))
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 ///
-/// Runs for every request and WebSocket handshake, so it allocates nothing: one pass over
-/// the names finds the few headers to remove.
+/// Runs for every forwarded request and response, so it allocates nothing in the usual
+/// case: one pass over the names finds the few headers to remove.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Other names listed in `Connection` are rare (`keep-alive, Upgrade` is the usual
-    // value), and an empty Vec does not allocate.
-    let named: Vec<HeaderName> = header_tokens(headers, header::CONNECTION)
-        .filter(|t| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(t))
-        })
+    let named: Vec<HeaderName> = HopByHop::of(headers)
+        .named
+        .iter()
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-    while let Some(name) = headers.keys().find(|n| HOP_BY_HOP.contains(n)).cloned() {
+    for name in HOP_BY_HOP.iter().chain(&named) {
         headers.remove(name);
     }
 }
 
-/// Applies the request header rules: hop-by-hop headers removed, the client's address
-/// appended to `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` set unless a
-/// proxy in front of wsgate (an ingress terminating TLS, say) already set them. `Host` is
-/// left as the client sent it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client_tls: bool) {
-    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    const FWD_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    remove_hop_by_hop(headers);
-    // A parsed request's map is full: grow it once for everything added here and by
-    // the WebSocket handshake, not once per insert.
-    headers.reserve(6);
-    let xff = XFF;
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The `X-Forwarded-*` headers a request from `peer` carries to the backend: the
+/// client's address appended to `X-Forwarded-For` (after every value a proxy in front
+/// already put there), and `X-Forwarded-Proto` and `X-Forwarded-Host` unless such a
+/// proxy (an ingress terminating TLS, say) already set them. `host` is the request's
+/// `Host`; the caller replaces any `X-Forwarded-For` it has with the one returned.
+pub fn forwarded_headers(
+    headers: &HeaderMap,
+    host: Option<&HeaderValue>,
+    peer: SocketAddr,
+    client_tls: bool,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
     let mut chain = String::with_capacity(64);
-    if let Some(prior) = headers.get(&xff).and_then(|v| v.to_str().ok())
-        && !prior.trim().is_empty()
-    {
-        chain.push_str(prior);
-        chain.push_str(", ");
+    for prior in headers.get_all(X_FORWARDED_FOR) {
+        if let Ok(prior) = prior.to_str()
+            && !prior.trim().is_empty()
+        {
+            chain.push_str(prior.trim());
+            chain.push_str(", ");
+        }
     }
     let _ = write!(chain, "{}", peer.ip());
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
-        headers.insert(xff, v);
-    }
-    let proto = PROTO;
-    if !headers.contains_key(&proto) {
+    // Printable ASCII from valid header values and an address: always a valid value.
+    let xff = HeaderValue::from_maybe_shared(Bytes::from(chain))
+        .ok()
+        .map(|v| (X_FORWARDED_FOR, v));
+    let proto = (!headers.contains_key(X_FORWARDED_PROTO)).then(|| {
         let scheme = if client_tls { "https" } else { "http" };
-        headers.insert(proto, HeaderValue::from_static(scheme));
-    }
-    let fwd_host = FWD_HOST;
-    if !headers.contains_key(&fwd_host)
-        && let Some(host) = headers.get(header::HOST).cloned()
-    {
-        headers.insert(fwd_host, host);
+        (X_FORWARDED_PROTO, HeaderValue::from_static(scheme))
+    });
+    let fwd_host = host
+        .filter(|_| !headers.contains_key(X_FORWARDED_HOST))
+        .map(|h| (X_FORWARDED_HOST, h.clone()));
+    [xff, proto, fwd_host].into_iter().flatten()
+}
+
+/// Applies the request header rules to a request forwarded as it is: hop-by-hop
+/// headers removed, the [`forwarded_headers`] set. `Host` is left as the client sent
+/// it.
+pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client_tls: bool) {
+    remove_hop_by_hop(headers);
+    let added = forwarded_headers(headers, headers.get(header::HOST), peer, client_tls);
+    for (name, value) in added {
+        headers.insert(name, value);
     }
 }
 
@@ -331,11 +366,15 @@ mod tests {
         assert_eq!(h[header::HOST], "dash.example");
 
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static(" 2.2.2.2, 3.3.3.3 "));
+        h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         prepare_request_headers(&mut h, peer, true);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        let chain: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(chain, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("x-forwarded-host"), "no Host, no X-Forwarded-Host");
     }
 
     #[test]

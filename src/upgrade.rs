@@ -170,12 +170,10 @@ async fn upgrade(
     let expected_accept = derive_accept_key(key.as_bytes());
 
     let mut backend = connect_backend(&shared).await?;
-    // The header map is gone before the first await: the request's bytes are all the
-    // exchange needs.
-    let request = {
-        let headers = backend_headers(&mut req, conn.peer, shared.config.tls.is_some(), key);
-        handshake::encode_request(req.uri(), &headers)
-    };
+    let request = backend_request(&req, conn.peer, shared.config.tls.is_some(), &key);
+    // The client's headers are written out: nothing of them has to live through the
+    // awaits that follow.
+    *req.headers_mut() = HeaderMap::new();
     let exchanged = handshake::exchange(&mut backend, &request, shared.config.http.max_header_size);
     let mut head = match shared.config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, exchanged)
@@ -417,31 +415,49 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
     }
 }
 
-/// The headers of the upgrade request as the backend gets it: every end-to-end header
-/// of the client's (cookies, authorization, origin, `Sec-WebSocket-*`), `Host`
-/// unchanged (or taken from `:authority` for an HTTP/2 client), the `X-Forwarded-*`
-/// headers, and the HTTP/1.1 upgrade headers with `key`. Takes the client request's
-/// headers (the request is not forwarded itself) rather than copying them.
-fn backend_headers(
-    req: &mut Request<Incoming>,
+/// The upgrade request as the backend gets it, written straight from the client's
+/// request: every end-to-end header in the client's order (cookies, authorization,
+/// origin, `Sec-WebSocket-*`), `Host` unchanged (or taken from `:authority` for an
+/// HTTP/2 client), the `X-Forwarded-*` headers, and the HTTP/1.1 upgrade headers with
+/// `key`.
+fn backend_request<B>(
+    req: &Request<B>,
     peer: SocketAddr,
     client_tls: bool,
-    key: HeaderValue,
-) -> HeaderMap {
-    let mut headers = std::mem::take(req.headers_mut());
-    if !headers.contains_key(header::HOST)
-        && let Some(host) = req
+    key: &HeaderValue,
+) -> Vec<u8> {
+    let headers = req.headers();
+    let authority = match headers.get(header::HOST) {
+        Some(_) => None,
+        None => req
             .uri()
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        headers.insert(header::HOST, host);
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    let host = headers.get(header::HOST).or(authority.as_ref());
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>();
+    let mut head = handshake::RequestHead::get(req.uri(), size + 160);
+    if let Some(authority) = &authority {
+        head.header(&header::HOST, authority);
     }
-    proxy::prepare_request_headers(&mut headers, peer, client_tls);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::SEC_WEBSOCKET_KEY, key);
-    headers
+    let hop_by_hop = proxy::HopByHop::of(headers);
+    for (name, value) in headers {
+        // wsgate writes its own key, and `X-Forwarded-For` with the client appended.
+        let replaced = *name == header::SEC_WEBSOCKET_KEY || *name == proxy::X_FORWARDED_FOR;
+        if !replaced && !hop_by_hop.contains(name) {
+            head.header(name, value);
+        }
+    }
+    for (name, value) in proxy::forwarded_headers(headers, host, peer, client_tls) {
+        head.header(&name, &value);
+    }
+    head.header(&header::CONNECTION, &HeaderValue::from_static("Upgrade"));
+    head.header(&header::UPGRADE, &HeaderValue::from_static("websocket"));
+    head.header(&header::SEC_WEBSOCKET_KEY, key);
+    head.finish()
 }
 
 #[cfg(test)]
@@ -508,6 +524,76 @@ mod tests {
             HeaderValue::from_static("https://evil.example"),
         );
         assert!(!origin_allowed(&list, &h));
+    }
+
+    /// The header lines of a request head, in order.
+    fn lines(head: &[u8]) -> Vec<String> {
+        let text = std::str::from_utf8(head).unwrap();
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        text.trim_end().split("\r\n").map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_backend_gets_the_clients_headers_in_order_with_forwarding_and_our_key() {
+        let req = handshake()
+            .uri("/ws?q=1")
+            .header("host", "dash.example")
+            .header("cookie", "session=abc")
+            .header("x-forwarded-for", "1.1.1.1")
+            .header("x-forwarded-for", "2.2.2.2")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("connection", "X-Trace")
+            .header("x-trace", "7")
+            .header("sec-websocket-protocol", "chat")
+            .body(())
+            .unwrap();
+        let peer: SocketAddr = "10.0.0.9:4000".parse().unwrap();
+        let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
+        let got = lines(&backend_request(&req, peer, true, &key));
+        assert_eq!(
+            got,
+            [
+                "GET /ws?q=1 HTTP/1.1",
+                "sec-websocket-version: 13",
+                "host: dash.example",
+                "cookie: session=abc",
+                "sec-websocket-protocol: chat",
+                "x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.9",
+                "x-forwarded-proto: https",
+                "x-forwarded-host: dash.example",
+                "connection: Upgrade",
+                "upgrade: websocket",
+                "sec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA==",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_http2_request_gets_host_from_its_authority_and_keeps_prior_forwarding() {
+        let req = Request::connect("https://dash.example:8443/live")
+            .header("sec-websocket-version", "13")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "public.example")
+            .body(())
+            .unwrap();
+        let peer: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
+        let got = lines(&backend_request(&req, peer, false, &key));
+        assert_eq!(
+            got,
+            [
+                "GET /live HTTP/1.1",
+                "host: dash.example:8443",
+                "sec-websocket-version: 13",
+                "x-forwarded-proto: https",
+                "x-forwarded-host: public.example",
+                "x-forwarded-for: 2001:db8::1",
+                "connection: Upgrade",
+                "upgrade: websocket",
+                "sec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA==",
+            ]
+        );
     }
 
     #[test]
