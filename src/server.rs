@@ -343,7 +343,7 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
                 .tls
                 .as_ref()
                 .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
-            match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+            match tokio::time::timeout(limit, Box::pin(tls.acceptor.accept(tcp))).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
@@ -383,12 +383,12 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
         // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
         // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
         let idle = Some((&*conn, c.http.header_read_timeout));
-        drive(served, |c| c.graceful_shutdown(), &shared.signals, idle).await
+        drive(Box::pin(served), |c| c.graceful_shutdown(), &shared.signals, idle).await
     } else {
         let served = http1_builder(&shared.config)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        drive(served, |c| c.graceful_shutdown(), &shared.signals, None).await
+        drive(Box::pin(served), |c| c.graceful_shutdown(), &shared.signals, None).await
     };
     drop(conn);
     if let Err(e) = result {
@@ -401,7 +401,7 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
 /// connection had nothing in flight for its limit, it stops taking new requests
 /// (`graceful`) and finishes the current ones, until the force signal.
 async fn drive<F>(
-    served: F,
+    mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
     signals: &Signals,
     idle: Option<(&Connection, Duration)>,
@@ -409,7 +409,6 @@ async fn drive<F>(
 where
     F: Future<Output = hyper::Result<()>>,
 {
-    let mut served = std::pin::pin!(served);
     let idle_out = async {
         match idle {
             Some((conn, limit)) => conn.idle_for(limit).await,
