@@ -367,14 +367,20 @@ mod tests {
 
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append("x-forwarded-for", HeaderValue::from_static(" 2.2.2.2, 3.3.3.3 "));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static(" 2.2.2.2, 3.3.3.3 "),
+        );
         h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         prepare_request_headers(&mut h, peer, true);
         let chain: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert!(!h.contains_key("x-forwarded-host"), "no Host, no X-Forwarded-Host");
+        assert!(
+            !h.contains_key("x-forwarded-host"),
+            "no Host, no X-Forwarded-Host"
+        );
     }
 
     #[test]

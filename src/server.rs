@@ -379,16 +379,15 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
             // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
             .keep_alive_interval(c.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
             .keep_alive_timeout(c.websocket.pong_timeout);
-        let served = builder.serve_connection(TokioIo::new(stream), service);
+        let served = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
         // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
         // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
         let idle = Some((&*conn, c.http.header_read_timeout));
-        drive(Box::pin(served), |c| c.graceful_shutdown(), &shared.signals, idle).await
+        drive(served, |c| c.graceful_shutdown(), &shared.signals, idle).await
     } else {
-        let served = http1_builder(&shared.config)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        drive(Box::pin(served), |c| c.graceful_shutdown(), &shared.signals, None).await
+        let http1 = http1_builder(&shared.config).serve_connection(TokioIo::new(stream), service);
+        let served = Box::pin(http1.with_upgrades());
+        drive(served, |c| c.graceful_shutdown(), &shared.signals, None).await
     };
     drop(conn);
     if let Err(e) = result {
@@ -400,6 +399,9 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
 /// Serves a hyper connection until it ends. On shutdown, or once `idle` says the
 /// connection had nothing in flight for its limit, it stops taking new requests
 /// (`graceful`) and finishes the current ones, until the force signal.
+///
+/// The connection comes boxed: inline, hyper's state made the client task's future
+/// 3.6 KiB, which tokio boxes itself and copies several times on every spawn.
 async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
