@@ -394,8 +394,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     }
 
     fn apply_actions(&mut self) {
-        let actions: Vec<Action> = self.session.take_actions().collect();
-        for action in actions {
+        while let Some(action) = self.session.next_action() {
             match action {
                 Action::SendClose { to, code, reason } => {
                     let admin = self

@@ -46,6 +46,9 @@ pub struct Shared {
     /// Pooled clients for plain HTTP requests, one per worker: a worker's requests use
     /// backend connections driven by its own thread.
     clients: Vec<BackendClient>,
+    /// hyper's HTTP/1.1 server settings, built once: building them per connection
+    /// allocated its timer.
+    http1: http1::Builder,
     /// TLS toward clients, when `[tls]` is configured.
     pub tls: Option<ServerTls>,
     /// TLS toward an `https://` backend.
@@ -83,6 +86,7 @@ impl Shared {
             clients: (0..workers.max(1))
                 .map(|_| proxy::backend_client(&config, backend_tls.as_ref()))
                 .collect(),
+            http1: http1_builder(&config),
             tls,
             backend_tls,
             tracker: TaskTracker::new(),
@@ -385,7 +389,7 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
         let idle = Some((&*conn, c.http.header_read_timeout));
         drive(served, |c| c.graceful_shutdown(), &shared.signals, idle).await
     } else {
-        let http1 = http1_builder(&shared.config).serve_connection(TokioIo::new(stream), service);
+        let http1 = shared.http1.serve_connection(TokioIo::new(stream), service);
         let served = Box::pin(http1.with_upgrades());
         drive(served, |c| c.graceful_shutdown(), &shared.signals, None).await
     };
@@ -506,7 +510,7 @@ async fn reject_client(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSem
             )
         }
     });
-    let mut builder = http1_builder(&shared.config);
+    let mut builder = shared.http1.clone();
     builder.keep_alive(false);
     let served = builder.serve_connection(TokioIo::new(stream), service);
     tokio::select! {

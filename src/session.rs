@@ -16,6 +16,7 @@
 //! - wsgate never sends the reserved codes 1005, 1006, 1015;
 //! - every wait is bounded by a timer, so both sockets always end up closed.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -279,7 +280,9 @@ pub struct Session {
     outcome: Option<Outcome>,
     /// When the first end signal arrived: the start of the release time.
     ending_since: Option<Instant>,
-    actions: Vec<Action>,
+    /// Decided, not yet carried out. A queue the relay pops, so that carrying out a
+    /// batch allocates nothing.
+    actions: VecDeque<Action>,
 }
 
 /// Why a side failed while the connection was open.
@@ -298,7 +301,7 @@ impl Session {
             peers: [Peer::new(now), Peer::new(now)],
             outcome: None,
             ending_since: None,
-            actions: Vec::new(),
+            actions: VecDeque::new(),
         }
     }
 
@@ -306,9 +309,9 @@ impl Session {
         &mut self.peers[side.idx()]
     }
 
-    /// Actions decided since the last call, in order.
-    pub fn take_actions(&mut self) -> std::vec::Drain<'_, Action> {
-        self.actions.drain(..)
+    /// The oldest action decided and not yet taken.
+    pub fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
     }
 
     /// The outcome, once the first end signal arrived.
@@ -393,7 +396,7 @@ impl Session {
             // handshake (RFC 6455 §7.1.1): wsgate does not wait for the client's FIN.
             // Nothing it could still send matters: its Close came before.
             p.tcp = Tcp::Closed;
-            self.actions.push(Action::Release(side));
+            self.actions.push_back(Action::Release(side));
         }
         self.advance(now);
     }
@@ -499,7 +502,7 @@ impl Session {
                 let p = self.peer(side);
                 if !p.ping_queued && p.ping_sent_at.is_none() && now >= p.last_rx + interval {
                     p.ping_queued = true;
-                    self.actions.push(Action::SendPing { to: side });
+                    self.actions.push_back(Action::SendPing { to: side });
                 }
             }
         }
@@ -598,7 +601,8 @@ impl Session {
         if p.close_sent_at.is_none() && p.writable() {
             p.close_sent_at = Some(now);
             p.wsgate_code = Some(code);
-            self.actions.push(Action::SendClose { to, code, reason });
+            self.actions
+                .push_back(Action::SendClose { to, code, reason });
         }
     }
 
@@ -606,7 +610,7 @@ impl Session {
         let p = self.peer(side);
         if p.tcp != Tcp::Closed {
             p.tcp = Tcp::Closed;
-            self.actions.push(Action::Abort(side));
+            self.actions.push_back(Action::Abort(side));
         }
     }
 
@@ -638,7 +642,7 @@ impl Session {
                 Tcp::Open if p.done_talking() => {
                     if p.read_done {
                         p.tcp = Tcp::Closed;
-                        self.actions.push(Action::Release(side));
+                        self.actions.push_back(Action::Release(side));
                     } else {
                         p.tcp = Tcp::Draining(now);
                         // wsgate is the server toward the client, so it closes first
@@ -646,13 +650,13 @@ impl Session {
                         // expected to close first, which also leaves TIME_WAIT on the
                         // backend, not on wsgate's ports.
                         if side == Side::Client {
-                            self.actions.push(Action::ShutdownWrite(side));
+                            self.actions.push_back(Action::ShutdownWrite(side));
                         }
                     }
                 }
                 Tcp::Draining(_) if p.read_done => {
                     p.tcp = Tcp::Closed;
-                    self.actions.push(Action::Release(side));
+                    self.actions.push_back(Action::Release(side));
                 }
                 _ => {}
             }
@@ -698,7 +702,7 @@ mod tests {
             self.t0 + Duration::from_millis(ms)
         }
         fn actions(&mut self) -> Vec<Action> {
-            self.s.take_actions().collect()
+            std::iter::from_fn(|| self.s.next_action()).collect()
         }
         fn tick(&mut self, ms: u64) -> Vec<Action> {
             self.s.on_timer(self.at(ms));
