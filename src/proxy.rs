@@ -272,7 +272,8 @@ impl<'a> HopByHop<'a> {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 ///
 /// Runs for every forwarded request and response, so it allocates nothing in the usual
-/// case: one pass over the names finds the few headers to remove.
+/// case: a lookup per fixed name, and a name is made only for the rare others that
+/// `Connection` lists.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = HopByHop::of(headers)
         .named

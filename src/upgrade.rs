@@ -427,19 +427,20 @@ fn backend_request<B>(
     key: &HeaderValue,
 ) -> Vec<u8> {
     let headers = req.headers();
-    let authority = match headers.get(header::HOST) {
-        Some(_) => None,
-        None => req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
-    let host = headers.get(header::HOST).or(authority.as_ref());
+    let client_host = headers.get(header::HOST);
+    let authority = client_host
+        .is_none()
+        .then(|| req.uri().authority())
+        .flatten()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let host = client_host.or(authority.as_ref());
+    // The client's lines, and room for the forwarding and upgrade lines added below.
     let size = headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>();
-    let mut head = handshake::RequestHead::get(req.uri(), size + 160);
+        .sum::<usize>()
+        + 160;
+    let mut head = handshake::RequestHead::get(req.uri(), size);
     if let Some(authority) = &authority {
         head.header(&header::HOST, authority);
     }
