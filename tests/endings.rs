@@ -125,12 +125,33 @@ async fn client_gone_inside_a_large_frame_aborts_the_backend() {
         client.send_raw(&frame[..sent]).await;
         client.shutdown_write().await;
     };
-    let mut got = vec![0u8; sent];
-    let receive = tokio::io::AsyncReadExt::read_exact(&mut backend.stream, &mut got);
-    let (_, received) = tokio::join!(send, within(receive));
-    received.unwrap();
-    assert!(got == frame[..sent], "the relayed bytes differ");
-    assert_eq!(backend.drain_to_end().await, End::Reset);
+    // The backend reads until its connection ends. The reset may overtake bytes wsgate
+    // still had on the way (its socket buffer, a splice pipe): half a frame is of no use
+    // to the backend, and releasing the connection at once is the point. What arrives
+    // must be the frame's own bytes, in order, and the end must be a reset.
+    let receive = async {
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut backend.stream, &mut chunk).await {
+                Ok(0) => return (got, End::Eof),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return (got, End::Reset);
+                }
+                Err(e) => panic!("backend read failed: {e}"),
+            }
+        }
+    };
+    let (_, (got, end)) = tokio::join!(send, within(receive));
+    assert_eq!(end, End::Reset);
+    assert!(!got.is_empty(), "nothing of the frame reached the backend");
+    assert!(
+        got.len() <= sent,
+        "more than the client sent: {}",
+        got.len()
+    );
+    assert!(got == frame[..got.len()], "the relayed bytes differ");
     assert_eq!(client.expect_end().await, End::Eof);
 }
 
