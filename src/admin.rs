@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
@@ -20,15 +19,16 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::gate::Gate;
 use crate::live::CloseError;
 use crate::proxy::{Body, full};
-use crate::server::Shared;
+use crate::report;
 
 /// Bound on reading an admin request's header.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoints until the task is aborted.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let mut conns = JoinSet::new();
     loop {
         let stream = match listener.accept().await {
@@ -39,11 +39,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let gate = gate.clone();
         conns.spawn(async move {
             let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                let gate = gate.clone();
+                async move { Ok::<_, Infallible>(route(&gate, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -59,12 +59,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 /// Largest request body accepted (a close request).
 const MAX_BODY: usize = 4096;
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn route(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["metrics"]) => {
-            let mut resp = Response::new(full(shared.metrics.render()));
+            let mut resp = Response::new(full(report::render(&gate.live, &gate.metrics)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -72,12 +72,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             resp
         }
         (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok"),
-        (&Method::GET, ["readyz"]) if shared.ready.load(Ordering::SeqCst) => {
-            text(StatusCode::OK, "ready")
-        }
+        (&Method::GET, ["readyz"]) if gate.is_ready() => text(StatusCode::OK, "ready"),
         (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (&Method::GET, ["connections"]) => json(StatusCode::OK, &shared.live.snapshot()),
-        (&Method::POST, ["connections", id, "close"]) => close(shared, id, req).await,
+        (&Method::GET, ["connections"]) => json(StatusCode::OK, &gate.live.snapshot()),
+        (&Method::POST, ["connections", id, "close"]) => close(gate, id, req).await,
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /livez, /readyz or /connections",
@@ -94,8 +92,8 @@ struct CloseBody {
     reason: String,
 }
 
-async fn close(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Body> {
-    if !shared.config.admin.allow_close {
+async fn close(gate: &Gate, id: &str, req: Request<Incoming>) -> Response<Body> {
+    if !gate.settings().config.admin.allow_close {
         return text(
             StatusCode::FORBIDDEN,
             "closing connections is disabled: set admin.allow_close = true",
@@ -125,7 +123,7 @@ async fn close(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Bo
             );
         }
     };
-    match shared.live.close(id, request.code, request.reason) {
+    match gate.live.close(id, request.code, &request.reason) {
         Ok(()) => {
             tracing::info!(id, code = request.code, "close requested by operator");
             text(StatusCode::ACCEPTED, "closing")

@@ -7,7 +7,7 @@
 //! may pass on. Only control frames (at most 131 bytes) are held whole, because their
 //! payload decides what happens to them (a Close code, a Pong answering wsgate's Ping).
 
-use crate::session::Side;
+use crate::side::Side;
 
 /// Largest payload a control frame may carry (RFC 6455 §5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
@@ -18,6 +18,33 @@ const MAX_CONTROL_HEADER: usize = 6;
 
 /// RSV1, the bit permessage-deflate (RFC 7692) sets on compressed messages.
 pub const RSV1: u8 = 0b100;
+
+/// What the WebSocket handshake negotiated that changes how frames are checked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Negotiated {
+    /// RSV bits the negotiated extensions may set.
+    pub rsv_allowed: u8,
+}
+
+impl Negotiated {
+    /// Reads `Sec-WebSocket-Extensions` from the backend's 101 response.
+    pub fn from_extensions<'a>(values: impl Iterator<Item = &'a str>) -> Self {
+        let mut rsv_allowed = 0;
+        for ext in values.flat_map(|v| v.split(',')) {
+            let name = ext.split(';').next().unwrap_or("").trim();
+            if name.is_empty() {
+                continue;
+            }
+            rsv_allowed |= if name.eq_ignore_ascii_case("permessage-deflate") {
+                RSV1
+            } else {
+                // An extension wsgate does not know may use any RSV bit.
+                0b111
+            };
+        }
+        Negotiated { rsv_allowed }
+    }
+}
 
 /// Frame opcodes (RFC 6455 §5.2). Reserved values are rejected by the scanner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,6 +404,24 @@ pub fn encode_close(to: Side, code: u16, reason: &str) -> Vec<u8> {
     encode(to, Opcode::Close, &payload)
 }
 
+/// The payload of wsgate's liveness Ping number `seq`: a recognisable prefix, then the
+/// number, so that its Pong can be told from an application's.
+pub fn liveness_ping(seq: u64) -> [u8; 16] {
+    let mut payload = [0u8; 16];
+    payload[..8].copy_from_slice(LIVENESS_PREFIX);
+    payload[8..].copy_from_slice(&seq.to_be_bytes());
+    payload
+}
+
+/// The number of the liveness Ping whose payload a Pong echoes, if it has that shape.
+pub fn liveness_seq(pong_payload: &[u8]) -> Option<u64> {
+    let rest = pong_payload.strip_prefix(LIVENESS_PREFIX)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// Prefix of wsgate's liveness Ping payloads.
+const LIVENESS_PREFIX: &[u8; 8] = b"wsgate:p";
+
 /// True for codes an endpoint may put in a Close frame (RFC 6455 §7.4). 1005, 1006 and
 /// 1015 are reserved for reporting and must never be sent.
 pub fn is_sendable_close_code(code: u16) -> bool {
@@ -386,6 +431,14 @@ pub fn is_sendable_close_code(code: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_pings_carry_their_number() {
+        assert_eq!(liveness_seq(&liveness_ping(42)), Some(42));
+        assert_eq!(&liveness_ping(1)[..8], b"wsgate:p");
+        assert_eq!(liveness_seq(b"wsgate:p"), None);
+        assert_eq!(liveness_seq(b"application pong"), None);
+    }
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let key = [1, 2, 3, 4];

@@ -8,85 +8,67 @@
 //!    TCP_USER_TIMEOUT) and keeps everything about it on its thread from then on.
 //!    [`server`] bounds it by `max_connections`, terminates TLS if configured ([`tls`],
 //!    [`stream`]) and serves HTTP/1.1 or HTTP/2 on it.
-//! 2. A plain request goes to [`proxy`], which forwards it to the backend through the
-//!    worker's keep-alive pool and streams the response back.
+//! 2. A plain request goes to [`proxy`], which forwards it through the worker's
+//!    keep-alive pool of [`backend`] connections and streams the response back.
 //! 3. A WebSocket handshake (an HTTP/1.1 upgrade or an HTTP/2 extended CONNECT) goes to
-//!    [`upgrade`], which validates it, opens a dedicated backend connection, repeats the
-//!    handshake there as HTTP/1.1 ([`handshake`]: one write, the answer parsed as it
-//!    arrives) and answers the client with the backend's own response. On success both
-//!    streams go to a relay.
-//! 4. [`relay`] runs two [`pump`]s, one per direction, in one task. Each pump forwards
-//!    bytes unchanged while [`frame`] tracks frame boundaries, so wsgate can read Close
-//!    codes, answer nothing on anyone's behalf, and insert its own Close or Ping frames
-//!    between frames. Large payloads between plain TCP sockets move by [`splice`].
+//!    [`upgrade`], which validates it, opens a dedicated connection with the same
+//!    [`backend`] connect policy, repeats the handshake there as HTTP/1.1 ([`handshake`]:
+//!    one write, the answer parsed as it arrives) and answers the client with the
+//!    backend's own response. On success it hands both streams to a relay. What wsgate
+//!    answers itself is an [`error::ProxyError`].
+//! 4. [`relay`] spawns one task per WebSocket, registered in the [`live`] table, and
+//!    runs two [`pump`]s in it, one per direction. Each pump forwards bytes unchanged
+//!    while [`frame`] tracks frame boundaries, so wsgate can read Close codes, answer
+//!    nothing on anyone's behalf, and insert its own Close or Ping frames between
+//!    frames. Large payloads between plain TCP sockets move by [`splice`].
 //! 5. [`session`], a pure state machine, decides how the connection ends: which Close
 //!    goes where with which code, when to give up waiting, when each socket is released.
-//! 6. When both sockets are closed, [`report`] records the connection once: one log line
-//!    with its outcome, duration, release time, bytes, frames and close codes, and the
-//!    same in [`metrics`].
+//! 6. When both sockets are closed the relay fills in the connection's [`record`], and
+//!    [`report`] writes it once: one log line with its outcome, duration, release time,
+//!    bytes, frames and close codes, and the same in [`metrics`].
 //!
-//! [`admin`] serves `/metrics`, `/livez`, `/readyz` and the [`live`] connection table;
-//! [`shutdown`] turns SIGTERM/SIGINT into the drain of [`server::serve`] and SIGHUP into
-//! a certificate reload; [`config`] reads the TOML file. These, and the drain, run on
-//! worker 0: the thread that called [`serve`].
+//! Everything the workers share lives in one [`gate::Gate`]: the settings built from
+//! the [`config`], the tasks and the signals that end them, the live table and the
+//! metrics. [`admin`] serves `/metrics`, `/livez`, `/readyz` and the live connection
+//! table; [`shutdown`] turns SIGTERM/SIGINT into the drain of [`server::serve`] and
+//! SIGHUP into a certificate reload. These, and the drain, run on worker 0: the thread
+//! that called [`serve`]. The words for a connection's two ends are in [`side`].
 
-pub mod admin;
+mod admin;
+mod backend;
 pub mod config;
+mod error;
 pub mod frame;
-pub mod handshake;
-pub mod listener;
-pub mod live;
-pub mod metrics;
-pub mod proxy;
-pub mod pump;
-pub mod relay;
-pub mod report;
-pub mod server;
-pub mod session;
-pub mod shutdown;
-pub mod splice;
-pub mod stream;
-pub mod tls;
+mod gate;
+mod handshake;
+mod listener;
+mod live;
+mod metrics;
+mod proxy;
+mod pump;
+mod record;
+mod relay;
+mod report;
+mod server;
+mod session;
+mod shutdown;
+pub mod side;
+mod splice;
+mod stream;
+mod tls;
 pub mod upgrade;
-pub mod worker;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::net::TcpListener;
 
 pub use config::Config;
+pub use error::Error;
 pub use listener::Listeners;
-
-/// Errors that stop wsgate from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A listener could not be bound: the address is in use or not local.
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    /// A TLS certificate, key or CA bundle does not load: fix the file named.
-    #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
-    /// A bound listener could not be registered with the runtime (out of memory or
-    /// descriptors).
-    #[error("cannot watch the {what} socket: {source}")]
-    Register {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    /// A worker thread could not start (no threads or memory left).
-    #[error("worker {index} failed to start: {why}")]
-    Worker { index: usize, why: String },
-    /// The server task itself failed (a bug: it panicked).
-    #[error("the server task failed: {0}")]
-    Internal(String),
-}
+pub use side::Side;
 
 /// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.
 /// Fails before serving if the TLS material does not load.
@@ -110,7 +92,7 @@ pub async fn serve_until(
     let first = proxy
         .next()
         .ok_or_else(|| Error::Internal("no proxy listener".into()))?;
-    let shared = Arc::new(server::Shared::new(config, 1 + proxy.len())?);
+    let gate = Arc::new(gate::Gate::new(config, 1 + proxy.len())?);
     let register =
         |what, l| TcpListener::from_std(l).map_err(|source| Error::Register { what, source });
     let first = register("listen", first)?;
@@ -119,21 +101,27 @@ pub async fn serve_until(
         .map(|l| register("admin.listen", l))
         .transpose()?;
     // Worker 0 is this task's thread; the others get threads of their own.
-    let workers = worker::Workers::start(&shared, proxy.collect()).await?;
-    shared.ready.store(true, Ordering::SeqCst);
+    let workers = worker::Workers::start(&gate, proxy.collect()).await?;
     // No helper task holds connections: all are stopped once the drain is over.
-    let housekeeping = tokio::spawn(server::housekeeping(shared.clone()));
-    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, shared.clone())));
-    let reload = shared.tls.as_ref().map(|tls| {
-        let interval = shared.config.tls.as_ref().and_then(|t| t.reload_interval);
+    let housekeeping = tokio::spawn(server::housekeeping(gate.clone()));
+    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, gate.clone())));
+    let settings = gate.settings();
+    let reload = settings.tls.as_ref().map(|tls| {
+        let interval = settings.config.tls.as_ref().and_then(|t| t.reload_interval);
         tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
     });
-    server::serve(shared, first, shutdown, abort).await;
+    server::serve(gate, first, shutdown, abort).await;
     workers.stop().await;
     for task in admin.into_iter().chain(reload).chain([housekeeping]) {
         task.abort();
     }
     Ok(())
+}
+
+/// File descriptors wsgate sets aside from the open-file limit besides its two per
+/// WebSocket: listeners, the backend pools, logs, and each worker's splice pipes.
+pub fn reserved_descriptors(workers: usize) -> usize {
+    64 + workers * splice::MAX_DESCRIPTORS
 }
 
 /// Binds the configured addresses and serves until SIGTERM or SIGINT.

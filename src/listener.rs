@@ -17,8 +17,8 @@ use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::Error;
 use crate::config::Config;
+use crate::error::Error;
 
 /// Pending connections the kernel may queue per listening socket. The default (128)
 /// overflows when a few hundred clients reconnect at once (a pod restart), and each

@@ -1,22 +1,23 @@
-//! The live connection table behind the admin `/connections` endpoint: every relayed
-//! WebSocket publishes its counters here while it lasts, and can be asked to close.
+//! The live connection table: every relayed WebSocket while it lasts. It is how the rest
+//! of wsgate reaches a relay: the admin `/connections` endpoint reads the counters each
+//! relay publishes here, the drain and an operator's close post their requests to a
+//! relay's mailbox here, and the metrics sweep adds the traffic of open connections.
 //!
 //! Relays write plain atomics (no lock on the data path); the table's lock is taken
-//! only to add or remove a connection and to list them.
+//! only to add or remove a connection, to list them, and to reach all of them at once.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::metrics::RelayMetrics;
-use crate::pump::Counters;
-use crate::report::ConnectionInfo;
-use crate::session::{Outcome, Side};
+use crate::frame::{MAX_CONTROL_PAYLOAD, is_sendable_close_code};
+use crate::record::{ConnectionInfo, Counters, Outcome};
+use crate::side::Side;
 
 /// "Not measured yet" in the atomics below.
 const NONE: u64 = u64::MAX;
@@ -25,18 +26,63 @@ const NONE: u64 = u64::MAX;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloseRequest {
     pub code: u16,
-    pub reason: String,
+    pub reason: Arc<str>,
 }
 
-/// What one relayed connection publishes.
+/// What outside parties asked of a relay since it last looked, as a set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests(u8);
+
+impl Requests {
+    const CLOSE: u8 = 1;
+    const SHUTDOWN: u8 = 2;
+    const FORCE: u8 = 4;
+
+    /// An operator asked for a close ([`LiveConn::close_request`] says how).
+    pub fn close(self) -> bool {
+        self.0 & Self::CLOSE != 0
+    }
+
+    /// wsgate is draining: close with the shutdown codes.
+    pub fn shutdown(self) -> bool {
+        self.0 & Self::SHUTDOWN != 0
+    }
+
+    /// The drain deadline passed: abort what is left.
+    pub fn force(self) -> bool {
+        self.0 & Self::FORCE != 0
+    }
+}
+
+/// Where outside requests wait for a relay: a set of flags and the relay task's waker.
+/// One atomic word and a waker, instead of a future per kind of request: an idle
+/// WebSocket's relay stays small, and checking for requests costs two atomic operations.
+#[derive(Debug, Default)]
+struct Mailbox {
+    pending: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Mailbox {
+    fn post(&self, request: u8) {
+        self.pending.fetch_or(request, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Requests> {
+        // Register first: a request posted after the check below still wakes the task.
+        self.waker.register(cx.waker());
+        match self.pending.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            bits => Poll::Ready(Requests(bits)),
+        }
+    }
+}
+
+/// What one relayed connection publishes, and its mailbox.
 #[derive(Debug)]
 pub struct LiveConn {
-    pub id: u64,
-    pub client: SocketAddr,
-    /// The worker thread relaying it (see `workers`).
-    pub worker: usize,
-    /// Request path without the query string.
-    pub path: Arc<str>,
+    pub info: ConnectionInfo,
     started: Instant,
     /// Per source side (client, backend): bytes and frames read.
     bytes: [AtomicU64; 2],
@@ -48,98 +94,115 @@ pub struct LiveConn {
     last_rx_ms: [AtomicU64; 2],
     /// Per side pinged: last liveness round trip in microseconds.
     rtt_us: [AtomicU64; 2],
+    /// Per side pinged: a round trip not yet in the RTT histogram (the sweep takes it).
+    unrecorded_rtt_us: [AtomicU64; 2],
     /// Index into [`Outcome::ALL`] once the connection is ending, else [`NONE`].
     outcome: AtomicU64,
-    /// Cancelled when an operator asks for a close (the request is in `close_request`),
-    /// or with its parent, the server's shutdown token.
-    pub close_token: CancellationToken,
+    mailbox: Mailbox,
     close_request: Mutex<Option<CloseRequest>>,
 }
 
-fn idx(side: Side) -> usize {
-    match side {
-        Side::Client => 0,
-        Side::Backend => 1,
-    }
-}
-
 impl LiveConn {
-    pub fn update_counters(&self, from: Side, c: Counters) {
-        self.bytes[idx(from)].store(c.bytes, Ordering::Relaxed);
-        self.frames[idx(from)].store(c.frames, Ordering::Relaxed);
+    fn new(info: ConnectionInfo) -> Self {
+        LiveConn {
+            info,
+            started: Instant::now(),
+            bytes: Default::default(),
+            frames: Default::default(),
+            counted_bytes: Default::default(),
+            counted_frames: Default::default(),
+            last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            unrecorded_rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            outcome: AtomicU64::new(NONE),
+            mailbox: Mailbox::default(),
+            close_request: Mutex::new(None),
+        }
     }
 
-    /// Adds the bytes and frames read since the last call to the process-wide counters.
-    /// The relay calls it at the end, the server's housekeeping every second meanwhile;
+    pub fn update_counters(&self, from: Side, c: Counters) {
+        self.bytes[from.idx()].store(c.bytes, Ordering::Relaxed);
+        self.frames[from.idx()].store(c.frames, Ordering::Relaxed);
+    }
+
+    /// The bytes and frames read from `from` since the last call, for the process-wide
+    /// counters. The sweep calls it every second and the relay's record at the end;
     /// `fetch_max` makes concurrent calls count every byte exactly once.
-    pub fn add_to_metrics(&self, metrics: &RelayMetrics) {
-        let add = |total: &AtomicU64, counted: &AtomicU64, counter: &metrics::Counter| {
+    pub fn take_uncounted(&self, from: Side) -> Counters {
+        let take = |total: &AtomicU64, counted: &AtomicU64| {
             let now = total.load(Ordering::Relaxed);
-            let before = counted.fetch_max(now, Ordering::Relaxed);
-            if now > before {
-                counter.increment(now - before);
-            }
+            now.saturating_sub(counted.fetch_max(now, Ordering::Relaxed))
         };
-        for i in 0..2 {
-            add(&self.bytes[i], &self.counted_bytes[i], &metrics.bytes[i]);
-            add(&self.frames[i], &self.counted_frames[i], &metrics.frames[i]);
+        let i = from.idx();
+        Counters {
+            bytes: take(&self.bytes[i], &self.counted_bytes[i]),
+            frames: take(&self.frames[i], &self.counted_frames[i]),
         }
     }
 
     pub fn received(&self, from: Side, at: Instant) {
         let ms = at.saturating_duration_since(self.started).as_millis() as u64;
-        self.last_rx_ms[idx(from)].store(ms, Ordering::Relaxed);
+        self.last_rx_ms[from.idx()].store(ms, Ordering::Relaxed);
     }
 
-    pub fn ping_rtt(&self, side: Side, rtt: std::time::Duration) {
-        self.rtt_us[idx(side)].store(rtt.as_micros() as u64, Ordering::Relaxed);
+    /// A liveness round trip was measured on `side`.
+    pub fn ping_rtt(&self, side: Side, rtt: Duration) {
+        let us = (rtt.as_micros() as u64).min(NONE - 1);
+        self.rtt_us[side.idx()].store(us, Ordering::Relaxed);
+        self.unrecorded_rtt_us[side.idx()].store(us, Ordering::Relaxed);
     }
 
-    /// The last liveness round trip measured on `side`.
-    pub fn rtt(&self, side: Side) -> Option<std::time::Duration> {
-        let us = self.rtt_us[idx(side)].load(Ordering::Relaxed);
-        (us != NONE).then(|| std::time::Duration::from_micros(us))
+    /// The round trip measured on `side` since the last call, for the RTT histogram.
+    /// Pings toward a side are at least `ping_interval` apart, so the sweep every second
+    /// records each one.
+    pub fn take_unrecorded_rtt(&self, side: Side) -> Option<Duration> {
+        let us = self.unrecorded_rtt_us[side.idx()].swap(NONE, Ordering::Relaxed);
+        (us != NONE).then(|| Duration::from_micros(us))
     }
 
     pub fn ending(&self, outcome: Outcome) {
-        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
-            self.outcome.store(i as u64, Ordering::Relaxed);
-        }
+        self.outcome.store(outcome.idx() as u64, Ordering::Relaxed);
     }
 
-    /// The pending close request, if an operator made one.
+    /// What was asked of this connection since the relay last looked; registers the
+    /// relay's task to be woken by the next request.
+    pub fn poll_requests(&self, cx: &mut Context<'_>) -> Poll<Requests> {
+        self.mailbox.poll(cx)
+    }
+
+    /// The close an operator asked for, if any.
     pub fn close_request(&self) -> Option<CloseRequest> {
         lock(&self.close_request).clone()
     }
 
     fn request_close(&self, request: CloseRequest) {
         *lock(&self.close_request) = Some(request);
-        self.close_token.cancel();
+        self.mailbox.post(Requests::CLOSE);
     }
 
     fn snapshot(&self, now: Instant) -> ConnSnapshot {
         let age = now.saturating_duration_since(self.started);
         let direction = |from: Side| {
-            let last = self.last_rx_ms[idx(from)].load(Ordering::Relaxed);
+            let last = self.last_rx_ms[from.idx()].load(Ordering::Relaxed);
             DirectionSnapshot {
-                bytes: self.bytes[idx(from)].load(Ordering::Relaxed),
-                frames: self.frames[idx(from)].load(Ordering::Relaxed),
+                bytes: self.bytes[from.idx()].load(Ordering::Relaxed),
+                frames: self.frames[from.idx()].load(Ordering::Relaxed),
                 seconds_since_last_frame: (last != NONE)
                     .then(|| (age.as_millis() as u64).saturating_sub(last) as f64 / 1e3),
             }
         };
         let rtt = |side: Side| {
-            let us = self.rtt_us[idx(side)].load(Ordering::Relaxed);
+            let us = self.rtt_us[side.idx()].load(Ordering::Relaxed);
             (us != NONE).then(|| us as f64 / 1e6)
         };
         let outcome = Outcome::ALL
             .get(self.outcome.load(Ordering::Relaxed) as usize)
             .map(|o| o.as_str());
         ConnSnapshot {
-            id: self.id,
-            client: self.client.to_string(),
-            worker: self.worker,
-            path: self.path.to_string(),
+            id: self.info.id,
+            client: self.info.client.to_string(),
+            worker: self.info.worker,
+            path: self.info.path.to_string(),
             age_seconds: age.as_secs_f64(),
             state: if outcome.is_some() { "closing" } else { "open" },
             outcome,
@@ -195,89 +258,108 @@ pub enum CloseError {
     ReasonTooLong,
 }
 
-type Conns = Mutex<BTreeMap<u64, Arc<LiveConn>>>;
+/// How far wsgate's shutdown has come, as far as relays are concerned. A relay that
+/// registers late still gets what the others got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Serving,
+    Draining,
+    Forced,
+}
 
-/// All live relayed connections.
 #[derive(Debug, Default)]
+struct Table {
+    conns: BTreeMap<u64, Arc<LiveConn>>,
+    phase: Phase,
+}
+
+/// All live relayed connections. Cheap to clone: clones share the table.
+#[derive(Clone, Debug, Default)]
 pub struct LiveTable {
-    conns: Arc<Conns>,
+    table: Arc<Mutex<Table>>,
 }
 
 /// Removes its connection from the table when dropped. It shares the table instead of
 /// borrowing it, so a relay's future can own it.
 pub struct Registration {
-    table: Arc<Conns>,
+    table: Arc<Mutex<Table>>,
     pub conn: Arc<LiveConn>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.table).remove(&self.conn.id);
+        lock(&self.table).conns.remove(&self.conn.info.id);
     }
 }
 
 impl LiveTable {
-    /// `shutdown` is the server's shutdown token: the connection's close token is its
-    /// child, so a relay waits on one token for both.
-    pub fn register(&self, info: &ConnectionInfo, shutdown: &CancellationToken) -> Registration {
-        let conn = Arc::new(LiveConn {
-            id: info.id,
-            client: info.client,
-            worker: info.worker,
-            path: info.path.clone(),
-            started: Instant::now(),
-            bytes: Default::default(),
-            frames: Default::default(),
-            counted_bytes: Default::default(),
-            counted_frames: Default::default(),
-            last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
-            rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
-            outcome: AtomicU64::new(NONE),
-            close_token: shutdown.child_token(),
-            close_request: Mutex::new(None),
-        });
-        lock(&self.conns).insert(info.id, conn.clone());
+    /// Adds a connection. During a drain it finds the shutdown (or the forced close)
+    /// already in its mailbox.
+    pub fn register(&self, info: ConnectionInfo) -> Registration {
+        let conn = Arc::new(LiveConn::new(info));
+        let mut table = lock(&self.table);
+        match table.phase {
+            Phase::Serving => {}
+            Phase::Draining => conn.mailbox.post(Requests::SHUTDOWN),
+            Phase::Forced => conn.mailbox.post(Requests::FORCE),
+        }
+        table.conns.insert(conn.info.id, conn.clone());
         Registration {
-            table: self.conns.clone(),
+            table: self.table.clone(),
             conn,
+        }
+    }
+
+    /// Asks every relay, present and future, to close with the shutdown codes.
+    pub fn shutdown_all(&self) {
+        self.post_all(Phase::Draining, Requests::SHUTDOWN);
+    }
+
+    /// Asks every relay, present and future, to abort.
+    pub fn force_all(&self) {
+        self.post_all(Phase::Forced, Requests::FORCE);
+    }
+
+    fn post_all(&self, phase: Phase, request: u8) {
+        let mut table = lock(&self.table);
+        table.phase = phase;
+        for conn in table.conns.values() {
+            conn.mailbox.post(request);
         }
     }
 
     pub fn snapshot(&self) -> Vec<ConnSnapshot> {
         let now = Instant::now();
-        let conns: Vec<Arc<LiveConn>> = lock(&self.conns).values().cloned().collect();
-        conns.iter().map(|c| c.snapshot(now)).collect()
+        self.conns().iter().map(|c| c.snapshot(now)).collect()
+    }
+
+    /// Every open connection, for a pass over all of them without holding the lock.
+    pub fn conns(&self) -> Vec<Arc<LiveConn>> {
+        lock(&self.table).conns.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.conns).len()
-    }
-
-    /// Adds the traffic of every open connection to the process-wide counters (see
-    /// [`LiveConn::add_to_metrics`]).
-    pub fn add_to_metrics(&self, metrics: &RelayMetrics) {
-        for conn in lock(&self.conns).values() {
-            conn.add_to_metrics(metrics);
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        lock(&self.table).conns.len()
     }
 
     /// Asks connection `id` to close with `code` and `reason` on both sides.
-    pub fn close(&self, id: u64, code: u16, reason: String) -> Result<(), CloseError> {
-        if !crate::frame::is_sendable_close_code(code) {
+    pub fn close(&self, id: u64, code: u16, reason: &str) -> Result<(), CloseError> {
+        if !is_sendable_close_code(code) {
             return Err(CloseError::BadCode(code));
         }
-        if reason.len() > crate::frame::MAX_CONTROL_PAYLOAD - 2 {
+        if reason.len() > MAX_CONTROL_PAYLOAD - 2 {
             return Err(CloseError::ReasonTooLong);
         }
-        let conn = lock(&self.conns)
+        let conn = lock(&self.table)
+            .conns
             .get(&id)
             .cloned()
             .ok_or(CloseError::NotFound(id))?;
-        conn.request_close(CloseRequest { code, reason });
+        conn.request_close(CloseRequest {
+            code,
+            reason: reason.into(),
+        });
         Ok(())
     }
 }
@@ -296,40 +378,34 @@ mod tests {
     }
 
     #[test]
-    fn traffic_reaches_the_shared_counters_exactly_once() {
-        let metrics = crate::metrics::Metrics::new(10);
+    fn traffic_is_taken_for_the_shared_counters_exactly_once() {
         let table = LiveTable::default();
-        let reg = table.register(&info(1, "/ws"), &CancellationToken::new());
-        let bytes = |text: &str| -> String {
-            text.lines()
-                .find(|l| {
-                    l.starts_with("wsgate_websocket_bytes_total{direction=\"client_to_backend\"}")
-                })
-                .unwrap()
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .to_string()
-        };
+        let reg = table.register(info(1, "/ws"));
         let sent = |n| Counters {
             frames: 1,
             bytes: n,
         };
         reg.conn.update_counters(Side::Client, sent(106));
-        // The sweep and the relay's final call may both run: each byte counts once.
-        table.add_to_metrics(&metrics.relay());
-        reg.conn.add_to_metrics(&metrics.relay());
-        table.add_to_metrics(&metrics.relay());
-        assert_eq!(bytes(&metrics.render()), "106");
+        // The sweep and the relay's final record may both take: each byte counts once.
+        assert_eq!(reg.conn.take_uncounted(Side::Client).bytes, 106);
+        assert_eq!(reg.conn.take_uncounted(Side::Client), Counters::default());
         reg.conn.update_counters(Side::Client, sent(150));
-        table.add_to_metrics(&metrics.relay());
-        assert_eq!(bytes(&metrics.render()), "150");
+        assert_eq!(reg.conn.take_uncounted(Side::Client).bytes, 44);
+        assert_eq!(reg.conn.take_uncounted(Side::Backend), Counters::default());
+        // A round trip is recorded once, and stays visible to /connections.
+        reg.conn.ping_rtt(Side::Backend, Duration::from_micros(250));
+        assert_eq!(
+            reg.conn.take_unrecorded_rtt(Side::Backend),
+            Some(Duration::from_micros(250))
+        );
+        assert_eq!(reg.conn.take_unrecorded_rtt(Side::Backend), None);
+        assert_eq!(table.snapshot()[0].backend_ping_rtt_seconds, Some(0.00025));
     }
 
     #[test]
     fn registration_lists_and_removes_connections() {
         let table = LiveTable::default();
-        let reg = table.register(&info(7, "/ws"), &CancellationToken::new());
+        let reg = table.register(info(7, "/ws"));
         reg.conn.update_counters(
             Side::Client,
             Counters {
@@ -345,28 +421,31 @@ mod tests {
         reg.conn.ending(Outcome::ClientGone);
         assert_eq!(table.snapshot()[0].outcome, Some("client_gone"));
         drop(reg);
-        assert!(table.is_empty());
+        assert_eq!(table.len(), 0);
+    }
+
+    fn requests(conn: &LiveConn) -> Option<Requests> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match conn.poll_requests(&mut cx) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
     }
 
     #[test]
-    fn close_requests_are_checked() {
+    fn close_requests_are_checked_and_delivered() {
         let table = LiveTable::default();
-        let reg = table.register(&info(1, "/"), &CancellationToken::new());
+        let reg = table.register(info(1, "/"));
+        assert_eq!(table.close(2, 1000, ""), Err(CloseError::NotFound(2)));
+        assert_eq!(table.close(1, 1006, ""), Err(CloseError::BadCode(1006)));
         assert_eq!(
-            table.close(2, 1000, String::new()),
-            Err(CloseError::NotFound(2))
-        );
-        assert_eq!(
-            table.close(1, 1006, String::new()),
-            Err(CloseError::BadCode(1006))
-        );
-        assert_eq!(
-            table.close(1, 4000, "x".repeat(124)),
+            table.close(1, 4000, &"x".repeat(124)),
             Err(CloseError::ReasonTooLong)
         );
-        assert!(!reg.conn.close_token.is_cancelled());
-        assert_eq!(table.close(1, 4000, "maintenance".into()), Ok(()));
-        assert!(reg.conn.close_token.is_cancelled());
+        assert_eq!(requests(&reg.conn), None);
+        assert_eq!(table.close(1, 4000, "maintenance"), Ok(()));
+        let got = requests(&reg.conn).unwrap();
+        assert!(got.close() && !got.shutdown() && !got.force());
         assert_eq!(
             reg.conn.close_request(),
             Some(CloseRequest {
@@ -374,5 +453,21 @@ mod tests {
                 reason: "maintenance".into()
             })
         );
+        // Taken once.
+        assert_eq!(requests(&reg.conn), None);
+    }
+
+    #[test]
+    fn a_drain_reaches_open_connections_and_those_that_register_later() {
+        let table = LiveTable::default();
+        let early = table.register(info(1, "/"));
+        table.shutdown_all();
+        assert!(requests(&early.conn).unwrap().shutdown());
+        let late = table.register(info(2, "/"));
+        assert!(requests(&late.conn).unwrap().shutdown());
+        table.force_all();
+        assert!(requests(&early.conn).unwrap().force());
+        let later = table.register(info(3, "/"));
+        assert!(requests(&later.conn).unwrap().force());
     }
 }

@@ -111,7 +111,7 @@ fn raise_fd_limit(max_connections: usize, workers: usize) {
         Ok(limit) => {
             // Two sockets per relayed connection, plus listeners, pool and headroom, and
             // each worker's splice pipes.
-            let reserved = 64 + workers * wsgate::splice::MAX_DESCRIPTORS;
+            let reserved = wsgate::reserved_descriptors(workers);
             let capacity = limit.saturating_sub(reserved as u64) / 2;
             tracing::info!(
                 open_files = limit,

@@ -9,7 +9,6 @@
 //! `_bytes`), counters end in `_total`; labels come from closed sets only.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -20,8 +19,9 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::relay::Report;
-use crate::session::Outcome;
+use crate::error::{ProxyError, UPGRADE_RESULTS};
+use crate::record::{Counters, Outcome, Record};
+use crate::side::Side;
 
 const METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -38,49 +38,6 @@ const RELEASE_BUCKETS: &[f64] = &[
 ];
 /// Ping round trips and HTTP latencies: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = RELEASE_BUCKETS;
-
-/// How an upgrade request ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpgradeResult {
-    /// 101 relayed: the WebSocket is open.
-    Ok,
-    /// The backend answered something other than 101 (401, 403, 404...).
-    BackendRefused,
-    /// The backend could not be connected to.
-    BackendUnreachable,
-    /// The backend failed, timed out or sent an invalid 101.
-    BackendError,
-    /// The client's handshake was invalid.
-    BadRequest,
-    /// `max_connections` was reached.
-    LimitReached,
-    /// The `Origin` is not in `websocket.allowed_origins`.
-    OriginRefused,
-}
-
-impl UpgradeResult {
-    pub const ALL: [UpgradeResult; 7] = [
-        UpgradeResult::Ok,
-        UpgradeResult::BackendRefused,
-        UpgradeResult::BackendUnreachable,
-        UpgradeResult::BackendError,
-        UpgradeResult::BadRequest,
-        UpgradeResult::LimitReached,
-        UpgradeResult::OriginRefused,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UpgradeResult::Ok => "ok",
-            UpgradeResult::BackendRefused => "backend_refused",
-            UpgradeResult::BackendUnreachable => "backend_unreachable",
-            UpgradeResult::BackendError => "backend_error",
-            UpgradeResult::BadRequest => "bad_request",
-            UpgradeResult::LimitReached => "limit_reached",
-            UpgradeResult::OriginRefused => "origin_refused",
-        }
-    }
-}
 
 /// Who sent a Close frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,15 +112,6 @@ fn status_class(s: StatusCode) -> usize {
     usize::from((s.as_u16() / 100).clamp(1, 5) - 1)
 }
 
-/// Handles a relay updates while it runs: bytes and frames each way, ping RTTs.
-pub struct RelayMetrics {
-    /// Indexed by the side that sent them: client (client_to_backend), backend.
-    pub frames: [Counter; 2],
-    pub bytes: [Counter; 2],
-    /// Indexed by the side that was pinged.
-    pub ping_rtt: [Histogram; 2],
-}
-
 /// The server's metrics.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -178,7 +126,11 @@ pub struct Metrics {
     release: Vec<Histogram>,
     /// [sender][code label]
     close_frames: Vec<Vec<Counter>>,
-    relay: Arc<RelayMetrics>,
+    /// Indexed by the side that sent them: client (client_to_backend), backend.
+    frames: [Counter; 2],
+    bytes: [Counter; 2],
+    /// Indexed by the side that was pinged.
+    ping_rtt: [Histogram; 2],
     /// [status class][method group]
     http_requests: Vec<Vec<Counter>>,
     /// [status class]
@@ -315,18 +267,17 @@ impl Metrics {
         );
 
         let outcome_label = |o: Outcome| vec![Label::new("outcome", o.as_str())];
-        let direction = |d: &'static str| vec![Label::new("direction", d)];
-        let side = |s: &'static str| vec![Label::new("side", s)];
+        let direction = |from: Side| vec![Label::new("direction", from.direction_from())];
         Metrics {
             websockets_active: gauge("wsgate_websocket_connections_active"),
             connections_active: gauge("wsgate_connections_active"),
             connections_rejected: counter("wsgate_connections_rejected_total", vec![]),
-            upgrades: UpgradeResult::ALL
+            upgrades: UPGRADE_RESULTS
                 .iter()
-                .map(|u| {
+                .map(|result| {
                     counter(
                         "wsgate_websocket_upgrades_total",
-                        vec![Label::new("result", u.as_str())],
+                        vec![Label::new("result", *result)],
                     )
                 })
                 .collect(),
@@ -366,31 +317,14 @@ impl Metrics {
                         .collect()
                 })
                 .collect(),
-            relay: Arc::new(RelayMetrics {
-                frames: [
-                    counter(
-                        "wsgate_websocket_frames_total",
-                        direction("client_to_backend"),
-                    ),
-                    counter(
-                        "wsgate_websocket_frames_total",
-                        direction("backend_to_client"),
-                    ),
-                ],
-                bytes: [
-                    counter(
-                        "wsgate_websocket_bytes_total",
-                        direction("client_to_backend"),
-                    ),
-                    counter(
-                        "wsgate_websocket_bytes_total",
-                        direction("backend_to_client"),
-                    ),
-                ],
-                ping_rtt: [
-                    histogram("wsgate_websocket_ping_rtt_seconds", side("client")),
-                    histogram("wsgate_websocket_ping_rtt_seconds", side("backend")),
-                ],
+            frames: Side::BOTH
+                .map(|from| counter("wsgate_websocket_frames_total", direction(from))),
+            bytes: Side::BOTH.map(|from| counter("wsgate_websocket_bytes_total", direction(from))),
+            ping_rtt: Side::BOTH.map(|pinged| {
+                histogram(
+                    "wsgate_websocket_ping_rtt_seconds",
+                    vec![Label::new("side", pinged.as_str())],
+                )
             }),
             http_requests: STATUS_CLASSES
                 .iter()
@@ -420,21 +354,32 @@ impl Metrics {
         }
     }
 
-    /// Handles for a relay, shared by all of them (one pointer per connection).
-    pub fn relay(&self) -> Arc<RelayMetrics> {
-        self.relay.clone()
+    /// An upgrade was answered 101 and its WebSocket relayed.
+    pub fn upgrade_relayed(&self) {
+        self.upgrade("ok");
     }
 
-    pub fn upgrade(&self, result: UpgradeResult) {
-        self.upgrades[result as usize].increment(1);
+    /// The backend refused an upgrade (401, 403, 404...): the client got its answer.
+    pub fn upgrade_refused(&self) {
+        self.upgrade("backend_refused");
     }
 
-    /// Records a relayed connection's end: the single place its outcome is counted.
-    pub fn connection_ended(&self, r: &Report) {
-        let o = Outcome::ALL
-            .iter()
-            .position(|x| *x == r.outcome)
-            .unwrap_or(0);
+    /// wsgate answered an upgrade with `error`.
+    pub fn upgrade_failed(&self, error: ProxyError) {
+        self.upgrade(error.upgrade_label());
+    }
+
+    fn upgrade(&self, result: &str) {
+        if let Some(i) = UPGRADE_RESULTS.iter().position(|r| *r == result) {
+            self.upgrades[i].increment(1);
+        }
+    }
+
+    /// Records a relayed connection's end: its outcome, duration, release time and the
+    /// Close frames of both handshakes. Called once per connection, by
+    /// [`crate::report`].
+    pub fn connection_ended(&self, r: &Record) {
+        let o = r.outcome.idx();
         self.ended[o].increment(1);
         self.duration[o].record(r.duration.as_secs_f64());
         self.release[o].record(r.release.as_secs_f64());
@@ -449,6 +394,21 @@ impl Metrics {
                 self.close_frames[sender as usize][code_label_index(code)].increment(1);
             }
         }
+    }
+
+    /// Adds traffic read from `from` to the process-wide byte and frame counters.
+    pub fn add_traffic(&self, from: Side, traffic: Counters) {
+        if traffic.bytes > 0 {
+            self.bytes[from.idx()].increment(traffic.bytes);
+        }
+        if traffic.frames > 0 {
+            self.frames[from.idx()].increment(traffic.frames);
+        }
+    }
+
+    /// Records a liveness round trip measured on `side`.
+    pub fn ping_rtt(&self, side: Side, rtt: Duration) {
+        self.ping_rtt[side.idx()].record(rtt.as_secs_f64());
     }
 
     pub fn http_request(&self, method: &Method, status: StatusCode, elapsed: Duration) {

@@ -1,24 +1,21 @@
 //! HTTP forwarding: every request that is not a WebSocket upgrade goes to the backend
 //! through a keep-alive pool, and the response streams back. Also the header rules both
-//! forwarding and [`crate::upgrade`] share: hop-by-hop removal (RFC 9110 §7.6.1),
-//! `X-Forwarded-*`, and the responses wsgate makes itself.
+//! forwarding and [`crate::upgrade`] share — hop-by-hop removal (RFC 9110 §7.6.1),
+//! `X-Forwarded-*` — and the responses wsgate makes itself for a [`ProxyError`].
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::{Request, Response, Uri};
 
+use crate::backend::HttpClient;
 use crate::config::Config;
-use crate::tls::BackendTls;
+use crate::error::ProxyError;
 
 /// The body of every response wsgate returns to clients.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -27,130 +24,30 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// operators can tell a 502 from wsgate from a 502 the backend sent.
 pub const ERROR_HEADER: &str = "wsgate-error";
 
-/// How long an idle pooled backend connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The pooled HTTP client used for plain requests.
-pub type BackendClient = Client<HttpsConnector<HttpConnector>, Incoming>;
-
-/// The pooled client; `tls` is set for an `https://` backend.
-pub fn backend_client(config: &Config, tls: Option<&BackendTls>) -> BackendClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.http.connect_timeout));
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(crate::listener::TCP_KEEPALIVE_IDLE));
-    // The TLS layer above handles `https://` URIs.
-    connector.enforce_http(false);
-    // Plain `http://` URIs never use the TLS configuration; it only has to exist.
-    let mut tls_config = tls.map_or_else(crate::tls::plain_client_config, |t| {
-        rustls::ClientConfig::clone(&t.config)
-    });
-    // The connector sets ALPN itself (and refuses a configuration that has it).
-    tls_config.alpn_protocols.clear();
-    let builder = HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config)
-        .https_or_http();
-    let builder = match tls {
-        Some(t) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
-            t.server_name.clone(),
-        )),
-        None => builder,
-    };
-    let connector = builder.enable_http1().wrap_connector(connector);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
-
-/// Why wsgate answered a request itself. `as_str` goes into [`ERROR_HEADER`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyError {
-    /// The backend could not be connected to (refused, unreachable, connect timeout).
-    BackendUnreachable,
-    /// The backend accepted the request but failed before a complete response head.
-    BackendFailed,
-    /// The backend did not send a response head within `http.response_timeout`.
-    BackendTimeout,
-    /// The backend answered a WebSocket upgrade with an invalid 101.
-    BackendBadHandshake,
-    /// The client's WebSocket handshake is invalid.
-    BadHandshake,
-    /// The client asked for a WebSocket version other than 13.
-    UnsupportedVersion,
-    /// `max_connections` is reached.
-    OverCapacity,
-    /// The WebSocket's `Origin` is not in `websocket.allowed_origins`.
-    OriginNotAllowed,
-}
-
-impl ProxyError {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyError::BackendUnreachable => "backend_unreachable",
-            ProxyError::BackendFailed => "backend_failed",
-            ProxyError::BackendTimeout => "backend_timeout",
-            ProxyError::BackendBadHandshake => "backend_bad_handshake",
-            ProxyError::BadHandshake => "bad_handshake",
-            ProxyError::UnsupportedVersion => "unsupported_version",
-            ProxyError::OverCapacity => "over_capacity",
-            ProxyError::OriginNotAllowed => "origin_not_allowed",
+/// The response wsgate sends for `error`; `detail` becomes the plain-text body.
+pub fn error_response(error: ProxyError, detail: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{detail}\n")));
+    *resp.status_mut() = error.status();
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(error.as_str()));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    match error {
+        ProxyError::UnsupportedVersion => {
+            h.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
         }
-    }
-
-    /// The default explanation in the response body.
-    pub fn message(self) -> &'static str {
-        match self {
-            ProxyError::BackendUnreachable => "wsgate could not connect to the backend",
-            ProxyError::BackendFailed => "the backend failed before sending a response",
-            ProxyError::BackendTimeout => "the backend did not answer in time",
-            ProxyError::BackendBadHandshake => "the backend sent an invalid WebSocket handshake",
-            ProxyError::BadHandshake => "invalid WebSocket handshake",
-            ProxyError::UnsupportedVersion => "only WebSocket version 13 is supported",
-            ProxyError::OverCapacity => "wsgate is at max_connections; retry shortly",
-            ProxyError::OriginNotAllowed => "this origin may not open WebSockets here",
+        ProxyError::OverCapacity => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        _ => {}
     }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            ProxyError::BackendUnreachable
-            | ProxyError::BackendFailed
-            | ProxyError::BackendBadHandshake => StatusCode::BAD_GATEWAY,
-            ProxyError::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadHandshake => StatusCode::BAD_REQUEST,
-            ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
-            ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::OriginNotAllowed => StatusCode::FORBIDDEN,
-        }
-    }
-
-    /// The response wsgate sends; `detail` becomes the plain-text body.
-    pub fn response(self, detail: &str) -> Response<Body> {
-        let mut resp = Response::new(full(format!("{detail}\n")));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(ERROR_HEADER, HeaderValue::from_static(self.as_str()));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        match self {
-            ProxyError::UnsupportedVersion => {
-                h.insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-            }
-            ProxyError::OverCapacity => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
-        }
-        resp
-    }
+    resp
 }
 
 /// A complete body from bytes.
@@ -162,7 +59,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Forwards a plain HTTP request and streams the backend's response back.
 pub async fn forward(
-    client: &BackendClient,
+    client: &HttpClient,
     config: &Config,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -177,7 +74,7 @@ pub async fn forward(
     {
         parts.headers.insert(header::HOST, host);
     }
-    prepare_request_headers(&mut parts.headers, peer, config.tls.is_some());
+    prepare_request_headers(&mut parts.headers, peer, Scheme::of(config));
     parts.uri = backend_uri(
         config.backend.scheme(),
         &config.backend.authority,
@@ -285,6 +182,32 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// How the client reached wsgate, for `X-Forwarded-Proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// Over TLS that wsgate terminated.
+    Https,
+}
+
+impl Scheme {
+    /// The scheme of wsgate's own listener.
+    pub fn of(config: &Config) -> Scheme {
+        if config.tls.is_some() {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -298,7 +221,7 @@ pub fn forwarded_headers(
     headers: &HeaderMap,
     host: Option<&HeaderValue>,
     peer: SocketAddr,
-    client_tls: bool,
+    client: Scheme,
 ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
     let mut chain = String::with_capacity(64);
     for prior in headers.get_all(X_FORWARDED_FOR) {
@@ -314,10 +237,8 @@ pub fn forwarded_headers(
     let xff = HeaderValue::from_maybe_shared(Bytes::from(chain))
         .ok()
         .map(|v| (X_FORWARDED_FOR, v));
-    let proto = (!headers.contains_key(X_FORWARDED_PROTO)).then(|| {
-        let scheme = if client_tls { "https" } else { "http" };
-        (X_FORWARDED_PROTO, HeaderValue::from_static(scheme))
-    });
+    let proto = (!headers.contains_key(X_FORWARDED_PROTO))
+        .then(|| (X_FORWARDED_PROTO, HeaderValue::from_static(client.as_str())));
     let fwd_host = host
         .filter(|_| !headers.contains_key(X_FORWARDED_HOST))
         .map(|h| (X_FORWARDED_HOST, h.clone()));
@@ -327,9 +248,9 @@ pub fn forwarded_headers(
 /// Applies the request header rules to a request forwarded as it is: hop-by-hop
 /// headers removed, the [`forwarded_headers`] set. `Host` is left as the client sent
 /// it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client_tls: bool) {
+pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client: Scheme) {
     remove_hop_by_hop(headers);
-    let added = forwarded_headers(headers, headers.get(header::HOST), peer, client_tls);
+    let added = forwarded_headers(headers, headers.get(header::HOST), peer, client);
     for (name, value) in added {
         headers.insert(name, value);
     }
@@ -360,7 +281,7 @@ mod tests {
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("dash.example"));
-        prepare_request_headers(&mut h, peer, false);
+        prepare_request_headers(&mut h, peer, Scheme::Http);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "dash.example");
@@ -374,7 +295,7 @@ mod tests {
         );
         h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request_headers(&mut h, peer, true);
+        prepare_request_headers(&mut h, peer, Scheme::Https);
         let chain: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -19,9 +19,11 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::AsyncWrite;
 
-use crate::frame::{ControlPayload, FrameError, Header, Scanner, Step};
-use crate::relay::Transport;
+use crate::frame::{ControlPayload, FrameError, Header, Opcode, Scanner, Step};
+use crate::record::Counters;
+use crate::session::Verdict;
 use crate::splice::{self, Pipe};
+use crate::stream::Transport;
 
 /// Bytes read from a socket at once at first. The buffer exists only while bytes are in
 /// flight: an idle connection holds none.
@@ -78,15 +80,6 @@ struct Injection {
     written: usize,
 }
 
-/// Bytes and frames that passed one way, for the connection's report.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Frames read from the source (data and control).
-    pub frames: u64,
-    /// Bytes read from the source.
-    pub bytes: u64,
-}
-
 /// One direction: from a source side to a destination side.
 #[derive(Debug)]
 pub struct Pump {
@@ -99,6 +92,8 @@ pub struct Pump {
     ready: usize,
     /// Length of the control frame at the start of `buf` awaiting the relay's verdict.
     held: usize,
+    /// That frame is a Close: forwarding it ends the forwarding this way.
+    held_close: bool,
     /// While a large payload moves by [`splice`]: the pipe. What it holds goes to the
     /// destination before anything else; `buf` is empty while it is in use.
     pipe: Option<Pipe>,
@@ -141,6 +136,7 @@ impl Pump {
             read_size: READ_SIZE,
             ready: 0,
             held: 0,
+            held_close: false,
             pipe: None,
             injections: Vec::new(),
             dropping: false,
@@ -198,16 +194,17 @@ impl Pump {
         }
     }
 
-    /// Forwards (`true`) or drops the held control frame. Forwarding a Close ends the
-    /// forwarding in this direction.
-    pub fn release_held(&mut self, forward: bool, is_close: bool) {
+    /// Forwards or drops the held control frame, as the relay decided. Forwarding a
+    /// Close ends the forwarding in this direction.
+    pub fn release_held(&mut self, verdict: Verdict) {
+        let forward = verdict == Verdict::Forward;
         if forward && !self.dropping {
             self.ready = self.held;
         } else {
             self.buf.advance(self.held);
         }
         self.held = 0;
-        if forward && is_close {
+        if forward && self.held_close {
             self.dropping = true;
         }
     }
@@ -506,6 +503,7 @@ impl Pump {
                     }
                     self.counters.frames += 1;
                     self.held = len;
+                    self.held_close = header.opcode == Opcode::Close;
                     let payload = ControlPayload::from_frame(&header, &self.buf[..len]);
                     return Scanned::Stop(PumpEvent::Control { header, payload });
                 }
@@ -607,8 +605,8 @@ enum Scanned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Opcode, encode, encode_close};
-    use crate::session::Side;
+    use crate::frame::{encode, encode_close};
+    use crate::side::Side;
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
@@ -694,7 +692,7 @@ mod tests {
         // The pipe went back to this thread's pool once the payload was through.
         assert!(pump.pipe.is_none());
         assert!(crate::splice::alive() > 0, "nothing was spliced");
-        pump.release_held(true, true);
+        pump.release_held(Verdict::Forward);
         drop(writer.await.unwrap());
         let _ = dst.flush().await;
     }
@@ -717,7 +715,7 @@ mod tests {
             (header.opcode, payload.as_bytes()),
             (Opcode::Ping, &b"app-ping"[..])
         );
-        pump.release_held(true, false);
+        pump.release_held(Verdict::Forward);
         drop(src_peer);
         let ev = poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))).await;
         assert!(matches!(ev, PumpEvent::Eof { mid_frame: false }), "{ev:?}");

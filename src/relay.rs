@@ -1,39 +1,31 @@
 //! The life of an upgraded connection: two [`Pump`]s (client→backend, backend→client)
-//! and one [`Session`], driven from a single task.
+//! and one [`Session`], driven from a single task that this module spawns, registers in
+//! the live table, and ends by recording the connection.
 //!
 //! The relay is the only place where the pumps' I/O meets the session's decisions: it
-//! polls both pumps, the session's timer and the shutdown signals, hands what happened to
-//! the session with the current time, and carries out the actions it returns. When both
-//! sockets are closed it returns a [`Report`], the connection's single record.
+//! polls both pumps, the session's timer and its mailbox in the live table (an
+//! operator's close, the drain), hands what happened to the session with the current
+//! time, and carries out the actions it returns. When both sockets are closed it fills in
+//! the connection's [`Record`] and hands it to [`report`].
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
-use crate::frame::{self, Opcode, RSV1, Scanner};
-use crate::live::LiveConn;
-use crate::metrics::RelayMetrics;
-use crate::pump::{Counters, Injected, Pump, PumpEvent};
-use crate::session::{Action, Outcome, Session, Side, Timers, Verdict};
-
-/// A byte stream the relay can end abruptly.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Makes closing this stream reset the connection (RST) instead of a FIN, so a peer
-    /// that stopped responding cannot hold kernel buffers until TCP gives up.
-    fn abort_on_close(&self);
-
-    /// The TCP socket, when the stream is nothing more (no TLS, no HTTP/2 framing): its
-    /// bytes can then move by [`crate::splice`].
-    fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
-        None
-    }
-}
+use crate::frame::{self, Negotiated, Opcode, Scanner};
+use crate::live::{LiveConn, LiveTable, Requests};
+use crate::metrics::Metrics;
+use crate::pump::{Injected, Pump, PumpEvent};
+use crate::record::{ConnectionInfo, Outcome, Record};
+use crate::report;
+use crate::session::{Action, Gone, Pong, Session, Timers, Verdict};
+use crate::side::Side;
+use crate::stream::{Stream, Transport};
 
 /// Per-connection settings of the relay.
 #[derive(Clone, Debug)]
@@ -44,87 +36,89 @@ pub struct RelayConfig {
     pub max_frame_size: Option<u64>,
 }
 
-/// What the WebSocket handshake negotiated that changes how frames are checked.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Negotiated {
-    /// RSV bits the negotiated extensions may set.
-    pub rsv_allowed: u8,
-}
-
-impl Negotiated {
-    /// Reads `Sec-WebSocket-Extensions` from the backend's 101 response.
-    pub fn from_extensions<'a>(values: impl Iterator<Item = &'a str>) -> Self {
-        let mut rsv_allowed = 0;
-        for ext in values.flat_map(|v| v.split(',')) {
-            let name = ext.split(';').next().unwrap_or("").trim();
-            if name.is_empty() {
-                continue;
-            }
-            rsv_allowed |= if name.eq_ignore_ascii_case("permessage-deflate") {
-                RSV1
-            } else {
-                // An extension wsgate does not know may use any RSV bit.
-                0b111
-            };
-        }
-        Negotiated { rsv_allowed }
-    }
-}
-
-/// One side's socket as the upgrade hands it over.
-pub struct Leg<'a, S> {
+/// One side's stream as the upgrade hands it over.
+pub struct Leg<S> {
     pub stream: S,
     /// Bytes the side sent right behind its handshake, already read by the HTTP layer.
-    pub buffered: &'a [u8],
+    pub buffered: Bytes,
 }
 
-/// Signals from the server's shutdown logic.
-#[derive(Clone, Debug)]
-pub struct Signals {
-    /// Draining started: close the connection with 1001 on both sides.
-    pub shutdown: CancellationToken,
-    /// The drain deadline passed: abort.
-    pub force: CancellationToken,
+/// What a successful upgrade hands to its relay.
+pub struct Handoff<F> {
+    /// Completes with the client's stream once the HTTP layer lets go of it (after the
+    /// 101 is written); `None` if it never does (the client left first).
+    pub client: F,
+    pub backend: Leg<Stream>,
+    pub negotiated: Negotiated,
+    pub info: ConnectionInfo,
 }
 
-/// Everything recorded about one relayed connection when it ends.
-#[derive(Clone, Debug)]
-pub struct Report {
-    pub outcome: Outcome,
-    /// From the upgrade to both sockets closed.
-    pub duration: Duration,
-    /// From the first end signal to both sockets closed.
-    pub release: Duration,
-    pub client_to_backend: Counters,
-    pub backend_to_client: Counters,
-    /// The Close the client sent (with its code, if it had one).
-    pub client_close: Option<Option<u16>>,
-    /// The Close the backend sent.
-    pub backend_close: Option<Option<u16>>,
-    /// The code of the Close wsgate itself sent to each side.
-    pub wsgate_to_client_close: Option<u16>,
-    pub wsgate_to_backend_close: Option<u16>,
-    /// Last liveness round-trip time measured on each side.
-    pub client_rtt: Option<Duration>,
-    pub backend_rtt: Option<Duration>,
+/// Spawns the relay of one WebSocket on `tasks`: it waits for the client's stream,
+/// registers in `live`, relays until both sockets are closed, records the connection in
+/// `metrics` and the log, and drops `guard` (what the client connection holds for as
+/// long as its WebSocket lasts).
+pub fn spawn<F, G>(
+    tasks: &TaskTracker,
+    handoff: Handoff<F>,
+    config: RelayConfig,
+    live: &LiveTable,
+    metrics: &Arc<Metrics>,
+    guard: G,
+) where
+    F: Future<Output = Option<Leg<Stream>>> + Send + 'static,
+    G: Send + 'static,
+{
+    let Handoff {
+        client,
+        backend,
+        negotiated,
+        info,
+    } = handoff;
+    let live = live.clone();
+    let metrics = metrics.clone();
+    tasks.spawn(async move {
+        let Some(client) = client.await else {
+            return;
+        };
+        start(client, backend, negotiated, info, &config, &live, metrics).await;
+        drop(guard);
+    });
 }
 
-/// A liveness Ping wsgate sent.
-#[derive(Clone, Copy, Debug)]
-struct Ping {
-    payload: [u8; 16],
-    sent_at: Option<Instant>,
+/// Builds the relay now and returns the future that runs it and records its end.
+/// Building outside that future keeps it from also holding the streams, buffers and
+/// handshake state the relay was made from: a future stores its arguments for its
+/// whole life, and an idle WebSocket's task should be about the size of its relay.
+fn start(
+    client: Leg<Stream>,
+    backend: Leg<Stream>,
+    negotiated: Negotiated,
+    info: ConnectionInfo,
+    config: &RelayConfig,
+    live: &LiveTable,
+    metrics: Arc<Metrics>,
+) -> impl Future<Output = ()> + Send + use<> {
+    let registration = live.register(info);
+    let mut relay = Relay::new(
+        client,
+        backend,
+        negotiated,
+        config,
+        registration.conn.clone(),
+    );
+    async move {
+        // `run` takes the relay by reference: moving it into its own future would keep
+        // a second copy alive for the connection's whole life.
+        let record = relay.run().await;
+        report::connection_ended(&metrics, &registration.conn, &record);
+        drop(registration);
+    }
 }
-
-/// Prefix of wsgate's liveness Ping payloads; the rest is a sequence number.
-const PING_PREFIX: &[u8; 8] = b"wsgate:p";
 
 enum Wake {
     Pump(Side, PumpEvent),
     Timer,
-    Shutdown,
-    Force,
-    AdminClose,
+    Requests(Requests),
 }
 
 /// One upgraded connection being relayed.
@@ -139,34 +133,25 @@ pub struct Relay<C, B> {
     timer: Pin<Box<Sleep>>,
     /// The deadline the timer is set to, if any.
     armed: Option<Instant>,
-    signals: Signals,
-    /// The outside signal awaited next: first this connection's close token (a child of
-    /// the shutdown token, also cancelled by an operator's close), then the force token.
-    /// One future instead of three keeps idle connections small and wake-ups cheap.
-    signal: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// wsgate's outstanding liveness Ping per side (client, backend).
-    pings: [Option<Ping>; 2],
-    ping_seq: u64,
     /// Write-blocked state last reported to the session, per destination.
     blocked: [bool; 2],
     /// Which pump is polled first, alternated for fairness.
     client_first: bool,
     started: Instant,
-    metrics: Arc<RelayMetrics>,
-    /// This connection's entry in the admin `/connections` table.
+    /// This connection's entry in the live table: its published counters and mailbox.
     live: Arc<LiveConn>,
     /// The outcome was published to `live`.
     ending_published: bool,
 }
 
 impl<C: Transport, B: Transport> Relay<C, B> {
+    /// The pumps copy the bytes each side sent behind its handshake; the buffers they
+    /// came from (the HTTP layer's whole read buffers) drop here.
     pub fn new(
-        client: Leg<'_, C>,
-        backend: Leg<'_, B>,
+        client: Leg<C>,
+        backend: Leg<B>,
         negotiated: Negotiated,
-        config: RelayConfig,
-        signals: Signals,
-        metrics: Arc<RelayMetrics>,
+        config: &RelayConfig,
         live: Arc<LiveConn>,
     ) -> Self {
         let now = Instant::now();
@@ -174,19 +159,14 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         Relay {
             client: Some(client.stream),
             backend: Some(backend.stream),
-            c2b: Pump::new(scanner(Side::Client), client.buffered),
-            b2c: Pump::new(scanner(Side::Backend), backend.buffered),
+            c2b: Pump::new(scanner(Side::Client), &client.buffered),
+            b2c: Pump::new(scanner(Side::Backend), &backend.buffered),
             session: Session::new(config.timers.clone(), now.into_std()),
             timer: Box::pin(tokio::time::sleep_until(now)),
             armed: None,
-            signal: Some(Box::pin(live.close_token.clone().cancelled_owned())),
-            signals,
-            pings: [None, None],
-            ping_seq: 0,
             blocked: [false, false],
             client_first: true,
             started: now,
-            metrics,
             live,
             ending_published: false,
         }
@@ -194,20 +174,14 @@ impl<C: Transport, B: Transport> Relay<C, B> {
 
     /// Relays until both sockets are closed. Takes `&mut self` so the caller's relay is
     /// the only copy.
-    pub async fn run(&mut self) -> Report {
+    pub async fn run(&mut self) -> Record {
         self.rearm();
         loop {
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
             let now = Instant::now();
             match wake {
                 Wake::Timer => self.session.on_timer(now.into_std()),
-                Wake::Shutdown => self.session.on_shutdown(now.into_std()),
-                Wake::Force => self.session.on_force_close(now.into_std()),
-                Wake::AdminClose => {
-                    if let Some(request) = self.live.close_request() {
-                        self.session.on_admin_close(request.code, now.into_std());
-                    }
-                }
+                Wake::Requests(requests) => self.on_requests(requests, now),
                 Wake::Pump(from, event) => self.on_pump_event(from, event, now),
             }
             if !self.ending_published
@@ -219,8 +193,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             self.apply_actions();
             if self.session.is_finished() {
                 self.publish_counters();
-                self.live.add_to_metrics(&self.metrics);
-                return self.report(now);
+                return self.record(now);
             }
             // `poll_wake` re-arms the timer before it waits again.
         }
@@ -234,19 +207,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     }
 
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if let Some(f) = &mut self.signal
-            && f.as_mut().poll(cx).is_ready()
-        {
-            let wake = if self.signals.force.is_cancelled() {
-                Wake::Force
-            } else if self.signals.shutdown.is_cancelled() {
-                Wake::Shutdown
-            } else {
-                Wake::AdminClose
-            };
-            self.signal = (!matches!(wake, Wake::Force))
-                .then(|| Box::pin(self.signals.force.clone().cancelled_owned()));
-            return Poll::Ready(wake);
+        if let Poll::Ready(requests) = self.live.poll_requests(cx) {
+            return Poll::Ready(Wake::Requests(requests));
         }
         self.client_first = !self.client_first;
         let order = if self.client_first {
@@ -277,6 +239,25 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         Poll::Pending
     }
 
+    /// What the drain or an operator asked for. A forced close wins; a close asked while
+    /// the drain's close is under way changes nothing (the session keeps the first).
+    fn on_requests(&mut self, requests: Requests, now: Instant) {
+        let now = now.into_std();
+        if requests.force() {
+            self.session.on_force_close(now);
+            return;
+        }
+        if requests.shutdown() {
+            self.session.on_shutdown(now);
+        }
+        if requests.close()
+            && let Some(request) = self.live.close_request()
+        {
+            self.session
+                .on_admin_close(request.code, request.reason, now);
+        }
+    }
+
     /// Tells the session which sides sent bytes and which writes are blocked. Reads the
     /// clock only when something changed.
     fn note_activity(&mut self) {
@@ -288,9 +269,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         }
         let now = Instant::now().into_std();
         if c.0 || b.0 {
-            // Plain stores to this connection's own atomics. The process-wide counters
-            // (shared by every connection, so contended) are fed from these by the
-            // server's housekeeping every second, and at the end.
+            // Plain stores to this connection's own atomics: the process-wide counters
+            // are fed from these by the sweep every second, and at the end.
             self.publish_counters();
         }
         if c.0 {
@@ -301,9 +281,10 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             self.session.on_received(Side::Backend, b.1, now);
             self.live.received(Side::Backend, now);
         }
-        for (i, to) in [Side::Client, Side::Backend].into_iter().enumerate() {
-            if blocked[i] != self.blocked[i] {
-                self.session.on_write_blocked(to, blocked[i].then_some(now));
+        for to in Side::BOTH {
+            if blocked[to.idx()] != self.blocked[to.idx()] {
+                self.session
+                    .on_write_blocked(to, blocked[to.idx()].then_some(now));
             }
         }
         self.blocked = blocked;
@@ -331,65 +312,59 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     }
 
     fn on_pump_event(&mut self, from: Side, event: PumpEvent, now: Instant) {
-        let now_std = now.into_std();
+        let now = now.into_std();
         match event {
             PumpEvent::Control { header, payload } => {
-                let (forward, is_close) = match header.opcode {
-                    Opcode::Close => {
-                        let verdict =
-                            self.session
-                                .on_close_frame(from, payload.close_code(), now_std);
-                        (verdict == Verdict::Forward, true)
-                    }
-                    Opcode::Pong => {
-                        let ours = self.pings[from as usize]
-                            .is_some_and(|p| p.payload[..] == *payload.as_bytes());
-                        if ours
-                            && let Some(sent) =
-                                self.pings[from as usize].take().and_then(|p| p.sent_at)
-                        {
-                            let rtt = now - sent;
-                            self.metrics.ping_rtt[from as usize].record(rtt.as_secs_f64());
-                            self.live.ping_rtt(from, rtt);
-                        }
-                        (!ours, false)
-                    }
-                    _ => (true, false),
+                let verdict = match header.opcode {
+                    Opcode::Close => self.session.on_close_frame(from, payload.close_code(), now),
+                    Opcode::Pong => self.on_pong(from, payload.as_bytes(), now),
+                    _ => Verdict::Forward,
                 };
                 let pump = match from {
                     Side::Client => &mut self.c2b,
                     Side::Backend => &mut self.b2c,
                 };
-                pump.release_held(forward, is_close);
+                pump.release_held(verdict);
             }
-            PumpEvent::Injected(Injected::Ping) => {
-                let to = from.other();
-                if let Some(p) = &mut self.pings[to as usize] {
-                    p.sent_at = Some(now);
-                }
-                self.session.on_ping_sent(to, now_std);
-            }
+            PumpEvent::Injected(Injected::Ping) => self.session.on_ping_sent(from.other(), now),
             PumpEvent::Injected(Injected::Close) => {}
-            PumpEvent::WriteShut => self.session.on_write_shut(from.other(), now_std),
+            PumpEvent::WriteShut => self.session.on_write_shut(from.other(), now),
             PumpEvent::Eof { mid_frame } => {
                 tracing::debug!(side = from.as_str(), mid_frame, "peer sent FIN");
-                self.session.on_gone(from, mid_frame, false, now_std);
+                self.session.on_gone(from, Gone::Fin { mid_frame }, now);
             }
             PumpEvent::ReadFailed { mid_frame, error } => {
                 tracing::debug!(side = from.as_str(), mid_frame, %error, "read failed");
-                self.session.on_gone(from, mid_frame, true, now_std);
+                self.session.on_gone(from, Gone::Failed { mid_frame }, now);
             }
             PumpEvent::WriteFailed(error) => {
                 let to = from.other();
                 tracing::debug!(side = to.as_str(), %error, "write failed");
                 let mid_frame = self.pump_toward(from).mid_frame();
-                self.session.on_gone(to, mid_frame, true, now_std);
+                self.session.on_gone(to, Gone::Failed { mid_frame }, now);
             }
             PumpEvent::ProtocolError(error) => {
                 tracing::debug!(side = from.as_str(), %error, "invalid framing");
                 self.session
-                    .on_protocol_error(from, error.close_code(), now_std);
+                    .on_protocol_error(from, error.close_code(), now);
             }
+        }
+    }
+
+    /// A Pong from `from`: wsgate's own (consumed, its round trip published) or the
+    /// application's (forwarded).
+    fn on_pong(&mut self, from: Side, payload: &[u8], now: std::time::Instant) -> Verdict {
+        let Some(seq) = frame::liveness_seq(payload) else {
+            return Verdict::Forward;
+        };
+        match self.session.on_pong(from, seq, now) {
+            Pong::Ours { rtt } => {
+                if let Some(rtt) = rtt {
+                    self.live.ping_rtt(from, rtt);
+                }
+                Verdict::Consume
+            }
+            Pong::Application => Verdict::Forward,
         }
     }
 
@@ -397,45 +372,34 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         while let Some(action) = self.session.next_action() {
             match action {
                 Action::SendClose { to, code, reason } => {
-                    let admin = self
-                        .live
-                        .close_request()
-                        .filter(|_| self.session.outcome() == Some(Outcome::AdminClose));
-                    let reason = admin.as_ref().map_or(reason, |r| r.reason.as_str());
-                    let bytes = frame::encode_close(to, code, reason);
+                    let bytes = frame::encode_close(to, code, reason.as_str());
                     self.pump_toward(to).inject(Injected::Close, bytes);
                 }
-                Action::SendPing { to } => {
-                    self.ping_seq += 1;
-                    let mut payload = [0u8; 16];
-                    payload[..8].copy_from_slice(PING_PREFIX);
-                    payload[8..].copy_from_slice(&self.ping_seq.to_be_bytes());
-                    self.pings[to as usize] = Some(Ping {
-                        payload,
-                        sent_at: None,
-                    });
-                    let bytes = frame::encode(to, Opcode::Ping, &payload);
+                Action::SendPing { to, seq } => {
+                    let bytes = frame::encode(to, Opcode::Ping, &frame::liveness_ping(seq));
                     self.pump_toward(to).inject(Injected::Ping, bytes);
                 }
                 Action::ShutdownWrite(side) => self.pump_toward(side).request_shutdown(),
-                Action::Release(side) => self.drop_socket(side, false),
-                Action::Abort(side) => self.drop_socket(side, true),
+                Action::Release(side) => self.let_go(side, SocketEnd::Close),
+                Action::Abort(side) => self.let_go(side, SocketEnd::Reset),
             }
         }
     }
 
-    fn drop_socket(&mut self, side: Side, abort: bool) {
+    /// Drops the socket of `side`, which closes it.
+    fn let_go(&mut self, side: Side, end: SocketEnd) {
+        let reset = end == SocketEnd::Reset;
         match side {
             Side::Client => {
                 if let Some(s) = self.client.take()
-                    && abort
+                    && reset
                 {
                     s.abort_on_close();
                 }
             }
             Side::Backend => {
                 if let Some(s) = self.backend.take()
-                    && abort
+                    && reset
                 {
                     s.abort_on_close();
                 }
@@ -443,10 +407,11 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         }
     }
 
-    fn report(&self, now: Instant) -> Report {
+    fn record(&self, now: Instant) -> Record {
         let s = &self.session;
         let ended = s.ending_since().map(Instant::from_std).unwrap_or(now);
-        Report {
+        Record {
+            info: self.live.info.clone(),
             // `is_finished` implies an outcome; `Shutdown` is the only way to finish
             // without a signal, so it is the honest fallback.
             outcome: s.outcome().unwrap_or(Outcome::Shutdown),
@@ -458,8 +423,17 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             backend_close: s.close_from(Side::Backend),
             wsgate_to_client_close: s.wsgate_code_to(Side::Client),
             wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
-            client_rtt: self.live.rtt(Side::Client),
-            backend_rtt: self.live.rtt(Side::Backend),
+            client_rtt: s.rtt(Side::Client),
+            backend_rtt: s.rtt(Side::Backend),
         }
     }
+}
+
+/// How a socket is let go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SocketEnd {
+    /// A normal close (FIN, or TLS close_notify then FIN, already sent or owed).
+    Close,
+    /// A reset (RST): the peer cannot end cleanly.
+    Reset,
 }

@@ -1,35 +1,33 @@
-//! The one place where an ended WebSocket connection is recorded: one structured log
-//! line and the metrics, both from its [`Report`].
+//! The one writer of what wsgate records about WebSockets: when a connection ends, its
+//! [`Record`] becomes one structured log line and every per-connection metric; while
+//! connections are open, a sweep every second adds their traffic and ping round trips
+//! to the process-wide metrics; and a scrape reads the number open from the live table.
+//!
+//! Relays only write their own connection's atomics in [`crate::live`], never the shared
+//! metrics, so nothing process-wide is contended per message.
 
-use std::net::SocketAddr;
+use std::time::Duration;
 
+use crate::live::{LiveConn, LiveTable};
 use crate::metrics::Metrics;
-use crate::relay::Report;
+use crate::record::Record;
+use crate::side::Side;
 
-/// What is known about a WebSocket connection from its handshake.
-#[derive(Clone, Debug)]
-pub struct ConnectionInfo {
-    /// Process-unique connection id.
-    pub id: u64,
-    /// The client's address as wsgate sees it.
-    pub client: SocketAddr,
-    /// The worker thread that served it.
-    pub worker: usize,
-    /// Request path without the query string (queries may carry tokens); shared with
-    /// the connection's `/connections` entry.
-    pub path: std::sync::Arc<str>,
-}
+/// How often open WebSockets' traffic reaches the process-wide counters.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Records a connection's end. Called exactly once per relayed connection.
-pub fn connection_ended(metrics: &Metrics, info: &ConnectionInfo, r: &Report) {
+/// Records a connection's end. Called exactly once per relayed connection, after its
+/// relay published its last counters to `conn`.
+pub fn connection_ended(metrics: &Metrics, conn: &LiveConn, r: &Record) {
+    add_live_counters(metrics, conn);
     metrics.connection_ended(r);
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::info!(
         target: "wsgate::connection",
-        id = info.id,
-        client = %info.client,
-        worker = info.worker,
-        path = %info.path,
+        id = r.info.id,
+        client = %r.info.client,
+        worker = r.info.worker,
+        path = %r.info.path,
         outcome = r.outcome.as_str(),
         duration_ms = ms(r.duration),
         release_ms = ms(r.release),
@@ -45,4 +43,29 @@ pub fn connection_ended(metrics: &Metrics, info: &ConnectionInfo, r: &Report) {
         backend_rtt_ms = r.backend_rtt.map(ms),
         "websocket connection ended"
     );
+}
+
+/// Adds the traffic and ping round trips of every open connection since the last sweep
+/// to the process-wide metrics, and folds histogram samples into their buckets.
+pub fn sweep(live: &LiveTable, metrics: &Metrics) {
+    for conn in live.conns() {
+        add_live_counters(metrics, &conn);
+    }
+    metrics.run_upkeep();
+}
+
+/// The Prometheus exposition, with the number of open WebSockets read from the table
+/// at this moment.
+pub fn render(live: &LiveTable, metrics: &Metrics) -> String {
+    metrics.websockets_active.set(live.len() as f64);
+    metrics.render()
+}
+
+fn add_live_counters(metrics: &Metrics, conn: &LiveConn) {
+    for side in Side::BOTH {
+        metrics.add_traffic(side, conn.take_uncounted(side));
+        if let Some(rtt) = conn.take_unrecorded_rtt(side) {
+            metrics.ping_rtt(side, rtt);
+        }
+    }
 }

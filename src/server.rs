@@ -1,123 +1,47 @@
 //! The client-facing listener: accepts TCP connections, enforces `max_connections`,
-//! serves HTTP/1.1 on each with hyper, and routes every request either to
-//! [`crate::proxy`] (plain HTTP) or [`crate::upgrade`] (WebSocket). Also the drain
-//! sequence of a graceful shutdown.
+//! serves HTTP/1.1 or HTTP/2 on each with hyper, and routes every request either to
+//! [`crate::proxy`] (plain HTTP) or to [`crate::upgrade`] and then [`crate::relay`]
+//! (WebSocket). Also the drain sequence of a graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::live::LiveTable;
-use crate::metrics::{Metrics, UpgradeResult};
-use crate::proxy::{self, BackendClient, Body, ProxyError};
-use crate::relay::{RelayConfig, Signals};
+use crate::error::ProxyError;
+use crate::gate::{Gate, Tasks};
+use crate::proxy::{self, Body};
+use crate::record::ConnectionInfo;
+use crate::relay::{self, RelayConfig};
+use crate::report;
 use crate::stream::Stream;
-use crate::tls::{BackendTls, ServerTls, TlsError};
-use crate::upgrade;
+use crate::upgrade::{self, Upgrade};
 
-/// Over-capacity connections answered with 503 at once; past this they are closed
-/// without an answer, so a flood cannot use more than this many extra descriptors.
-const MAX_REJECTING: usize = 64;
 /// How long to wait after the forced close for tasks to notice it.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error such as EMFILE, so a full descriptor table does not
 /// turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// State shared by every connection of one server, on every worker.
-pub struct Shared {
-    pub config: Config,
-    pub relay_config: RelayConfig,
-    /// Pooled clients for plain HTTP requests, one per worker: a worker's requests use
-    /// backend connections driven by its own thread.
-    clients: Vec<BackendClient>,
-    /// hyper's HTTP/1.1 server settings, built once: building them per connection
-    /// allocated its timer.
-    http1: http1::Builder,
-    /// TLS toward clients, when `[tls]` is configured.
-    pub tls: Option<ServerTls>,
-    /// TLS toward an `https://` backend.
-    pub backend_tls: Option<BackendTls>,
-    /// Every task serving a client, a backend handshake or a relay: shutdown waits for it.
-    pub tracker: TaskTracker,
-    pub signals: Signals,
-    pub metrics: Metrics,
-    /// Live WebSocket connections, for the admin `/connections` endpoint.
-    pub live: LiveTable,
-    /// False while draining: `/readyz` fails.
-    pub ready: AtomicBool,
-    next_id: AtomicU64,
-    /// One permit per client connection (`max_connections`).
-    slots: Arc<Semaphore>,
-    /// Permits for answering over-capacity connections with a 503.
-    rejecting: Arc<Semaphore>,
-}
-
-impl Shared {
-    /// For `workers` workers. Fails when a TLS certificate, key or CA file does not
-    /// load.
-    pub fn new(config: Config, workers: usize) -> Result<Self, TlsError> {
-        let tls = config.tls.as_ref().map(ServerTls::new).transpose()?;
-        let backend_tls = if config.backend.tls {
-            Some(BackendTls::new(&config.backend_tls, &config.backend.host)?)
-        } else {
-            None
-        };
-        Ok(Shared {
-            relay_config: RelayConfig {
-                timers: Arc::new(config.websocket.timers()),
-                max_frame_size: config.websocket.max_frame_size,
-            },
-            clients: (0..workers.max(1))
-                .map(|_| proxy::backend_client(&config, backend_tls.as_ref()))
-                .collect(),
-            http1: http1_builder(&config),
-            tls,
-            backend_tls,
-            tracker: TaskTracker::new(),
-            signals: Signals {
-                shutdown: CancellationToken::new(),
-                force: CancellationToken::new(),
-            },
-            metrics: Metrics::new(config.max_connections),
-            live: LiveTable::default(),
-            ready: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
-            slots: Arc::new(Semaphore::new(config.max_connections)),
-            rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
-            config,
-        })
-    }
-
-    /// The HTTP client of `worker`.
-    pub fn client(&self, worker: usize) -> &BackendClient {
-        &self.clients[worker % self.clients.len()]
-    }
-}
-
 /// One accepted client connection. It holds a `max_connections` slot until it drops,
 /// which for a WebSocket is when its relay ends.
-pub struct Connection {
+struct Connection {
     /// Process-unique id, in log lines.
-    pub id: u64,
-    pub peer: SocketAddr,
+    id: u64,
+    peer: std::net::SocketAddr,
     /// The worker serving it (0 is the thread that started the server).
-    pub worker: usize,
+    worker: usize,
     _slot: OwnedSemaphorePermit,
     /// `wsgate_connections_active`, decremented on drop.
     active: metrics::Gauge,
@@ -145,10 +69,10 @@ impl Connection {
 /// Keeps its connection busy while alive: one per request in flight, and one per
 /// WebSocket relay for its whole life. It also holds the connection's
 /// `max_connections` slot.
-pub struct Busy(Arc<Connection>);
+struct Busy(Arc<Connection>);
 
 impl Busy {
-    pub fn new(conn: Arc<Connection>) -> Busy {
+    fn new(conn: Arc<Connection>) -> Busy {
         conn.busy.fetch_add(1, Ordering::SeqCst);
         Busy(conn)
     }
@@ -176,19 +100,14 @@ impl Drop for Connection {
     }
 }
 
-/// How often open WebSockets' traffic reaches the process-wide counters.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Every second, until aborted: adds open WebSockets' traffic to the process-wide byte
-/// and frame counters (relays only write their own atomics, so the shared counters are
-/// not contended per message) and folds histogram samples into their buckets.
-pub async fn housekeeping(shared: Arc<Shared>) {
-    let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+/// Every [`report::SWEEP_INTERVAL`], until aborted: adds open WebSockets' traffic to
+/// the process-wide counters and folds histogram samples into their buckets.
+pub async fn housekeeping(gate: Arc<Gate>) {
+    let mut every = tokio::time::interval(report::SWEEP_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        shared.live.add_to_metrics(&shared.metrics.relay());
-        shared.metrics.run_upkeep();
+        report::sweep(&gate.live, &gate.metrics);
     }
 }
 
@@ -199,14 +118,14 @@ pub async fn housekeeping(shared: Arc<Shared>) {
 /// aborted. `abort` completing during the drain (polled only from then on) aborts at
 /// once.
 pub async fn serve(
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) {
-    shared.tracker.spawn(accept(shared.clone(), 0, listener));
+    gate.tasks.tracker.spawn(accept(gate.clone(), 0, listener));
     shutdown.await;
-    drain(&shared, abort).await;
+    drain(&gate, abort).await;
 }
 
 /// One worker's accept loop, run as a task of its own: a task woken by its listener is
@@ -214,8 +133,8 @@ pub async fn serve(
 /// woken through the runtime's eventfd, one more system call per accepted batch. Serves
 /// every client of `listener` on this thread's runtime until the drain begins, then
 /// closes the listener.
-pub async fn accept(shared: Arc<Shared>, worker: usize, listener: TcpListener) {
-    let draining = shared.signals.shutdown.clone();
+pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
+    let draining = gate.tasks.shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -232,30 +151,30 @@ pub async fn accept(shared: Arc<Shared>, worker: usize, listener: TcpListener) {
         // On Linux the socket inherited these from the listener (see `listener::tune`).
         #[cfg(not(target_os = "linux"))]
         crate::listener::tune_socket(socket2::SockRef::from(&stream));
-        match shared.slots.clone().try_acquire_owned() {
+        match gate.slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                shared.metrics.connections_active.increment(1.0);
+                gate.metrics.connections_active.increment(1.0);
                 let conn = Arc::new(Connection {
-                    id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                    id: gate.next_id(),
                     peer,
                     worker,
                     _slot: slot,
-                    active: shared.metrics.connections_active.clone(),
+                    active: gate.metrics.connections_active.clone(),
                     busy: AtomicUsize::new(0),
                     idle_since: Mutex::new(std::time::Instant::now()),
                 });
-                shared
+                gate.tasks
                     .tracker
-                    .spawn(serve_client(shared.clone(), stream, conn));
+                    .spawn(serve_client(gate.clone(), stream, conn));
             }
             Err(_) => {
-                shared.metrics.connections_rejected.increment(1);
-                match shared.rejecting.clone().try_acquire_owned() {
+                gate.metrics.connections_rejected.increment(1);
+                match gate.rejecting.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tracing::debug!(%peer, "max_connections reached: answering 503");
-                        shared
+                        gate.tasks
                             .tracker
-                            .spawn(reject_client(shared.clone(), stream, permit));
+                            .spawn(reject_client(gate.clone(), stream, permit));
                     }
                     Err(_) => tracing::debug!(%peer, "max_connections reached: closing"),
                 }
@@ -264,21 +183,22 @@ pub async fn accept(shared: Arc<Shared>, worker: usize, listener: TcpListener) {
     }
 }
 
-async fn drain(shared: &Shared, abort: impl Future<Output = ()>) {
-    shared.ready.store(false, Ordering::SeqCst);
-    let drain_timeout = shared.config.shutdown.drain_timeout;
+async fn drain(gate: &Gate, abort: impl Future<Output = ()>) {
+    let tasks = &gate.tasks;
+    let drain_timeout = gate.settings().config.shutdown.drain_timeout;
     tracing::info!(
-        open_tasks = shared.tracker.len(),
+        open_tasks = tasks.tracker.len(),
         ?drain_timeout,
         "shutting down: closing connections"
     );
-    shared.signals.shutdown.cancel();
-    shared.tracker.close();
+    tasks.shutdown.cancel();
+    gate.live.shutdown_all();
+    tasks.tracker.close();
     let drained = tokio::select! {
-        waited = tokio::time::timeout(drain_timeout, shared.tracker.wait()) => {
+        waited = tokio::time::timeout(drain_timeout, tasks.tracker.wait()) => {
             if waited.is_err() {
                 tracing::warn!(
-                    open_tasks = shared.tracker.len(),
+                    open_tasks = tasks.tracker.len(),
                     "drain timeout reached: aborting the rest"
                 );
             }
@@ -286,35 +206,26 @@ async fn drain(shared: &Shared, abort: impl Future<Output = ()>) {
         }
         () = abort => {
             tracing::warn!(
-                open_tasks = shared.tracker.len(),
+                open_tasks = tasks.tracker.len(),
                 "second stop signal: aborting the rest"
             );
             false
         }
     };
     if !drained {
-        shared.signals.force.cancel();
-        if tokio::time::timeout(FORCE_GRACE, shared.tracker.wait())
+        tasks.force.cancel();
+        gate.live.force_all();
+        if tokio::time::timeout(FORCE_GRACE, tasks.tracker.wait())
             .await
             .is_err()
         {
             tracing::error!(
-                open_tasks = shared.tracker.len(),
+                open_tasks = tasks.tracker.len(),
                 "tasks still running at exit"
             );
         }
     }
     tracing::info!("shutdown complete");
-}
-
-fn http1_builder(config: &Config) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(config.http.header_read_timeout)
-        .max_buf_size(config.http.max_header_size.max(8192))
-        // Responses carry the backend's own Date, or none: wsgate adds nothing.
-        .auto_date_header(false);
-    b
 }
 
 /// HTTP/2 PING interval when WebSocket pings are off.
@@ -338,16 +249,13 @@ where
     }
 }
 
-async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>) {
-    let stream = match &shared.tls {
+async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
+    let settings = gate.settings();
+    let stream = match &settings.tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
-            let limit = shared
-                .config
-                .tls
-                .as_ref()
-                .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
-            match tokio::time::timeout(limit, Box::pin(tls.acceptor.accept(tcp))).await {
+            let accepted = Box::pin(tls.acceptor.accept(tcp));
+            match tokio::time::timeout(tls.handshake_timeout, accepted).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
@@ -360,38 +268,41 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
             }
         }
     };
+    let config = &settings.config;
     let h2 = match &stream {
-        Stream::Tls(_) => stream.alpn() == Some(b"h2"),
         Stream::Plain(tcp) => {
-            shared.config.http.h2c && starts_with_h2_preface(tcp, &shared.config).await
+            config.http.h2c && starts_with_h2_preface(tcp, config.http.header_read_timeout).await
         }
+        _ => stream.alpn() == Some(b"h2"),
     };
-    let svc_shared = shared.clone();
+    let svc_gate = gate.clone();
     let svc_conn = conn.clone();
     let service = service_fn(move |req| {
-        let shared = svc_shared.clone();
+        let gate = svc_gate.clone();
         let busy = Busy::new(svc_conn.clone());
-        async move { Ok::<_, Infallible>(route(shared, busy, req).await) }
+        async move { Ok::<_, Infallible>(route(gate, busy, req).await) }
     });
+    let tasks = &gate.tasks;
     let result = if h2 {
-        let c = &shared.config;
-        let mut builder = http2::Builder::new(TrackedExecutor(shared.tracker.clone()));
+        let mut builder = http2::Builder::new(TrackedExecutor(tasks.tracker.clone()));
         builder
             .timer(TokioTimer::new())
             .enable_connect_protocol()
-            .max_header_list_size(u32::try_from(c.http.max_header_size).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(config.http.max_header_size).unwrap_or(u32::MAX))
             // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
-            .keep_alive_interval(c.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
-            .keep_alive_timeout(c.websocket.pong_timeout);
+            .keep_alive_interval(config.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
+            .keep_alive_timeout(config.websocket.pong_timeout);
         let served = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
         // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
         // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
-        let idle = Some((&*conn, c.http.header_read_timeout));
-        drive(served, |c| c.graceful_shutdown(), &shared.signals, idle).await
+        let idle = Some((&*conn, config.http.header_read_timeout));
+        drive(served, |c| c.graceful_shutdown(), tasks, idle).await
     } else {
-        let http1 = shared.http1.serve_connection(TokioIo::new(stream), service);
+        let http1 = settings
+            .http1
+            .serve_connection(TokioIo::new(stream), service);
         let served = Box::pin(http1.with_upgrades());
-        drive(served, |c| c.graceful_shutdown(), &shared.signals, None).await
+        drive(served, |c| c.graceful_shutdown(), tasks, None).await
     };
     drop(conn);
     if let Err(e) = result {
@@ -409,7 +320,7 @@ async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, conn: Arc<Connection>
 async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
-    signals: &Signals,
+    tasks: &Tasks,
     idle: Option<(&Connection, Duration)>,
 ) -> hyper::Result<()>
 where
@@ -426,7 +337,7 @@ where
     // answer the GOAWAY's PING would otherwise hold it).
     let grace = tokio::select! {
         result = served.as_mut() => return result,
-        () = signals.shutdown.cancelled() => None,
+        () = tasks.shutdown.cancelled() => None,
         () = idle_out => {
             tracing::debug!("closing an idle HTTP/2 connection");
             idle.map(|(_, limit)| limit)
@@ -441,14 +352,14 @@ where
     };
     tokio::select! {
         result = served => result,
-        () = signals.force.cancelled() => Ok(()),
+        () = tasks.force.cancelled() => Ok(()),
         () = deadline => Ok(()),
     }
 }
 
 /// Peeks (without consuming) whether a plain connection starts with the HTTP/2 preface,
-/// waiting at most `http.header_read_timeout` for enough bytes.
-async fn starts_with_h2_preface(tcp: &TcpStream, config: &Config) -> bool {
+/// waiting at most `limit` (`http.header_read_timeout`) for enough bytes.
+async fn starts_with_h2_preface(tcp: &TcpStream, limit: Duration) -> bool {
     let peek = async {
         let mut buf = [0u8; 24];
         let mut seen = 0;
@@ -470,51 +381,82 @@ async fn starts_with_h2_preface(tcp: &TcpStream, config: &Config) -> bool {
             seen = n;
         }
     };
-    tokio::time::timeout(config.http.header_read_timeout, peek)
-        .await
-        .unwrap_or(false)
+    tokio::time::timeout(limit, peek).await.unwrap_or(false)
 }
 
-async fn route(shared: Arc<Shared>, conn: Busy, req: Request<Incoming>) -> Response<Body> {
+async fn route(gate: Arc<Gate>, conn: Busy, req: Request<Incoming>) -> Response<Body> {
+    let settings = gate.settings();
     if upgrade::is_websocket_upgrade(&req) {
-        let (resp, result) = upgrade::handle(shared.clone(), conn, req).await;
-        shared.metrics.upgrade(result);
-        return resp;
+        let info = ConnectionInfo {
+            id: conn.id,
+            client: conn.peer,
+            worker: conn.worker,
+            path: req.uri().path().into(),
+        };
+        return match upgrade::handle(settings, &gate.tasks, info, req).await {
+            Ok(Upgrade::Accepted { response, handoff }) => {
+                gate.metrics.upgrade_relayed();
+                let config = RelayConfig {
+                    timers: settings.timers.clone(),
+                    max_frame_size: settings.config.websocket.max_frame_size,
+                };
+                // The relay keeps the client connection busy (and its slot taken).
+                relay::spawn(
+                    &gate.tasks.tracker,
+                    handoff,
+                    config,
+                    &gate.live,
+                    &gate.metrics,
+                    conn,
+                );
+                response
+            }
+            Ok(Upgrade::Refused(response)) => {
+                gate.metrics.upgrade_refused();
+                response
+            }
+            Err(failed) => {
+                let e = failed.error;
+                tracing::debug!(
+                    why = failed.why,
+                    fault = e.fault().as_str(),
+                    "upgrade failed"
+                );
+                gate.metrics.upgrade_failed(e);
+                proxy::error_response(e, failed.why)
+            }
+        };
     }
     let started = std::time::Instant::now();
     let method = req.method().clone();
-    let resp = proxy::forward(shared.client(conn.worker), &shared.config, conn.peer, req)
+    let client = settings.backend.client(conn.worker);
+    let resp = proxy::forward(client, &settings.config, conn.peer, req)
         .await
-        .unwrap_or_else(|e| e.response(e.message()));
-    shared
-        .metrics
+        .unwrap_or_else(|e| proxy::error_response(e, e.message()));
+    gate.metrics
         .http_request(&method, resp.status(), started.elapsed());
     resp
 }
 
 /// Answers a connection over `max_connections` with 503 and closes it.
-async fn reject_client(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
-    let svc_shared = shared.clone();
+async fn reject_client(gate: Arc<Gate>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    let full = ProxyError::OverCapacity;
+    let svc_gate = gate.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         if upgrade::is_websocket_upgrade(&req) {
-            svc_shared.metrics.upgrade(UpgradeResult::LimitReached);
+            svc_gate.metrics.upgrade_failed(full);
         } else {
-            let status = ProxyError::OverCapacity.status();
-            svc_shared
+            svc_gate
                 .metrics
-                .http_request(req.method(), status, std::time::Duration::ZERO);
+                .http_request(req.method(), full.status(), Duration::ZERO);
         }
-        async {
-            Ok::<_, Infallible>(
-                ProxyError::OverCapacity.response(ProxyError::OverCapacity.message()),
-            )
-        }
+        async move { Ok::<_, Infallible>(proxy::error_response(full, full.message())) }
     });
-    let mut builder = shared.http1.clone();
+    let mut builder = gate.settings().http1.clone();
     builder.keep_alive(false);
     let served = builder.serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = served => {}
-        () = shared.signals.force.cancelled() => {}
+        () = gate.tasks.force.cancelled() => {}
     }
 }

@@ -21,121 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::frame::is_sendable_close_code;
-
-/// One end of a relayed connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Side {
-    /// The browser or other WebSocket client that connected to wsgate.
-    Client,
-    /// The backend wsgate connected to on the client's behalf.
-    Backend,
-}
-
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Backend => "backend",
-        }
-    }
-
-    fn idx(self) -> usize {
-        self as usize
-    }
-}
-
-/// How a connection ended: the label of DESIGN §4, used in logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The client started the Close handshake.
-    ClientClose,
-    /// The backend started the Close handshake.
-    BackendClose,
-    /// A side never answered a Close within `close_timeout`.
-    CloseTimeout,
-    /// The client closed or reset TCP without a Close frame.
-    ClientGone,
-    /// The client did not answer wsgate's liveness Ping within `pong_timeout`.
-    ClientUnresponsive,
-    /// The client stopped reading: writes to it made no progress for `write_timeout`.
-    ClientStalled,
-    /// The backend closed or reset TCP without a Close frame.
-    BackendGone,
-    /// The backend did not answer a liveness Ping or stopped reading.
-    BackendUnresponsive,
-    /// No data frame either way for `idle_timeout`.
-    IdleTimeout,
-    /// The connection reached `max_lifetime`.
-    MaxLifetime,
-    /// wsgate is shutting down.
-    Shutdown,
-    /// A side sent invalid framing (or a frame over `max_frame_size`).
-    ProtocolError,
-    /// An operator closed it through the admin API.
-    AdminClose,
-}
-
-impl Outcome {
-    /// Every outcome, for pre-registering metric label values.
-    pub const ALL: [Outcome; 13] = [
-        Outcome::ClientClose,
-        Outcome::BackendClose,
-        Outcome::CloseTimeout,
-        Outcome::ClientGone,
-        Outcome::ClientUnresponsive,
-        Outcome::ClientStalled,
-        Outcome::BackendGone,
-        Outcome::BackendUnresponsive,
-        Outcome::IdleTimeout,
-        Outcome::MaxLifetime,
-        Outcome::Shutdown,
-        Outcome::ProtocolError,
-        Outcome::AdminClose,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::ClientClose => "client_close",
-            Outcome::BackendClose => "backend_close",
-            Outcome::CloseTimeout => "close_timeout",
-            Outcome::ClientGone => "client_gone",
-            Outcome::ClientUnresponsive => "client_unresponsive",
-            Outcome::ClientStalled => "client_stalled",
-            Outcome::BackendGone => "backend_gone",
-            Outcome::BackendUnresponsive => "backend_unresponsive",
-            Outcome::IdleTimeout => "idle_timeout",
-            Outcome::MaxLifetime => "max_lifetime",
-            Outcome::Shutdown => "shutdown",
-            Outcome::ProtocolError => "protocol_error",
-            Outcome::AdminClose => "admin_close",
-        }
-    }
-
-    /// The reason text of the Close frames wsgate sends for this outcome.
-    fn reason(self) -> &'static str {
-        match self {
-            Outcome::ClientClose | Outcome::BackendClose => "",
-            Outcome::CloseTimeout => "close handshake timed out",
-            Outcome::ClientGone => "client went away",
-            Outcome::ClientUnresponsive => "client unresponsive",
-            Outcome::ClientStalled => "client stopped reading",
-            Outcome::BackendGone => "backend went away",
-            Outcome::BackendUnresponsive => "backend unresponsive",
-            Outcome::IdleTimeout => "idle timeout",
-            Outcome::MaxLifetime => "max lifetime reached",
-            Outcome::Shutdown => "proxy shutting down",
-            Outcome::ProtocolError => "protocol error",
-            Outcome::AdminClose => "closed by operator",
-        }
-    }
-}
+use crate::record::Outcome;
+use crate::side::Side;
 
 /// Close code 1001: the peer on the other side is going away.
 pub const GOING_AWAY: u16 = 1001;
@@ -167,19 +54,34 @@ pub struct Timers {
     pub write_timeout: Option<Duration>,
 }
 
+/// The reason text of a Close frame wsgate sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The text of the connection's outcome ("client went away", ...).
+    Outcome(&'static str),
+    /// The text an operator gave with the admin API's close.
+    Operator(Arc<str>),
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reason::Outcome(text) => text,
+            Reason::Operator(text) => text,
+        }
+    }
+}
+
 /// What the relay must do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Write wsgate's own Close frame toward `to` at the next frame boundary; nothing is
     /// forwarded toward `to` after it.
-    SendClose {
-        to: Side,
-        code: u16,
-        reason: &'static str,
-    },
-    /// Write a liveness Ping toward `to` at the next frame boundary, then report
-    /// [`Session::on_ping_sent`].
-    SendPing { to: Side },
+    SendClose { to: Side, code: u16, reason: Reason },
+    /// Write liveness Ping number `seq` toward `to` at the next frame boundary, then
+    /// report [`Session::on_ping_sent`]; its Pong comes back through
+    /// [`Session::on_pong`].
+    SendPing { to: Side, seq: u64 },
     /// Once everything queued toward `side` is written, shut its write side (TLS
     /// close_notify, then FIN) and report [`Session::on_write_shut`].
     ShutdownWrite(Side),
@@ -189,13 +91,42 @@ pub enum Action {
     Abort(Side),
 }
 
-/// What to do with a Close frame a side sent.
+/// What to do with a control frame a side sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Pass it on to the other side.
     Forward,
-    /// It answers a Close wsgate sent (or the other side cannot take it): drop it.
+    /// It is addressed to wsgate (a reply to its Close, a Pong to its Ping), or the other
+    /// side cannot take it: drop it.
     Consume,
+}
+
+/// Whose a Pong is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pong {
+    /// The answer to wsgate's last liveness Ping: consume it. `rtt` is its round trip,
+    /// measured from when the Ping went on the wire.
+    Ours { rtt: Option<Duration> },
+    /// The application's (an answer to a Ping the other side sent): forward it.
+    Application,
+}
+
+/// How a side's stream ended. `mid_frame`: its stream toward the other side stopped
+/// inside a frame, so no clean Close can follow on that stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gone {
+    /// It sent FIN: it may still read what wsgate sends it.
+    Fin { mid_frame: bool },
+    /// Reading from it or writing to it failed (a reset): its socket is dead.
+    Failed { mid_frame: bool },
+}
+
+/// wsgate's liveness Ping toward a side whose Pong has not come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ping {
+    seq: u64,
+    /// When it went on the wire; `None` while it waits behind a frame.
+    written_at: Option<Instant>,
 }
 
 /// Where a side's TCP connection stands.
@@ -214,10 +145,13 @@ enum Tcp {
 struct Peer {
     /// Last time any byte arrived from this side (liveness).
     last_rx: Instant,
-    /// A liveness Ping toward this side is queued but not yet written.
-    ping_queued: bool,
-    /// When the outstanding liveness Ping was written; cleared by any byte from the side.
-    ping_sent_at: Option<Instant>,
+    /// The last liveness Ping toward this side, until its Pong comes back.
+    ping: Option<Ping>,
+    /// When a liveness Ping was written with nothing heard since: the side must answer
+    /// within `pong_timeout`. Any byte proves liveness, not only the Pong.
+    awaiting_since: Option<Instant>,
+    /// The last liveness round trip measured (Ping written to its Pong read).
+    rtt: Option<Duration>,
     /// The Close this side sent (its code, if it had one).
     close_received: Option<Option<u16>>,
     /// When a Close toward this side (forwarded or wsgate's own) was queued.
@@ -239,8 +173,9 @@ impl Peer {
     fn new(now: Instant) -> Self {
         Peer {
             last_rx: now,
-            ping_queued: false,
-            ping_sent_at: None,
+            ping: None,
+            awaiting_since: None,
+            rtt: None,
             close_received: None,
             close_sent_at: None,
             wsgate_code: None,
@@ -250,6 +185,11 @@ impl Peer {
             blocked_since: None,
             tcp: Tcp::Open,
         }
+    }
+
+    /// A Ping toward this side waits to be written.
+    fn ping_queued(&self) -> bool {
+        self.ping.is_some_and(|p| p.written_at.is_none())
     }
 
     fn writable(&self) -> bool {
@@ -283,6 +223,10 @@ pub struct Session {
     /// Decided, not yet carried out. A queue the relay pops, so that carrying out a
     /// batch allocates nothing.
     actions: VecDeque<Action>,
+    /// Liveness Pings sent so far, both sides: the next one's sequence number.
+    pings: u64,
+    /// The text of an operator's close, once one was asked for.
+    operator_reason: Option<Arc<str>>,
 }
 
 /// Why a side failed while the connection was open.
@@ -302,6 +246,8 @@ impl Session {
             outcome: None,
             ending_since: None,
             actions: VecDeque::new(),
+            pings: 0,
+            operator_reason: None,
         }
     }
 
@@ -339,6 +285,11 @@ impl Session {
         self.peers[side.idx()].wsgate_code
     }
 
+    /// The last liveness round trip measured on `side`.
+    pub fn rtt(&self, side: Side) -> Option<Duration> {
+        self.peers[side.idx()].rtt
+    }
+
     /// Bytes arrived from `from`; `data` if they include data-frame bytes.
     pub fn on_received(&mut self, from: Side, data: bool, now: Instant) {
         if data {
@@ -346,16 +297,35 @@ impl Session {
         }
         let p = self.peer(from);
         p.last_rx = now;
-        if p.ping_sent_at.is_some_and(|sent| now >= sent) {
-            p.ping_sent_at = None;
+        if p.awaiting_since.is_some_and(|sent| now >= sent) {
+            p.awaiting_since = None;
         }
     }
 
     /// wsgate's liveness Ping toward `to` went on the wire.
     pub fn on_ping_sent(&mut self, to: Side, now: Instant) {
         let p = self.peer(to);
-        p.ping_queued = false;
-        p.ping_sent_at = Some(now);
+        if let Some(ping) = &mut p.ping {
+            ping.written_at = Some(now);
+        }
+        p.awaiting_since = Some(now);
+    }
+
+    /// `from` sent a Pong whose payload is that of wsgate's Ping number `seq`: it is
+    /// wsgate's if it answers the last Ping wsgate sent `from`.
+    pub fn on_pong(&mut self, from: Side, seq: u64, now: Instant) -> Pong {
+        let p = self.peer(from);
+        match p.ping {
+            Some(ping) if ping.seq == seq => {
+                p.ping = None;
+                let rtt = ping
+                    .written_at
+                    .map(|written| now.saturating_duration_since(written));
+                p.rtt = rtt.or(p.rtt);
+                Pong::Ours { rtt }
+            }
+            _ => Pong::Application,
+        }
     }
 
     /// Writes toward `to` stopped making progress at `since` (`None`: they progress again).
@@ -401,10 +371,12 @@ impl Session {
         self.advance(now);
     }
 
-    /// `side` ended its stream: FIN (`dead == false`) or a read/write error (`dead`).
-    /// `mid_frame` says its stream toward the other side stopped inside a frame, so no
-    /// clean Close can follow on that stream.
-    pub fn on_gone(&mut self, side: Side, mid_frame: bool, dead: bool, now: Instant) {
+    /// `side` ended its stream (see [`Gone`]).
+    pub fn on_gone(&mut self, side: Side, gone: Gone, now: Instant) {
+        let (mid_frame, dead) = match gone {
+            Gone::Fin { mid_frame } => (mid_frame, false),
+            Gone::Failed { mid_frame } => (mid_frame, true),
+        };
         let p = self.peer(side);
         p.read_done = true;
         p.write_dead |= dead;
@@ -447,9 +419,10 @@ impl Session {
         self.end_both(Outcome::Shutdown, now);
     }
 
-    /// An operator asked to close the connection with `code` on both sides.
-    pub fn on_admin_close(&mut self, code: u16, now: Instant) {
+    /// An operator asked to close the connection with `code` and `reason` on both sides.
+    pub fn on_admin_close(&mut self, code: u16, reason: Arc<str>, now: Instant) {
         if self.begin(Outcome::AdminClose, now) {
+            self.operator_reason = Some(reason);
             self.send_close(Side::Client, code, now);
             self.send_close(Side::Backend, code, now);
             self.advance(now);
@@ -487,7 +460,7 @@ impl Session {
             // among them) are not being read: its silence proves nothing.
             let unread = self.peers[side.other().idx()].blocked_since.is_some();
             let silent = !unread
-                && p.ping_sent_at
+                && p.awaiting_since
                     .is_some_and(|sent| now >= sent + t.pong_timeout);
             if stalled {
                 self.fail(side, Failure::Stalled, now);
@@ -499,10 +472,15 @@ impl Session {
             && let Some(interval) = t.ping_interval
         {
             for side in [Side::Client, Side::Backend] {
+                let seq = self.pings;
                 let p = self.peer(side);
-                if !p.ping_queued && p.ping_sent_at.is_none() && now >= p.last_rx + interval {
-                    p.ping_queued = true;
-                    self.actions.push_back(Action::SendPing { to: side });
+                if !p.ping_queued() && p.awaiting_since.is_none() && now >= p.last_rx + interval {
+                    p.ping = Some(Ping {
+                        seq,
+                        written_at: None,
+                    });
+                    self.pings += 1;
+                    self.actions.push_back(Action::SendPing { to: side, seq });
                 }
             }
         }
@@ -544,9 +522,9 @@ impl Session {
             for (i, p) in self.peers.iter().enumerate() {
                 consider(t.write_timeout.zip(p.blocked_since).map(|(d, s)| s + d));
                 if self.peers[1 - i].blocked_since.is_none() {
-                    consider(p.ping_sent_at.map(|s| s + t.pong_timeout));
+                    consider(p.awaiting_since.map(|s| s + t.pong_timeout));
                 }
-                if !p.ping_queued && p.ping_sent_at.is_none() {
+                if !p.ping_queued() && p.awaiting_since.is_none() {
                     consider(t.ping_interval.map(|d| p.last_rx + d));
                 }
             }
@@ -596,7 +574,10 @@ impl Session {
 
     fn send_close(&mut self, to: Side, code: u16, now: Instant) {
         debug_assert!(is_sendable_close_code(code));
-        let reason = self.outcome.map_or("", Outcome::reason);
+        let reason = match (&self.operator_reason, self.outcome) {
+            (Some(text), Some(Outcome::AdminClose)) => Reason::Operator(text.clone()),
+            (_, outcome) => Reason::Outcome(outcome.map_or("", Outcome::reason)),
+        };
         let p = self.peer(to);
         if p.close_sent_at.is_none() && p.writable() {
             p.close_sent_at = Some(now);
@@ -711,8 +692,15 @@ mod tests {
     }
 
     fn close(to: Side, code: u16, reason: &'static str) -> Action {
-        SendClose { to, code, reason }
+        SendClose {
+            to,
+            code,
+            reason: Reason::Outcome(reason),
+        }
     }
+
+    const FIN: Gone = Gone::Fin { mid_frame: false };
+    const RESET: Gone = Gone::Failed { mid_frame: false };
 
     #[test]
     fn client_close_is_forwarded_and_the_reply_completes_both_handshakes() {
@@ -728,7 +716,7 @@ mod tests {
         );
         // wsgate closes toward the client first and waits for the backend's FIN.
         assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
-        h.s.on_gone(Backend, false, false, h.at(3));
+        h.s.on_gone(Backend, FIN, h.at(3));
         assert_eq!(h.actions(), vec![Release(Backend)]);
         // Once the reply and the FIN are out, the client's socket closes at once.
         h.s.on_write_shut(Client, h.at(4));
@@ -754,8 +742,8 @@ mod tests {
         );
         assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
         // A client FIN that arrives before the shutdown completed also releases it.
-        h.s.on_gone(Client, false, false, h.at(3));
-        h.s.on_gone(Backend, false, false, h.at(3));
+        h.s.on_gone(Client, FIN, h.at(3));
+        h.s.on_gone(Backend, FIN, h.at(3));
         assert_eq!(h.actions(), vec![Release(Client), Release(Backend)]);
         h.s.on_write_shut(Client, h.at(4));
         assert_eq!(h.actions(), vec![]);
@@ -814,7 +802,7 @@ mod tests {
                 close(Backend, 1001, "close handshake timed out")
             ]
         );
-        h.s.on_gone(Backend, false, false, h.at(5_001));
+        h.s.on_gone(Backend, FIN, h.at(5_001));
         assert_eq!(h.actions(), vec![Release(Backend)]);
         assert_eq!(h.s.outcome(), Some(Outcome::CloseTimeout));
     }
@@ -822,7 +810,7 @@ mod tests {
     #[test]
     fn client_fin_without_close_sends_1001_to_the_backend() {
         let mut h = Harness::new(timers());
-        h.s.on_gone(Client, false, false, h.at(7));
+        h.s.on_gone(Client, FIN, h.at(7));
         assert_eq!(
             h.actions(),
             vec![close(Backend, 1001, "client went away"), Release(Client)]
@@ -832,7 +820,7 @@ mod tests {
             h.s.on_close_frame(Backend, Some(1001), h.at(8)),
             Verdict::Consume
         );
-        h.s.on_gone(Backend, false, false, h.at(9));
+        h.s.on_gone(Backend, FIN, h.at(9));
         assert_eq!(h.actions(), vec![Release(Backend)]);
         assert_eq!(h.s.outcome(), Some(Outcome::ClientGone));
         assert!(h.s.is_finished());
@@ -841,7 +829,7 @@ mod tests {
     #[test]
     fn client_gone_mid_frame_aborts_the_backend() {
         let mut h = Harness::new(timers());
-        h.s.on_gone(Client, true, true, h.at(1));
+        h.s.on_gone(Client, Gone::Failed { mid_frame: true }, h.at(1));
         assert_eq!(h.actions(), vec![Abort(Backend), Abort(Client)]);
         assert_eq!(h.s.outcome(), Some(Outcome::ClientGone));
         assert!(h.s.is_finished());
@@ -852,7 +840,7 @@ mod tests {
         let mut h = Harness::new(timers());
         h.s.on_received(Backend, true, h.at(19_000));
         assert_eq!(h.s.next_deadline(), Some(h.at(20_000)));
-        assert_eq!(h.tick(20_000), vec![SendPing { to: Client }]);
+        assert_eq!(h.tick(20_000), vec![SendPing { to: Client, seq: 0 }]);
         h.s.on_ping_sent(Client, h.at(20_001));
         assert_eq!(h.s.next_deadline(), Some(h.at(30_001)));
         assert_eq!(
@@ -863,11 +851,35 @@ mod tests {
     }
 
     #[test]
+    fn the_pong_to_wsgates_last_ping_is_consumed_and_timed() {
+        let mut h = Harness::new(timers());
+        assert_eq!(h.tick(20_000)[0], SendPing { to: Client, seq: 0 });
+        h.s.on_ping_sent(Client, h.at(20_004));
+        h.s.on_received(Client, false, h.at(20_010));
+        // An application Pong, and one with wsgate's payload but another number.
+        assert_eq!(h.s.on_pong(Client, 7, h.at(20_010)), Pong::Application);
+        assert_eq!(
+            h.s.on_pong(Client, 0, h.at(20_010)),
+            Pong::Ours { rtt: Some(ms(6)) }
+        );
+        assert_eq!(h.s.rtt(Client), Some(ms(6)));
+        // Answered once: a repeat is not wsgate's any more.
+        assert_eq!(h.s.on_pong(Client, 0, h.at(20_011)), Pong::Application);
+        assert_eq!(h.s.rtt(Backend), None);
+    }
+
+    #[test]
     fn any_byte_after_a_ping_proves_liveness() {
         let mut h = Harness::new(timers());
         assert_eq!(
             h.tick(20_000),
-            vec![SendPing { to: Client }, SendPing { to: Backend }]
+            vec![
+                SendPing { to: Client, seq: 0 },
+                SendPing {
+                    to: Backend,
+                    seq: 1
+                }
+            ]
         );
         h.s.on_ping_sent(Client, h.at(20_000));
         h.s.on_ping_sent(Backend, h.at(20_000));
@@ -886,7 +898,13 @@ mod tests {
         });
         assert_eq!(
             h.tick(20_000),
-            vec![SendPing { to: Client }, SendPing { to: Backend }]
+            vec![
+                SendPing { to: Client, seq: 0 },
+                SendPing {
+                    to: Backend,
+                    seq: 1
+                }
+            ]
         );
         h.s.on_ping_sent(Client, h.at(20_000));
         h.s.on_received(Backend, false, h.at(20_001));
@@ -924,7 +942,7 @@ mod tests {
     #[test]
     fn backend_fin_without_close_sends_1014_to_the_client() {
         let mut h = Harness::new(timers());
-        h.s.on_gone(Backend, false, false, h.at(1));
+        h.s.on_gone(Backend, FIN, h.at(1));
         assert_eq!(
             h.actions(),
             vec![close(Client, 1014, "backend went away"), Release(Backend)]
@@ -934,7 +952,7 @@ mod tests {
             Verdict::Consume
         );
         assert_eq!(h.actions(), vec![ShutdownWrite(Client)]);
-        h.s.on_gone(Client, false, false, h.at(3));
+        h.s.on_gone(Client, FIN, h.at(3));
         assert_eq!(h.actions(), vec![Release(Client)]);
         assert_eq!(h.s.outcome(), Some(Outcome::BackendGone));
     }
@@ -942,7 +960,7 @@ mod tests {
     #[test]
     fn backend_reset_or_stall_is_reported_as_such() {
         let mut h = Harness::new(timers());
-        h.s.on_gone(Backend, false, true, h.at(1));
+        h.s.on_gone(Backend, RESET, h.at(1));
         assert_eq!(
             h.actions(),
             vec![close(Client, 1014, "backend went away"), Abort(Backend)]
@@ -1037,8 +1055,8 @@ mod tests {
             h.s.on_close_frame(Backend, Some(1001), h.at(2)),
             Verdict::Consume
         );
-        h.s.on_gone(Backend, false, false, h.at(3));
-        h.s.on_gone(Client, false, false, h.at(3));
+        h.s.on_gone(Backend, FIN, h.at(3));
+        h.s.on_gone(Client, FIN, h.at(3));
         assert_eq!(h.actions(), vec![Release(Backend), Release(Client)]);
         assert!(h.s.is_finished());
     }
@@ -1046,17 +1064,16 @@ mod tests {
     #[test]
     fn admin_close_sends_the_requested_code_both_ways() {
         let mut h = Harness::new(timers());
-        h.s.on_admin_close(4000, h.at(1));
-        assert_eq!(
-            h.actions(),
-            vec![
-                close(Client, 4000, "closed by operator"),
-                close(Backend, 4000, "closed by operator")
-            ]
-        );
+        h.s.on_admin_close(4000, "maintenance".into(), h.at(1));
+        let operator = |to| SendClose {
+            to,
+            code: 4000,
+            reason: Reason::Operator("maintenance".into()),
+        };
+        assert_eq!(h.actions(), vec![operator(Client), operator(Backend)]);
         assert_eq!(h.s.outcome(), Some(Outcome::AdminClose));
         // Once ending, a second request changes nothing.
-        h.s.on_admin_close(1000, h.at(2));
+        h.s.on_admin_close(1000, "again".into(), h.at(2));
         assert_eq!(h.actions(), vec![]);
     }
 
@@ -1075,7 +1092,7 @@ mod tests {
         let mut h = Harness::new(timers());
         // A client Close carrying 1005 (reserved) and a backend that vanishes.
         h.s.on_close_frame(Client, Some(1005), h.at(0));
-        h.s.on_gone(Backend, false, true, h.at(1));
+        h.s.on_gone(Backend, RESET, h.at(1));
         let sent: Vec<_> = h
             .actions()
             .into_iter()
@@ -1098,8 +1115,8 @@ mod tests {
             |s, t| {
                 s.on_close_frame(Backend, None, t);
             },
-            |s, t| s.on_gone(Client, false, false, t),
-            |s, t| s.on_gone(Backend, false, false, t),
+            |s, t| s.on_gone(Client, FIN, t),
+            |s, t| s.on_gone(Backend, FIN, t),
             |s, t| s.on_protocol_error(Backend, 1002, t),
             |s, t| s.on_shutdown(t),
         ];

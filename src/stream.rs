@@ -1,5 +1,6 @@
-//! The byte streams wsgate relays: plain TCP or TLS over TCP, on either side, and the
-//! stream of a WebSocket carried by an HTTP/2 request (RFC 8441).
+//! The byte streams wsgate relays — plain TCP or TLS over TCP on either side, and the
+//! stream of a WebSocket carried by an HTTP/2 request (RFC 8441) — and what the relay
+//! needs of each ([`Transport`]).
 
 use std::io;
 use std::pin::Pin;
@@ -10,32 +11,57 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::relay::Transport;
+/// A byte stream the relay can end abruptly.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Makes closing this stream reset the connection (RST) instead of a FIN, so a peer
+    /// that stopped responding cannot hold kernel buffers until TCP gives up.
+    fn abort_on_close(&self);
 
-/// A TCP connection, with or without TLS.
+    /// The TCP socket, when the stream is nothing more (no TLS, no HTTP/2 framing): its
+    /// bytes can then move by [`crate::splice`].
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// One side's connection: TCP, with or without TLS, or one stream of an HTTP/2
+/// connection.
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS session is large and most deployments terminate TLS elsewhere.
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// A WebSocket over HTTP/2 (RFC 8441), as hyper hands it over: "aborting" it is
+    /// dropping it, which resets the stream (RST_STREAM) without touching the
+    /// connection's other streams.
+    Http2(Box<TokioIo<Upgraded>>),
 }
 
 impl Stream {
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-
     /// The ALPN protocol TLS negotiated, if any.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {
-            Stream::Plain(_) => None,
             Stream::Tls(s) => s.get_ref().1.alpn_protocol(),
+            Stream::Plain(_) | Stream::Http2(_) => None,
         }
     }
+}
+
+/// Forwards each I/O call to the stream inside.
+macro_rules! each {
+    ($stream:expr, $s:ident => $call:expr) => {
+        match $stream {
+            Stream::Plain($s) => $call,
+            Stream::Tls($s) => {
+                let $s = $s.as_mut();
+                $call
+            }
+            Stream::Http2($s) => {
+                let $s = $s.as_mut();
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for Stream {
@@ -44,10 +70,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -57,10 +80,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -68,50 +88,45 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Http2(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
 impl Transport for Stream {
     fn abort_on_close(&self) {
         // Failing to set SO_LINGER leaves a normal close: acceptable.
-        let _ = self.tcp().set_zero_linger();
+        match self {
+            Stream::Plain(s) => {
+                let _ = s.set_zero_linger();
+            }
+            Stream::Tls(s) => {
+                let _ = s.get_ref().0.set_zero_linger();
+            }
+            // Dropping the stream resets it; the connection carries other streams.
+            Stream::Http2(_) => {}
+        }
     }
 
     fn plain_tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
-            Stream::Tls(_) => None,
+            Stream::Tls(_) | Stream::Http2(_) => None,
         }
     }
-}
-
-/// A WebSocket over an HTTP/2 stream: "aborting" it is dropping it, which resets the
-/// stream (RST_STREAM) without touching the connection's other streams.
-impl Transport for TokioIo<Upgraded> {
-    fn abort_on_close(&self) {}
 }

@@ -22,26 +22,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::{BackendTlsConfig, TlsConfig};
-
-/// Why TLS could not be set up. Each names the file or setting to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// A PEM file holds no usable certificate or key.
-    #[error("{path}: {what}")]
-    Pem { path: PathBuf, what: String },
-    /// rustls refused the material (a key that does not match the certificate, say).
-    #[error("{0}")]
-    Rustls(#[from] rustls::Error),
-    /// A configured server name is not a DNS name or IP address.
-    #[error("backend_tls.server_name {0:?} is not a valid server name")]
-    ServerName(String),
-}
+use crate::error::TlsError;
 
 /// Makes ring the process-wide crypto provider (it builds in half the time of
 /// aws-lc-rs and halves the binary). Idempotent; call before any TLS setup.
@@ -55,15 +36,6 @@ fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
-}
-
-/// A client configuration for connectors that never open TLS connections (an
-/// `http://` backend): there is nothing to verify against.
-pub fn plain_client_config() -> ClientConfig {
-    install_provider();
-    ClientConfig::builder()
-        .with_root_certificates(RootCertStore::empty())
-        .with_no_client_auth()
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -172,6 +144,8 @@ impl ResolvesServerCert for ServerCert {
 pub struct ServerTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub cert: Arc<ServerCert>,
+    /// A client must finish its handshake within this (`tls.handshake_timeout`).
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl ServerTls {
@@ -189,6 +163,7 @@ impl ServerTls {
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             cert,
+            handshake_timeout: config.handshake_timeout,
         })
     }
 }
@@ -197,7 +172,6 @@ impl ServerTls {
 #[derive(Clone)]
 pub struct BackendTls {
     pub connector: tokio_rustls::TlsConnector,
-    pub config: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
 }
 
@@ -236,10 +210,8 @@ impl BackendTls {
         let name = config.server_name.as_deref().unwrap_or(host).to_string();
         let server_name =
             ServerName::try_from(name.clone()).map_err(|_| TlsError::ServerName(name))?;
-        let config = Arc::new(client);
         Ok(BackendTls {
-            connector: tokio_rustls::TlsConnector::from(config.clone()),
-            config,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
             server_name,
         })
     }

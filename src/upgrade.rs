@@ -1,7 +1,8 @@
 //! The WebSocket upgrade: check the client's handshake (RFC 6455 §4.2.1), open a
 //! dedicated connection to the backend and repeat the handshake there, then answer the
-//! client with exactly what the backend answered. On a 101 both raw sockets (and any
-//! bytes already read behind the handshakes) go to a [`Relay`].
+//! client with exactly what the backend answered. On a 101 the backend's stream, the
+//! client's stream (once hyper lets go of it) and what was negotiated are handed off to
+//! a relay.
 //!
 //! The backend is connected *before* the client gets its answer, so a backend that is
 //! down or refuses the upgrade (401, 403, 404...) produces a real HTTP response the
@@ -9,23 +10,50 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::error::ProxyError;
+use crate::frame::Negotiated;
+use crate::gate::{Settings, Tasks};
 use crate::handshake;
-use crate::metrics::UpgradeResult;
-use crate::proxy::{self, Body, ProxyError};
-use crate::relay::{Leg, Negotiated, Relay, Transport};
-use crate::report::{self, ConnectionInfo};
-use crate::server::{Busy, Shared};
+use crate::proxy::{self, Body, Scheme};
+use crate::record::ConnectionInfo;
+use crate::relay::{Handoff, Leg};
 use crate::stream::Stream;
+
+/// An upgrade wsgate could not carry out, and why (for the response body).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failed {
+    pub error: ProxyError,
+    pub why: &'static str,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Failed {
+            error,
+            why: error.message(),
+        }
+    }
+}
+
+/// How the backend answered an upgrade wsgate carried out.
+pub enum Upgrade<F> {
+    /// It switched protocols: `response` goes to the client, `handoff` to a relay.
+    Accepted {
+        response: Response<Body>,
+        handoff: Handoff<F>,
+    },
+    /// It refused (401, 403, 404...): its answer goes to the client unchanged.
+    Refused(Response<Body>),
+}
 
 /// True when the request asks to switch to WebSocket: an HTTP/1.1 upgrade, or an
 /// HTTP/2 extended CONNECT (RFC 8441).
@@ -49,8 +77,17 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 }
 
 /// Checks the client's opening handshake; the error says what is wrong.
-pub fn validate<B>(req: &Request<B>) -> Result<(), (ProxyError, &'static str)> {
-    let bad = |why| Err((ProxyError::BadHandshake, why));
+pub fn validate<B>(req: &Request<B>) -> Result<(), Failed> {
+    let bad = |why| {
+        Err(Failed {
+            error: ProxyError::BadHandshake,
+            why,
+        })
+    };
+    let unsupported = Err(Failed {
+        error: ProxyError::UnsupportedVersion,
+        why: "only Sec-WebSocket-Version 13 is supported",
+    });
     if is_extended_connect(req) {
         // RFC 8441 §5: no key, no Connection/Upgrade; the version must still be 13.
         return match req
@@ -59,10 +96,7 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), (ProxyError, &'static str)> {
             .map(|v| v.as_bytes())
         {
             Some(b"13") => Ok(()),
-            Some(_) => Err((
-                ProxyError::UnsupportedVersion,
-                "only Sec-WebSocket-Version 13 is supported",
-            )),
+            Some(_) => unsupported,
             None => bad("missing Sec-WebSocket-Version"),
         };
     }
@@ -75,12 +109,7 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), (ProxyError, &'static str)> {
     let h = req.headers();
     match h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) {
         Some(b"13") => {}
-        Some(_) => {
-            return Err((
-                ProxyError::UnsupportedVersion,
-                "only Sec-WebSocket-Version 13 is supported",
-            ));
-        }
+        Some(_) => return unsupported,
         None => return bad("missing Sec-WebSocket-Version"),
     }
     let Some(key) = h.get(header::SEC_WEBSOCKET_KEY) else {
@@ -119,49 +148,22 @@ fn is_valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
-/// Handles a WebSocket upgrade request end to end; returns the client's response and
-/// how the upgrade went.
+/// Carries out a WebSocket upgrade request: checks it, connects the backend and repeats
+/// the handshake there. `info` names the connection for its relay.
 pub async fn handle(
-    shared: Arc<Shared>,
-    conn: Busy,
-    req: Request<Incoming>,
-) -> (Response<Body>, UpgradeResult) {
-    if let Err((error, why)) = validate(&req) {
-        tracing::debug!(why, "bad WebSocket handshake");
-        return (error.response(why), UpgradeResult::BadRequest);
-    }
-    if !origin_allowed(&shared.config.websocket.allowed_origins, req.headers()) {
-        tracing::debug!(origin = ?req.headers().get(header::ORIGIN), "origin not allowed");
-        let e = ProxyError::OriginNotAllowed;
-        return (e.response(e.message()), UpgradeResult::OriginRefused);
-    }
-    match upgrade(shared, conn, req).await {
-        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => (resp, UpgradeResult::Ok),
-        Ok(resp) => (resp, UpgradeResult::BackendRefused),
-        Err(e) => {
-            let result = match e {
-                ProxyError::BackendUnreachable => UpgradeResult::BackendUnreachable,
-                _ => UpgradeResult::BackendError,
-            };
-            (e.response(e.message()), result)
-        }
-    }
-}
-
-/// Connects the backend, repeats the handshake there and, on 101, starts the relay.
-async fn upgrade(
-    shared: Arc<Shared>,
-    conn: Busy,
+    settings: &Settings,
+    tasks: &Tasks,
+    info: ConnectionInfo,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Upgrade<impl Future<Output = Option<Leg<Stream>>> + Send + use<>>, Failed> {
+    validate(&req)?;
+    let config = &settings.config;
+    if !origin_allowed(&config.websocket.allowed_origins, req.headers()) {
+        tracing::debug!(origin = ?req.headers().get(header::ORIGIN), "origin not allowed");
+        return Err(ProxyError::OriginNotAllowed.into());
+    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let over_h2 = is_extended_connect(&req);
-    let info = ConnectionInfo {
-        id: conn.id,
-        client: conn.peer,
-        worker: conn.worker,
-        path: req.uri().path().into(),
-    };
     // An HTTP/2 client sends no key (RFC 8441 §5): wsgate makes one for the backend.
     let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
         Some(k) if !over_h2 => k.clone(),
@@ -169,13 +171,13 @@ async fn upgrade(
     };
     let expected_accept = derive_accept_key(key.as_bytes());
 
-    let mut backend = connect_backend(&shared).await?;
-    let request = backend_request(&req, conn.peer, shared.config.tls.is_some(), &key);
+    let mut backend = settings.backend.connect().await?;
+    let request = backend_request(&req, info.client, Scheme::of(config), &key);
     // The client's headers are written out: nothing of them has to live through the
     // awaits that follow.
     *req.headers_mut() = HeaderMap::new();
-    let exchanged = handshake::exchange(&mut backend, &request, shared.config.http.max_header_size);
-    let mut head = match shared.config.http.response_timeout {
+    let exchanged = handshake::exchange(&mut backend, &request, config.http.max_header_size);
+    let mut head = match config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, exchanged)
             .await
             .map_err(|_| ProxyError::BackendTimeout)?,
@@ -187,12 +189,14 @@ async fn upgrade(
     })?;
 
     if head.status != StatusCode::SWITCHING_PROTOCOLS {
-        return refused(&shared, backend, head, req.uri()).await;
+        return Ok(Upgrade::Refused(
+            refused(tasks, backend, head, req.uri()).await?,
+        ));
     }
     let accept = head.headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(HeaderValue::as_bytes) != Some(expected_accept.as_bytes()) {
         tracing::warn!("backend answered the upgrade with a wrong Sec-WebSocket-Accept");
-        return Err(ProxyError::BackendBadHandshake);
+        return Err(ProxyError::BackendBadHandshake.into());
     }
     let negotiated = Negotiated::from_extensions(
         head.headers
@@ -201,53 +205,16 @@ async fn upgrade(
             .filter_map(|v| v.to_str().ok()),
     );
     let mut headers = std::mem::take(&mut head.headers);
-    let backend = Owned {
+    let backend = Leg {
         stream: backend,
         buffered: head.into_rest(),
     };
 
-    let relay = RelayStart {
-        shared: shared.clone(),
-        conn,
-        info,
-        negotiated,
-    };
-    // The task first waits for hyper to hand over the client's stream, then runs a
-    // future built by `RelayStart::start`. Each await holds only what it needs: an idle
-    // WebSocket's task is about the size of its relay.
-    shared.tracker.spawn(async move {
-        let upgraded = match client_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "client upgrade failed");
-                return;
-            }
-        };
-        if over_h2 {
-            let client = Owned {
-                stream: TokioIo::new(upgraded),
-                buffered: bytes::Bytes::new(),
-            };
-            relay.start(client, backend).await;
-            return;
-        }
-        match upgraded.downcast::<TokioIo<Stream>>() {
-            Ok(parts) => {
-                let client = Owned {
-                    stream: parts.io.into_inner(),
-                    buffered: parts.read_buf,
-                };
-                relay.start(client, backend).await;
-            }
-            Err(_) => tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream"),
-        }
-    });
-
-    let mut client_resp = Response::new(proxy::full(bytes::Bytes::new()));
+    let mut response = Response::new(proxy::full(Bytes::new()));
     if over_h2 {
         // RFC 8441 §5: 200 instead of 101; the HTTP/1.1 upgrade headers have no place in
         // HTTP/2 (RFC 9113 §8.2.2). Subprotocol and extensions pass as they came.
-        *client_resp.status_mut() = StatusCode::OK;
+        *response.status_mut() = StatusCode::OK;
         for name in [
             header::CONNECTION,
             header::UPGRADE,
@@ -257,10 +224,46 @@ async fn upgrade(
         }
         proxy::remove_hop_by_hop(&mut headers);
     } else {
-        *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
-    *client_resp.headers_mut() = headers;
-    Ok(client_resp)
+    *response.headers_mut() = headers;
+    Ok(Upgrade::Accepted {
+        response,
+        handoff: Handoff {
+            client: client_stream(client_upgrade, over_h2),
+            backend,
+            negotiated,
+            info,
+        },
+    })
+}
+
+/// The client's stream, once hyper has written the answer and lets go of it, with any
+/// bytes it read behind the handshake.
+async fn client_stream(upgrade: hyper::upgrade::OnUpgrade, over_h2: bool) -> Option<Leg<Stream>> {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade failed");
+            return None;
+        }
+    };
+    if over_h2 {
+        return Some(Leg {
+            stream: Stream::Http2(Box::new(TokioIo::new(upgraded))),
+            buffered: Bytes::new(),
+        });
+    }
+    match upgraded.downcast::<TokioIo<Stream>>() {
+        Ok(parts) => Some(Leg {
+            stream: parts.io.into_inner(),
+            buffered: parts.read_buf,
+        }),
+        Err(_) => {
+            tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream");
+            None
+        }
+    }
 }
 
 /// The backend refused the upgrade (401, 403, 404...): the client gets exactly that
@@ -268,7 +271,7 @@ async fn upgrade(
 /// read so far and the rest of the stream; its connection runs as a tracked task, which
 /// streams the body to the client after this returns.
 async fn refused(
-    shared: &Arc<Shared>,
+    tasks: &Tasks,
     backend: Stream,
     head: handshake::ResponseHead,
     target: &hyper::Uri,
@@ -283,8 +286,8 @@ async fn refused(
         .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(replay))
         .await
         .map_err(failed)?;
-    let force = shared.signals.force.clone();
-    shared.tracker.spawn(async move {
+    let force = tasks.force.clone();
+    tasks.tracker.spawn(async move {
         tokio::select! {
             ended = connection => if let Err(e) = ended {
                 tracing::debug!(error = %e, "backend refusal connection ended");
@@ -308,113 +311,6 @@ async fn refused(
     ))
 }
 
-/// A side's stream and the bytes it sent behind its handshake.
-struct Owned<S> {
-    stream: S,
-    buffered: bytes::Bytes,
-}
-
-/// What a relay task needs once the client's upgrade completes.
-struct RelayStart {
-    shared: Arc<Shared>,
-    /// Keeps the client connection busy (and its `max_connections` slot taken) until
-    /// the relay ends.
-    conn: Busy,
-    info: ConnectionInfo,
-    negotiated: Negotiated,
-}
-
-impl RelayStart {
-    /// Builds the relay now and returns the future that runs it. Building outside that
-    /// future keeps it from also holding the streams, buffers and handshake state the
-    /// relay was made from: a future stores its arguments for its whole life.
-    fn start<C: Transport>(
-        self,
-        client: Owned<C>,
-        backend: Owned<Stream>,
-    ) -> impl Future<Output = ()> + Send + use<C> {
-        let RelayStart {
-            shared,
-            conn,
-            info,
-            negotiated,
-        } = self;
-        let registration = shared.live.register(&info, &shared.signals.shutdown);
-        let mut relay = Relay::new(
-            Leg {
-                stream: client.stream,
-                buffered: &client.buffered,
-            },
-            Leg {
-                stream: backend.stream,
-                buffered: &backend.buffered,
-            },
-            negotiated,
-            shared.relay_config.clone(),
-            shared.signals.clone(),
-            shared.metrics.relay(),
-            registration.conn.clone(),
-        );
-        // The pumps copied these bytes; the buffers they came from are the HTTP layer's
-        // whole read buffers, which must not stay alive for the connection's life. (They
-        // drop here, at the end of this function.)
-        async move {
-            // `run` takes the relay by reference: moving it into its own future would
-            // keep a second copy alive for the connection's whole life.
-            let active = &shared.metrics.websockets_active;
-            active.increment(1.0);
-            let ended = relay.run().await;
-            active.decrement(1.0);
-            drop(registration);
-            report::connection_ended(&shared.metrics, &info, &ended);
-            drop(conn);
-        }
-    }
-}
-
-/// Opens a dedicated connection to the backend for one WebSocket: TCP, then TLS for an
-/// `https://` backend, both within `http.connect_timeout`.
-async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
-    let b = &shared.config.backend;
-    let connect = async {
-        let tcp = TcpStream::connect((b.host.as_str(), b.port))
-            .await
-            .map_err(|e| {
-                tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
-                ProxyError::BackendUnreachable
-            })?;
-        if b.loopback {
-            // A loopback peer cannot vanish silently: when its process dies the kernel
-            // closes its sockets. Keepalive and TCP_USER_TIMEOUT would only cost five
-            // system calls per WebSocket; Nagle still has to go.
-            let _ = tcp.set_nodelay(true);
-        } else {
-            crate::listener::tune_socket(socket2::SockRef::from(&tcp));
-        }
-        let Some(tls) = &shared.backend_tls else {
-            return Ok(Stream::Plain(tcp));
-        };
-        let tls = tls
-            .connector
-            .connect(tls.server_name.clone(), tcp)
-            .await
-            .map_err(|e| {
-                // An untrusted or misnamed certificate: worth a warning, it is a
-                // configuration problem, not a client's.
-                tracing::warn!(error = %e, backend = %b.authority, "backend TLS handshake failed");
-                ProxyError::BackendUnreachable
-            })?;
-        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
-    };
-    match tokio::time::timeout(shared.config.http.connect_timeout, connect).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(backend = %b.authority, "backend connect timed out");
-            Err(ProxyError::BackendUnreachable)
-        }
-    }
-}
-
 /// The upgrade request as the backend gets it, written straight from the client's
 /// request: every end-to-end header in the client's order (cookies, authorization,
 /// origin, `Sec-WebSocket-*`), `Host` unchanged (or taken from `:authority` for an
@@ -423,7 +319,7 @@ async fn connect_backend(shared: &Shared) -> Result<Stream, ProxyError> {
 fn backend_request<B>(
     req: &Request<B>,
     peer: SocketAddr,
-    client_tls: bool,
+    client: Scheme,
     key: &HeaderValue,
 ) -> Vec<u8> {
     let headers = req.headers();
@@ -452,7 +348,7 @@ fn backend_request<B>(
             head.header(name, value);
         }
     }
-    for (name, value) in proxy::forwarded_headers(headers, host, peer, client_tls) {
+    for (name, value) in proxy::forwarded_headers(headers, host, peer, client) {
         head.header(&name, &value);
     }
     head.header(&header::CONNECTION, &HeaderValue::from_static("Upgrade"));
@@ -483,14 +379,14 @@ mod tests {
     #[test]
     fn bad_handshakes_say_why() {
         let req = handshake().method("POST").body(()).unwrap();
-        assert_eq!(validate(&req).unwrap_err().0, ProxyError::BadHandshake);
+        assert_eq!(validate(&req).unwrap_err().error, ProxyError::BadHandshake);
         let req = Request::get("/")
             .header("sec-websocket-version", "8")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .body(())
             .unwrap();
         assert_eq!(
-            validate(&req).unwrap_err().0,
+            validate(&req).unwrap_err().error,
             ProxyError::UnsupportedVersion
         );
         let req = Request::get("/")
@@ -499,14 +395,14 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(
-            validate(&req).unwrap_err().1,
+            validate(&req).unwrap_err().why,
             "Sec-WebSocket-Key must be 16 bytes in base64"
         );
         let req = Request::get("/")
             .header("sec-websocket-version", "13")
             .body(())
             .unwrap();
-        assert_eq!(validate(&req).unwrap_err().1, "missing Sec-WebSocket-Key");
+        assert_eq!(validate(&req).unwrap_err().why, "missing Sec-WebSocket-Key");
     }
 
     #[test]
@@ -551,7 +447,7 @@ mod tests {
             .unwrap();
         let peer: SocketAddr = "10.0.0.9:4000".parse().unwrap();
         let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
-        let got = lines(&backend_request(&req, peer, true, &key));
+        let got = lines(&backend_request(&req, peer, Scheme::Https, &key));
         assert_eq!(
             got,
             [
@@ -580,7 +476,7 @@ mod tests {
             .unwrap();
         let peer: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
         let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
-        let got = lines(&backend_request(&req, peer, false, &key));
+        let got = lines(&backend_request(&req, peer, Scheme::Http, &key));
         assert_eq!(
             got,
             [

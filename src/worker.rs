@@ -13,7 +13,7 @@
 //!
 //! Worker 0 is the thread that called [`crate::serve`]; it also runs what exists once
 //! per process: the admin listener, the housekeeping, signal handling and the drain.
-//! The others are started here. All of them share one [`Shared`]: the drain signal, the
+//! The others are started here. All of them share one [`Gate`]: the drain signal, the
 //! task tracker the drain waits on, the connection limit, metrics and the live table.
 
 use std::net::TcpListener as StdListener;
@@ -24,8 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
-use crate::server::{self, Shared};
+use crate::error::Error;
+use crate::gate::Gate;
+use crate::server;
 
 /// The workers started besides the calling thread.
 pub struct Workers {
@@ -45,7 +46,7 @@ impl Workers {
     /// Starts one worker thread per listener, numbered from 1, and returns once every
     /// one of them is accepting. Fails if a thread or its runtime cannot be created; the
     /// ones already started are stopped.
-    pub async fn start(shared: &Arc<Shared>, listeners: Vec<StdListener>) -> Result<Self, Error> {
+    pub async fn start(gate: &Arc<Gate>, listeners: Vec<StdListener>) -> Result<Self, Error> {
         let mut workers = Workers {
             threads: Vec::with_capacity(listeners.len()),
             stop: CancellationToken::new(),
@@ -54,14 +55,14 @@ impl Workers {
             let index = i + 1;
             let (started_tx, started) = oneshot::channel();
             let (exited_tx, exited) = oneshot::channel::<()>();
-            let shared = shared.clone();
+            let gate = gate.clone();
             let stop = workers.stop.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("wsgate-worker-{index}"))
                 .spawn(move || {
                     // Dropped when the thread ends, after the runtime and its tasks.
                     let _exited = exited_tx;
-                    run(index, shared, listener, stop, started_tx);
+                    run(index, gate, listener, stop, started_tx);
                 });
             let started = match spawned {
                 Ok(thread) => {
@@ -107,7 +108,7 @@ impl Drop for Workers {
 /// begins, then running its connections until `stop`.
 fn run(
     index: usize,
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
     listener: StdListener,
     stop: CancellationToken,
     started: oneshot::Sender<Result<(), String>>,
@@ -132,9 +133,9 @@ fn run(
         };
         let _ = started.send(Ok(()));
         tracing::debug!(worker = index, "worker accepting");
-        shared
+        gate.tasks
             .tracker
-            .spawn(server::accept(shared.clone(), index, listener));
+            .spawn(server::accept(gate.clone(), index, listener));
         stop.cancelled().await;
     });
 }

@@ -15,8 +15,8 @@ use hyper::{Method, Request, Version};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use wsgate::Side;
 use wsgate::frame::{FrameError, Header, Opcode, RSV1, Scanner, Step};
-use wsgate::session::Side;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;

@@ -26,7 +26,16 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use wsgate::proxy::{Body, full};
+
+/// The body of the scripted backends' responses.
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// A complete body.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
 
 /// What an HTTP backend saw of one request.
 #[derive(Debug)]

@@ -447,3 +447,45 @@ async fn a_real_prometheus_scrapes_wsgate() {
     assert!(answer.contains("\"job\":\"wsgate\""), "{answer}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn liveness_round_trips_reach_the_histogram_and_the_connection_table() {
+    let (gate, backend_l) = gate_with(|c| {
+        c.websocket.ping_interval = Some(std::time::Duration::from_millis(100));
+    })
+    .await;
+    let (mut c, mut b) = pair(&gate, &backend_l).await;
+    // Both sides are silent: wsgate pings each; only the client answers.
+    let ping = c.recv().await;
+    assert_eq!(ping.opcode, PING);
+    assert_eq!(b.recv().await.opcode, PING);
+    c.send(PONG, &ping.payload).await;
+    // wsgate's Pong is consumed: the next frame the backend sees is the client's data.
+    c.send(TEXT, b"after the pong").await;
+    let next = b.recv().await;
+    assert_eq!(
+        (next.opcode, &next.payload[..]),
+        (TEXT, &b"after the pong"[..])
+    );
+    eventually(async || {
+        let text = scrape(&gate).await;
+        sample(
+            &text,
+            "wsgate_websocket_ping_rtt_seconds_count{side=\"client\"}",
+        ) == 1.0
+    })
+    .await;
+    let text = scrape(&gate).await;
+    assert_eq!(
+        sample(
+            &text,
+            "wsgate_websocket_ping_rtt_seconds_count{side=\"backend\"}"
+        ),
+        0.0,
+        "the backend never answered"
+    );
+    let (_, table) = http_get(gate.admin, "/connections").await;
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert!(table[0]["client_ping_rtt_seconds"].as_f64().unwrap() > 0.0);
+    assert!(table[0]["backend_ping_rtt_seconds"].is_null());
+}

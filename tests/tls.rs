@@ -70,8 +70,13 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// ring as rustls' process-wide provider, as wsgate installs it (idempotent).
+fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn client_tls(ca_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    wsgate::tls::install_provider();
+    install_provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -84,7 +89,7 @@ fn client_tls(ca_pem: &str, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
 }
 
 fn server_tls(p: &Pki) -> tokio_rustls::TlsAcceptor {
-    wsgate::tls::install_provider();
+    install_provider();
     let certs = CertificateDer::pem_slice_iter(p.leaf_pem.as_bytes())
         .map(|c| c.unwrap())
         .collect();

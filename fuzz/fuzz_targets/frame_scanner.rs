@@ -12,7 +12,7 @@ use std::io::Cursor;
 use libfuzzer_sys::fuzz_target;
 use tungstenite::protocol::frame::FrameHeader;
 use wsgate::frame::{FrameError, Header, RSV1, Scanner, Step};
-use wsgate::session::Side;
+use wsgate::Side;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&ctl, bytes)) = data.split_first() else {
