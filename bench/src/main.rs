@@ -3,7 +3,8 @@
 //!
 //! One binary, three roles, each a separate process when `run` orchestrates them:
 //!
-//! - `echo`: a WebSocket echo backend (RFC 6455 handshake and framing done by hand);
+//! - `echo`: a WebSocket echo backend (the RFC 6455 handshake done by hand, frames parsed
+//!   with wsgate's own `wsgate::frame`);
 //! - `load`: the load generator, one mode per measurement; it prints `START`/`END`
 //!   (or `OPEN`) markers and one `RESULT {json}` line on stdout;
 //! - `run`: starts the echo backend and each proxy on free loopback ports, runs every
