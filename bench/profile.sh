@@ -10,7 +10,7 @@
 #                functions by self cost (slow: run at least 6 s)
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`)
 #
-# Needs `cargo build --release --locked --bin wsgate --bin wsgate-bench` first, and
+# Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and
 # perf, strace or valgrind (Debian: linux-perf, strace, valgrind). Output goes to stdout;
 # raw data stays in a temporary directory that is printed first. Environment:
 # CONNECTIONS (the load's connections), RUST_LOG (wsgate's log level, default warn),

@@ -537,7 +537,18 @@ def cmd_dockerfile():
     pkg = cargo_toml.get("package") or {}
     c.check(not (REPO / "build.rs").exists() and "build" not in pkg,
             "the crate has a build script: COPY it in deploy/Dockerfile")
-    c.check("workspace" not in cargo_toml, "Cargo.toml has a [workspace]: update the Dockerfile")
+    # Cargo loads every workspace member's manifest even to build wsgate alone: the
+    # builder must COPY each one (and give it a placeholder main.rs).
+    workspace = cargo_toml.get("workspace") or {}
+    for member in workspace.get("members") or []:
+        if member.strip("./") == "":
+            continue
+        manifest = f"{member.rstrip('/')}/Cargo.toml"
+        c.check(manifest in sources,
+                f"workspace member {member}: deploy/Dockerfile does not COPY {manifest}")
+        c.check(f"{member.rstrip('/')}/src/main.rs" in runs,
+                f"workspace member {member}: deploy/Dockerfile makes no placeholder "
+                f"{member.rstrip('/')}/src/main.rs")
     for kind in ("bin", "lib", "test", "bench", "example"):
         targets = cargo_toml.get(kind) or []
         targets = [targets] if isinstance(targets, dict) else targets

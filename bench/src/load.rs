@@ -21,7 +21,7 @@ use tokio::time::timeout;
 
 use crate::echo;
 use crate::stats::Summary;
-use crate::ws::{self, Client, Endpoint, OP_BINARY, OP_CLOSE};
+use crate::ws::{self, Client, Endpoint};
 
 /// Bound on any single network wait of a measurement loop.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -259,7 +259,7 @@ async fn closed_loop_worker(
     start: Instant,
     end: Instant,
 ) -> (LoadResult, Vec<u64>) {
-    let frame = ws::masked_frame(OP_BINARY, &message);
+    let frame = ws::client_binary_frame(&message);
     let mut part = LoadResult::default();
     let mut samples = Vec::new();
     loop {
@@ -315,6 +315,8 @@ async fn churn(args: &LoadArgs, endpoint: &Endpoint, conns: usize, size: usize) 
             let message = message.clone();
             let next_source = next_source.clone();
             tokio::spawn(async move {
+                // Built once per worker, sent on every connection it opens.
+                let frame = ws::client_binary_frame(&message);
                 let mut part = LoadResult::default();
                 let mut samples = Vec::new();
                 loop {
@@ -326,7 +328,6 @@ async fn churn(args: &LoadArgs, endpoint: &Endpoint, conns: usize, size: usize) 
                     let cycle = async {
                         let mut c =
                             Client::connect(&endpoint, &endpoint.path, Some(source)).await?;
-                        let frame = ws::masked_frame(OP_BINARY, &message);
                         c.stream.write_all(&frame).await?;
                         c.recv_echo(&message).await?;
                         c.close(CLOSE_TIMEOUT).await
@@ -476,6 +477,8 @@ async fn release(
         }
     });
     let message = payload(size);
+    let data = ws::client_binary_frame(&message);
+    let close = ws::client_close_frame();
     let mut close_ns = Vec::new();
     let mut fin_ns = Vec::new();
     for id in 0..2 * count {
@@ -488,11 +491,8 @@ async fn release(
         let one = async {
             let source = Some(ws::loopback_source(id));
             let mut c = Client::connect(endpoint, &path, source).await?;
-            c.stream
-                .write_all(&ws::masked_frame(OP_BINARY, &message))
-                .await?;
+            c.stream.write_all(&data).await?;
             c.recv_echo(&message).await?;
-            let close = ws::masked_frame(OP_CLOSE, &1000u16.to_be_bytes());
             let t0 = Instant::now();
             match ending {
                 Ending::Close => c.stream.write_all(&close).await?,

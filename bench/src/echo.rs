@@ -17,7 +17,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::ws::{self, MAX_FRAME, OP_CLOSE, OP_PING, OP_PONG, ReadBuf};
+use wsgate::frame::{self, Opcode};
+
+use crate::ws::{self, ReadBuf, TO_CLIENT};
 
 #[derive(clap::Args, Debug)]
 pub struct EchoArgs {
@@ -134,39 +136,36 @@ async fn echo_frames(stream: &mut TcpStream, buf: &mut ReadBuf) -> (Seen, Instan
         let mut closed: Option<(Option<u16>, Instant)> = None;
         let need = loop {
             let filled = buf.filled_mut();
-            let Some(h) = ws::parse_header(filled) else {
-                break filled.len() + 14;
+            let (h, total) = match ws::parse_header(filled) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => break filled.len() + 14,
+                Err(e) => return (Seen::Error(e.kind()), Instant::now()),
             };
-            if h.total() > MAX_FRAME {
-                return (Seen::Error(io::ErrorKind::InvalidData), Instant::now());
+            if filled.len() < total {
+                break total;
             }
-            if filled.len() < h.total() {
-                break h.total();
-            }
-            let payload = &mut filled[h.header_len..h.total()];
+            let payload = &mut filled[h.header_len..total];
             if let Some(key) = h.mask {
                 ws::apply_mask(payload, key);
             }
             match h.opcode {
-                OP_CLOSE => {
-                    ws::put_header(&mut out, 0x80 | OP_CLOSE, payload.len(), None);
-                    out.extend_from_slice(payload);
+                // Control payloads are at most 125 bytes (`ws::parse_header` checks).
+                Opcode::Close => {
+                    out.extend_from_slice(&frame::encode(TO_CLIENT, Opcode::Close, payload));
                     let code =
                         (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
                     closed = Some((code, Instant::now()));
                 }
-                OP_PING => {
-                    ws::put_header(&mut out, 0x80 | OP_PONG, payload.len(), None);
-                    out.extend_from_slice(payload);
+                Opcode::Ping => {
+                    out.extend_from_slice(&frame::encode(TO_CLIENT, Opcode::Pong, payload));
                 }
-                OP_PONG => {}
+                Opcode::Pong => {}
                 op => {
-                    let fin = if h.fin { 0x80 } else { 0 };
-                    ws::put_header(&mut out, fin | op, payload.len(), None);
+                    ws::put_header(&mut out, h.fin, op, payload.len(), None);
                     out.extend_from_slice(payload);
                 }
             }
-            buf.consume(h.total());
+            buf.consume(total);
             if closed.is_some() {
                 break 0;
             }
@@ -186,5 +185,50 @@ async fn echo_frames(stream: &mut TcpStream, buf: &mut ReadBuf) -> (Seen, Instan
             Ok(_) => {}
             Err(e) => return (Seen::Error(e.kind()), Instant::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::{Client, Endpoint};
+    use std::time::Duration;
+
+    /// The echo backend and the client against each other on loopback: small and large
+    /// messages (all three length encodings), a Ping answered with a Pong, the close
+    /// handshake as the backend sees it.
+    #[test]
+    fn echo_backend_and_client_agree() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                serve(stream, Some(tx)).await;
+            });
+            let endpoint = Endpoint::parse(&format!("ws://{addr}/echo")).unwrap();
+            let mut client = Client::connect(&endpoint, "/echo", None).await.unwrap();
+            for size in [0, 64, 126, 65536, 70000] {
+                let message: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+                let frame = ws::client_binary_frame(&message);
+                client.stream.write_all(&frame).await.unwrap();
+                client.recv_echo(&message).await.unwrap();
+            }
+            let ping = frame::encode(ws::TO_SERVER, Opcode::Ping, b"hi");
+            client.stream.write_all(&ping).await.unwrap();
+            let pong = client.recv().await.unwrap();
+            assert_eq!(
+                (pong.opcode, client.payload(&pong)),
+                (Opcode::Pong, &b"hi"[..])
+            );
+            client.close(Duration::from_secs(5)).await.unwrap();
+            let (path, seen, _) = rx.recv().await.unwrap();
+            assert_eq!((path.as_str(), seen), ("/echo", Seen::Close(Some(1000))));
+        });
     }
 }

@@ -131,7 +131,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
     if args.targets.iter().any(|t| t.is_wsgate()) && !wsgate.is_file() {
         eprintln!(
             "wsgate-bench run: {} not found; build it first:\n  \
-             cargo build --release --locked --bin wsgate --bin wsgate-bench\n\
+             cargo build --release --locked -p wsgate -p wsgate-bench\n\
              or give its path with --wsgate",
             wsgate.display()
         );
@@ -786,7 +786,8 @@ impl Environment {
                 .success()
                 .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
         };
-        let manifest = env!("CARGO_MANIFEST_DIR");
+        let repo = repository();
+        let manifest = repo.to_str().unwrap_or(".");
         let git = command("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]).map(|rev| {
             match command(
                 "git",
@@ -821,26 +822,29 @@ impl Environment {
             load_before: load_average(),
             versions: targets::versions(tools),
             git,
-            stale: newer_source(&tools.wsgate, Path::new(manifest)),
+            stale: newer_source(&tools.wsgate, repo),
             haproxy_maxconn: tools.haproxy.as_ref().map(|_| tools.haproxy_maxconn),
         }
     }
 }
 
-/// The first file of wsgate's sources (src/, Cargo.toml, Cargo.lock; not this
-/// benchmark) modified after the binary was built.
-fn newer_source(binary: &Path, manifest: &Path) -> Option<String> {
+/// The repository root: the workspace this benchmark belongs to, which holds wsgate's
+/// sources (the benchmark's own are in `bench/`, this package).
+fn repository() -> &'static Path {
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+    bench.parent().unwrap_or(bench)
+}
+
+/// The first file of wsgate's sources (src/, Cargo.toml, Cargo.lock under `repo`; not
+/// this benchmark, which lives in bench/) modified after the binary was built.
+fn newer_source(binary: &Path, repo: &Path) -> Option<String> {
     let built = fs::metadata(binary).and_then(|m| m.modified()).ok()?;
-    let bench = manifest.join("src/bin/wsgate-bench");
     let mut stack = vec![
-        manifest.join("src"),
-        manifest.join("Cargo.toml"),
-        manifest.join("Cargo.lock"),
+        repo.join("src"),
+        repo.join("Cargo.toml"),
+        repo.join("Cargo.lock"),
     ];
     while let Some(path) = stack.pop() {
-        if path.starts_with(&bench) {
-            continue;
-        }
         let Ok(meta) = fs::metadata(&path) else {
             continue;
         };
@@ -850,7 +854,7 @@ fn newer_source(binary: &Path, manifest: &Path) -> Option<String> {
             }
         } else if meta.modified().is_ok_and(|m| m > built) {
             return Some(
-                path.strip_prefix(manifest)
+                path.strip_prefix(repo)
                     .unwrap_or(&path)
                     .display()
                     .to_string(),
@@ -897,7 +901,7 @@ fn render(
     if let Some(file) = &env.stale {
         s.push_str(&format!(
             "- **warning: {file} changed after the wsgate binary was built; rebuild with \
-             `cargo build --release --locked --bin wsgate --bin wsgate-bench`**\n"
+             `cargo build --release --locked -p wsgate -p wsgate-bench`**\n"
         ));
     }
     s.push_str(&format!(

@@ -3,7 +3,8 @@
 //!
 //! One binary, three roles, each a separate process when `run` orchestrates them:
 //!
-//! - `echo`: a WebSocket echo backend (RFC 6455 handshake and framing done by hand);
+//! - `echo`: a WebSocket echo backend (the RFC 6455 handshake done by hand, frames parsed
+//!   with wsgate's own `wsgate::frame`);
 //! - `load`: the load generator, one mode per measurement; it prints `START`/`END`
 //!   (or `OPEN`) markers and one `RESULT {json}` line on stdout;
 //! - `run`: starts the echo backend and each proxy on free loopback ports, runs every
@@ -60,32 +61,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses `"5s"`, `"500ms"`, `"2m"`, `"100us"` or a bare number of seconds.
+/// Parses a duration with humantime (`"5s"`, `"500ms"`, `"2m"`, `"100us"`, `"1.5s"`,
+/// `"1m 30s"`), and a bare number as seconds (`"3"`), which humantime refuses.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 500ms, 2m)"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?} (use s, ms, us, m, h)"
-            ));
-        }
+    let bare = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let parsed = if bare {
+        humantime::parse_duration(&format!("{s}s"))
+    } else {
+        humantime::parse_duration(s)
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    parsed.map_err(|e| format!("{s:?} is not a duration (e.g. 5s, 500ms, 2m): {e}"))
 }
 
 #[cfg(test)]
@@ -98,8 +84,16 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_duration("100µs"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration(" 3 "), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::procfs;
 
-const NGINX_TEMPLATE: &str = include_str!("../../../bench/nginx.conf");
-const HAPROXY_TEMPLATE: &str = include_str!("../../../bench/haproxy.cfg");
-const WSGATE_TEMPLATE: &str = include_str!("../../../bench/wsgate.toml");
+const NGINX_TEMPLATE: &str = include_str!("../nginx.conf");
+const HAPROXY_TEMPLATE: &str = include_str!("../haproxy.cfg");
+const WSGATE_TEMPLATE: &str = include_str!("../wsgate.toml");
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Target {
