@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use wsgate::frame::{self, Header, MAX_CONTROL_PAYLOAD, Opcode};
 // The benchmark's only mention of `Side` (which end of wsgate a frame goes to).
-use wsgate::session::Side;
+use wsgate::Side;
 
 /// For `frame::encode`: the load generator is a client, so its frames are masked, like
 /// wsgate's frames to its backend.
