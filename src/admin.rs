@@ -1,10 +1,17 @@
 //! The admin listener, for the platform rather than for clients: `/metrics`
-//! (Prometheus), `/livez` (the process serves), `/readyz` (it accepts new connections;
-//! fails while draining), `/connections` (the live WebSocket table) and, when
-//! `admin.allow_close` is set, `POST /connections/{id}/close`. It runs on its own
-//! address, by default on loopback only.
+//! (Prometheus), `/livez` (the process serves), `/readyz` (it takes new connections;
+//! fails while draining), `/connections` (the live WebSocket table), `/drain` (start the
+//! drain, see how it goes) and, when `admin.allow_close` is set,
+//! `POST /connections/{id}/close`. It runs on its own address, by default on loopback
+//! only.
+//!
+//! Probes and scrapes come from anywhere the address is reachable (in Kubernetes, the
+//! cluster network); what changes wsgate's state — the drain and closing a connection —
+//! is refused with 403 to a peer that is not on loopback: the `preStop` hook and an
+//! operator's `kubectl exec` or port-forward arrive there.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +38,8 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
     let mut conns = JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -43,7 +50,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
         conns.spawn(async move {
             let service = service_fn(move |req| {
                 let gate = gate.clone();
-                async move { Ok::<_, Infallible>(route(&gate, req).await) }
+                async move { Ok::<_, Infallible>(route(&gate, peer, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -59,9 +66,17 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>) {
 /// Largest request body accepted (a close request).
 const MAX_BODY: usize = 4096;
 
-async fn route(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
+async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let changes_state = req.method() == Method::POST;
+    if changes_state && !may_change_state(peer.ip()) {
+        tracing::warn!(%peer, path, "admin request refused: not from loopback");
+        return text(
+            StatusCode::FORBIDDEN,
+            "only a client on loopback may do this (kubectl exec, port-forward, a preStop hook)",
+        );
+    }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["metrics"]) => {
             let mut resp = Response::new(full(report::render(&gate.live, &gate.metrics)));
@@ -76,10 +91,28 @@ async fn route(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         (&Method::GET, ["connections"]) => json(StatusCode::OK, &gate.live.snapshot()),
         (&Method::POST, ["connections", id, "close"]) => close(gate, id, req).await,
+        (&Method::POST, ["drain"]) => {
+            if gate.begin_drain("admin") {
+                tracing::info!(%peer, "drain requested");
+            }
+            json(StatusCode::ACCEPTED, &gate.drain.status(&gate.live))
+        }
+        (&Method::GET, ["drain"]) => json(StatusCode::OK, &gate.drain.status(&gate.live)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /livez, /readyz or /connections",
+            "not found: try /metrics, /livez, /readyz, /connections or /drain",
         ),
+    }
+}
+
+/// Whether `peer` may change wsgate's state (drain it, close a connection): only from
+/// loopback, IPv4-mapped IPv6 loopback included.
+fn may_change_state(peer: IpAddr) -> bool {
+    match peer {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -148,4 +181,26 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_peers_may_change_state() {
+        for ok in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert!(may_change_state(ok.parse().unwrap()), "{ok}");
+        }
+        for refused in [
+            "10.0.0.7",
+            "192.168.1.2",
+            "0.0.0.0",
+            "fe80::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.7",
+        ] {
+            assert!(!may_change_state(refused.parse().unwrap()), "{refused}");
+        }
+    }
 }

@@ -29,6 +29,9 @@ pub struct Config {
     /// Worker threads, each with its own listening socket and runtime (see
     /// [`crate::worker`]). Default [`Workers::Auto`].
     pub workers: Workers,
+    /// How often the configuration file is checked for new content, which is then
+    /// reloaded (as on SIGHUP); `None` ("0s") reloads only on SIGHUP. Default 10s.
+    pub reload_interval: Option<Duration>,
     pub http: HttpConfig,
     pub websocket: WebSocketConfig,
     pub shutdown: ShutdownConfig,
@@ -148,13 +151,24 @@ impl WebSocketConfig {
     }
 }
 
-/// `[shutdown]`: graceful shutdown on SIGTERM/SIGINT.
+/// `[shutdown]`: the drain, started by `POST /drain` (a Kubernetes `preStop` hook) or
+/// by SIGTERM/SIGINT.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShutdownConfig {
-    /// How long open connections get to close after the signal before they are aborted.
-    /// Keep it below the pod's `terminationGracePeriodSeconds`. Default 25s.
+    /// From the start of the drain to the forced close of whatever is still open. Keep
+    /// it below the pod's `terminationGracePeriodSeconds`. Default 25s.
     pub drain_timeout: Duration,
+    /// Open WebSockets get their Close at a random moment within this, from the start
+    /// of the drain, so that their clients do not all reconnect at once. Must be below
+    /// `drain_timeout`; when not set, a fifth of it (5s with the default).
+    pub spread: Duration,
+    /// The Close code a draining wsgate sends clients: 1012 "service restart" (the
+    /// default: reconnect, elsewhere) or 1001 "going away". The backend gets 1001.
+    pub client_close_code: u16,
 }
+
+/// The Close codes `shutdown.client_close_code` may be.
+pub const DRAIN_CLOSE_CODES: [u16; 2] = [1001, 1012];
 
 /// `[admin]`: the operator's listener (`/livez`, `/readyz`).
 #[derive(Clone, Debug, PartialEq)]
@@ -265,6 +279,7 @@ impl Default for Config {
             },
             max_connections: 10_000,
             workers: Workers::Auto,
+            reload_interval: Some(Duration::from_secs(10)),
             http: HttpConfig {
                 connect_timeout: Duration::from_secs(5),
                 header_read_timeout: Duration::from_secs(10),
@@ -284,6 +299,8 @@ impl Default for Config {
             },
             shutdown: ShutdownConfig {
                 drain_timeout: Duration::from_secs(25),
+                spread: Duration::from_secs(5),
+                client_close_code: 1012,
             },
             admin: AdminConfig {
                 listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
@@ -328,6 +345,77 @@ pub enum ConfigError {
     /// The file was read but is invalid; fix each problem listed.
     #[error("{} problem(s) in the configuration:\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
+}
+
+/// Where the configuration comes from: a file, or none (the defaults), and the command
+/// line's `--listen` and `--backend`, which win over the file. A reload reads the same
+/// source again.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub path: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub backend: Option<String>,
+}
+
+impl Source {
+    /// The file's content; empty without a file.
+    pub fn read(&self) -> Result<Vec<u8>, ConfigError> {
+        match &self.path {
+            None => Ok(Vec::new()),
+            Some(path) => std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// The configuration from the file's `content` (as [`Source::read`] gave it) with
+    /// the command line's values over it.
+    pub fn parse(&self, content: &[u8]) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(content).map_err(|e| {
+            ConfigError::Invalid(vec![Problem {
+                key: String::new(),
+                message: format!("not UTF-8 text: {e}"),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let mut config = match Config::parse(text) {
+            Ok(config) => config,
+            Err(ConfigError::Invalid(found)) => {
+                problems = found;
+                Config::default()
+            }
+            Err(e) => return Err(e),
+        };
+        let mut flag = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.into(),
+                message,
+            })
+        };
+        if let Some(listen) = &self.listen {
+            match parse_addr(listen) {
+                Ok(addr) => config.listen = addr,
+                Err(e) => flag("--listen", e),
+            }
+        }
+        if let Some(url) = &self.backend {
+            match Backend::parse(url) {
+                Ok(backend) => config.backend = backend,
+                Err(e) => flag("--backend", e),
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Reads and parses: the configuration to start with.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        self.parse(&self.read()?)
+    }
 }
 
 impl Config {
@@ -381,6 +469,11 @@ impl Config {
         }
         if self.shutdown.drain_timeout.is_zero() {
             problem("shutdown.drain_timeout", "must be above 0s");
+        } else if self.shutdown.spread >= self.shutdown.drain_timeout {
+            problem(
+                "shutdown.spread",
+                "must be below shutdown.drain_timeout: the Closes are spread within the drain",
+            );
         }
         if self.http.connect_timeout.is_zero() {
             problem("http.connect_timeout", "must be above 0s");
@@ -420,6 +513,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let backend = top.parsed("backend", d.backend, Backend::parse);
     let max_connections = top.integer("max_connections", d.max_connections as u64) as usize;
     let workers = top.workers("workers", d.workers);
+    let reload_interval = top.optional_duration("reload_interval", d.reload_interval);
     let http = top.table("http");
     let websocket = top.table("websocket");
     let shutdown = top.table("shutdown");
@@ -456,8 +550,22 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     s.finish();
 
     let mut s = Section::new(&shutdown, "shutdown", problems);
+    let drain_timeout = s.duration("drain_timeout", d.shutdown.drain_timeout);
     let shutdown = ShutdownConfig {
-        drain_timeout: s.duration("drain_timeout", d.shutdown.drain_timeout),
+        drain_timeout,
+        spread: s.duration("spread", drain_timeout / 5),
+        client_close_code: s
+            .integer("client_close_code", d.shutdown.client_close_code.into())
+            .try_into()
+            .ok()
+            .filter(|c| DRAIN_CLOSE_CODES.contains(c))
+            .unwrap_or_else(|| {
+                s.problem(
+                    "client_close_code",
+                    "must be 1012 (service restart) or 1001 (going away)".into(),
+                );
+                d.shutdown.client_close_code
+            }),
     };
     s.finish();
 
@@ -490,14 +598,15 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let cert = s.parsed("cert", None, |v| Ok(Some(PathBuf::from(v))));
     let key = s.parsed("key", None, |v| Ok(Some(PathBuf::from(v))));
     let handshake_timeout = s.duration("handshake_timeout", Duration::from_secs(10));
-    let reload_interval = s.optional_duration("reload_interval", Some(Duration::from_secs(10)));
+    let cert_reload_interval =
+        s.optional_duration("reload_interval", Some(Duration::from_secs(10)));
     let http2 = s.boolean("http2", true);
     let tls = match (cert, key) {
         (Some(cert), Some(key)) => Some(TlsConfig {
             cert,
             key,
             handshake_timeout,
-            reload_interval,
+            reload_interval: cert_reload_interval,
             http2,
         }),
         (None, None) if !tls_present => None,
@@ -523,6 +632,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         backend,
         max_connections,
         workers,
+        reload_interval,
         http,
         websocket,
         shutdown,
@@ -761,6 +871,9 @@ mod tests {
             "max_frame_size",
             "allowed_origins",
             "drain_timeout",
+            "spread",
+            "client_close_code",
+            "reload_interval",
             "allow_close",
             "format",
             "h2c",

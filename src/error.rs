@@ -53,11 +53,13 @@ pub enum ProxyError {
     OverCapacity,
     /// The WebSocket's `Origin` is not in `websocket.allowed_origins`.
     OriginNotAllowed,
+    /// wsgate is draining: a new WebSocket should go to another instance.
+    Draining,
 }
 
 /// The values of the `result` label of `wsgate_websocket_upgrades_total`: `ok`, a
 /// refusal by the backend, then what [`ProxyError::upgrade_label`] gives.
-pub const UPGRADE_RESULTS: [&str; 7] = [
+pub const UPGRADE_RESULTS: [&str; 8] = [
     "ok",
     "backend_refused",
     "backend_unreachable",
@@ -65,6 +67,7 @@ pub const UPGRADE_RESULTS: [&str; 7] = [
     "bad_request",
     "limit_reached",
     "origin_refused",
+    "draining",
 ];
 
 impl ProxyError {
@@ -79,6 +82,7 @@ impl ProxyError {
             ProxyError::UnsupportedVersion => "unsupported_version",
             ProxyError::OverCapacity => "over_capacity",
             ProxyError::OriginNotAllowed => "origin_not_allowed",
+            ProxyError::Draining => "draining",
         }
     }
 
@@ -93,6 +97,7 @@ impl ProxyError {
             ProxyError::UnsupportedVersion => "only WebSocket version 13 is supported",
             ProxyError::OverCapacity => "wsgate is at max_connections; retry shortly",
             ProxyError::OriginNotAllowed => "this origin may not open WebSockets here",
+            ProxyError::Draining => "wsgate is shutting down; reconnect to another instance",
         }
     }
 
@@ -104,7 +109,7 @@ impl ProxyError {
             ProxyError::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadHandshake => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
-            ProxyError::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OverCapacity | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::OriginNotAllowed => StatusCode::FORBIDDEN,
         }
     }
@@ -120,6 +125,7 @@ impl ProxyError {
             ProxyError::BadHandshake | ProxyError::UnsupportedVersion => "bad_request",
             ProxyError::OverCapacity => "limit_reached",
             ProxyError::OriginNotAllowed => "origin_refused",
+            ProxyError::Draining => "draining",
         }
     }
 
@@ -132,7 +138,7 @@ impl ProxyError {
             ProxyError::BadHandshake
             | ProxyError::UnsupportedVersion
             | ProxyError::OriginNotAllowed => Fault::Client,
-            ProxyError::OverCapacity => Fault::Wsgate,
+            ProxyError::OverCapacity | ProxyError::Draining => Fault::Wsgate,
         }
     }
 }
@@ -189,7 +195,7 @@ pub enum Error {
 mod tests {
     use super::*;
 
-    const ALL: [ProxyError; 8] = [
+    const ALL: [ProxyError; 9] = [
         ProxyError::BackendUnreachable,
         ProxyError::BackendFailed,
         ProxyError::BackendTimeout,
@@ -198,6 +204,7 @@ mod tests {
         ProxyError::UnsupportedVersion,
         ProxyError::OverCapacity,
         ProxyError::OriginNotAllowed,
+        ProxyError::Draining,
     ];
 
     #[test]

@@ -2,14 +2,18 @@
 //! place with one owner ([`crate::serve`] builds it; everything else borrows it).
 //!
 //! - [`Settings`]: the configuration and what is built from it (the backend connector
-//!   and pools, TLS, hyper's settings, the relays' timers), immutable once built;
-//! - [`Tasks`]: every task serving a client, and the signals that end them;
-//! - the live WebSocket table and the metrics;
+//!   and pools, TLS, hyper's settings), immutable once built and replaced whole by a
+//!   reload ([`Gate::reload`]);
+//! - [`Tasks`]: every task serving a client, and the signals that end them; the
+//!   [`Drain`];
+//! - the live WebSocket table (which also holds the relays' configuration) and the
+//!   metrics;
 //! - the connection limit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use arc_swap::{ArcSwap, Guard};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use tokio::sync::Semaphore;
@@ -18,10 +22,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::drain::{Drain, Plan};
 use crate::error::TlsError;
-use crate::live::LiveTable;
+use crate::live::{LiveTable, RelayConfig};
+use crate::logging::Logging;
 use crate::metrics::Metrics;
-use crate::session::Timers;
 use crate::tls::ServerTls;
 
 /// Over-capacity connections answered with 503 at once; past this they are closed
@@ -30,37 +35,51 @@ const MAX_REJECTING: usize = 64;
 
 /// The state one wsgate shares across its workers.
 pub struct Gate {
-    settings: Settings,
+    settings: ArcSwap<Settings>,
+    /// Worker threads: each has a keep-alive pool toward the backend.
+    workers: usize,
     pub tasks: Tasks,
-    /// Live WebSocket connections: the admin API's view, the drain's reach.
+    pub drain: Drain,
+    /// Live WebSocket connections: the admin API's view, the drain's and the reload's
+    /// reach.
     pub live: LiveTable,
     pub metrics: Arc<Metrics>,
-    /// One permit per client connection (`max_connections`).
-    pub slots: Arc<Semaphore>,
+    /// Client connections open, against `max_connections`.
+    pub slots: Arc<Slots>,
     /// Permits for answering over-capacity connections with a 503.
     pub rejecting: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// The process's logger, when wsgate installed it (a reload may change its format).
+    logging: Option<Logging>,
 }
 
 impl Gate {
     /// For `workers` workers. Fails when a TLS certificate, key or CA file does not
     /// load.
-    pub fn new(config: Config, workers: usize) -> Result<Gate, TlsError> {
+    pub fn new(config: Config, workers: usize, logging: Option<Logging>) -> Result<Gate, TlsError> {
         let metrics = Arc::new(Metrics::new(config.max_connections));
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let slots = Arc::new(Slots {
+            max: AtomicUsize::new(config.max_connections),
+            taken: AtomicUsize::new(0),
+        });
         Ok(Gate {
-            settings: Settings::new(config, workers)?,
+            live: LiveTable::new(relay_config(&config)),
+            settings: ArcSwap::from_pointee(Settings::new(config, workers)?),
+            workers,
             tasks: Tasks::default(),
-            live: LiveTable::default(),
+            drain: Drain::default(),
             metrics,
             slots,
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
             next_id: AtomicU64::new(1),
+            logging,
         })
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// The settings in force. Hold the guard for one request or handshake, not for a
+    /// connection's life: a reload should reach the next request.
+    pub fn settings(&self) -> Guard<Arc<Settings>> {
+        self.settings.load()
     }
 
     /// A process-unique connection id.
@@ -68,9 +87,74 @@ impl Gate {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Ready for new connections: serving and not draining (`/readyz`).
+    /// Ready for new connections: not draining (`/readyz`).
     pub fn is_ready(&self) -> bool {
-        !self.tasks.shutdown.is_cancelled()
+        !self.drain.is_begun()
+    }
+
+    /// Begins the drain (see [`crate::drain`]); `trigger` says what asked for it. False
+    /// if it had begun already.
+    pub fn begin_drain(&self, trigger: &'static str) -> bool {
+        let shutdown = &self.settings().config.shutdown;
+        let plan = Plan {
+            drain_timeout: shutdown.drain_timeout,
+            spread: shutdown.spread,
+            client_close_code: shutdown.client_close_code,
+        };
+        let begun = self
+            .drain
+            .begin(trigger, plan, &self.live, &self.tasks.tracker);
+        if begun {
+            self.metrics.draining.set(1.0);
+        }
+        begun
+    }
+
+    /// Puts a new configuration in force: new connections and requests use it, open
+    /// WebSockets adopt its timers. The keys that belong to what was made at start (the
+    /// listening sockets, the worker threads) keep their running values, each with a
+    /// warning. Fails, changing nothing, if its TLS material does not load.
+    pub fn reload(&self, mut config: Config) -> Result<(), TlsError> {
+        let running = self.settings();
+        let old = &running.config;
+        for (key, changed) in [
+            ("listen", config.listen != old.listen),
+            ("admin.listen", config.admin.listen != old.admin.listen),
+            ("workers", config.workers != old.workers),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "configuration reload: this key changes only at the next start; keeping the running value"
+                );
+            }
+        }
+        config.listen = old.listen;
+        config.admin.listen = old.admin.listen;
+        config.workers = old.workers;
+        let settings = Settings::new(config, self.workers)?;
+        let new = &settings.config;
+        if new.log.format != old.log.format
+            && let Some(logging) = &self.logging
+            && let Err(e) = logging.set_format(new.log.format)
+        {
+            tracing::warn!(error = %e, "cannot switch the log format");
+        }
+        self.slots.max.store(new.max_connections, Ordering::Release);
+        self.metrics.connections_max.set(new.max_connections as f64);
+        self.live.reconfigure(relay_config(new));
+        drop(running);
+        self.settings.store(Arc::new(settings));
+        Ok(())
+    }
+}
+
+/// What relays run with, from the configuration.
+fn relay_config(config: &Config) -> RelayConfig {
+    RelayConfig {
+        timers: Arc::new(config.websocket.timers()),
+        max_frame_size: config.websocket.max_frame_size,
+        drain_close_code: config.shutdown.client_close_code,
     }
 }
 
@@ -83,8 +167,6 @@ pub struct Settings {
     /// hyper's HTTP/1.1 server settings, built once: building them per connection
     /// allocated its timer.
     pub http1: http1::Builder,
-    /// The relays' timers, shared by every relay: one pointer per connection.
-    pub timers: Arc<Timers>,
 }
 
 impl Settings {
@@ -100,19 +182,72 @@ impl Settings {
             backend: Backend::new(&config, workers)?,
             tls: config.tls.as_ref().map(ServerTls::new).transpose()?,
             http1,
-            timers: Arc::new(config.websocket.timers()),
             config,
         })
     }
 }
 
 /// Every task serving a client, a backend handshake or a relay, and the signals that
-/// end them. The drain waits for `tracker`.
+/// end them. The exit waits for `tracker`.
 #[derive(Debug, Default)]
 pub struct Tasks {
     pub tracker: TaskTracker,
-    /// Draining started: stop accepting, finish what is in flight.
-    pub shutdown: CancellationToken,
+    /// The exit began: stop accepting, finish what is in flight.
+    pub stop: CancellationToken,
     /// The drain deadline passed: abort what is left.
     pub force: CancellationToken,
+}
+
+/// Client connections open, and how many may be (`max_connections`, which a reload
+/// may change).
+#[derive(Debug)]
+pub struct Slots {
+    max: AtomicUsize,
+    taken: AtomicUsize,
+}
+
+/// One client connection's place; given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    /// A place for one more connection, unless `max_connections` are open.
+    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let before = self.taken.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max.load(Ordering::Acquire) {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_limit_in_force() {
+        let slots = Arc::new(Slots {
+            max: AtomicUsize::new(2),
+            taken: AtomicUsize::new(0),
+        });
+        let a = slots.try_take().unwrap();
+        let _b = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        drop(a);
+        let c = slots.try_take().unwrap();
+        // A lower limit refuses until enough have ended; a higher one admits at once.
+        slots.max.store(1, Ordering::Release);
+        drop(c);
+        assert!(slots.try_take().is_none());
+        slots.max.store(3, Ordering::Release);
+        assert!(slots.try_take().is_some());
+    }
 }

@@ -37,12 +37,14 @@
 mod admin;
 mod backend;
 pub mod config;
+pub mod drain;
 mod error;
 pub mod frame;
 mod gate;
 mod handshake;
 mod listener;
 mod live;
+pub mod logging;
 mod metrics;
 mod proxy;
 mod pump;
@@ -51,8 +53,8 @@ mod relay;
 mod report;
 mod server;
 mod session;
-mod shutdown;
 pub mod side;
+mod signals;
 mod splice;
 mod stream;
 mod tls;
@@ -77,56 +79,29 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    serve_until(config, listeners, shutdown, std::future::pending()).await
+    serve_with(
+        config,
+        listeners,
+        Process::default(),
+        shutdown,
+        std::future::pending(),
+    )
+    .await
 }
 
-/// Like [`serve`]; `abort`, first polled when the drain starts, ends the drain at once
-/// when it completes (a second SIGTERM): what is still open is reset.
-pub async fn serve_until(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-    abort: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    let mut proxy = listeners.proxy.into_iter();
-    let first = proxy
-        .next()
-        .ok_or_else(|| Error::Internal("no proxy listener".into()))?;
-    let gate = Arc::new(gate::Gate::new(config, 1 + proxy.len())?);
-    let register =
-        |what, l| TcpListener::from_std(l).map_err(|source| Error::Register { what, source });
-    let first = register("listen", first)?;
-    let admin_listener = listeners
-        .admin
-        .map(|l| register("admin.listen", l))
-        .transpose()?;
-    // Worker 0 is this task's thread; the others get threads of their own.
-    let workers = worker::Workers::start(&gate, proxy.collect()).await?;
-    // No helper task holds connections: all are stopped once the drain is over.
-    let housekeeping = tokio::spawn(server::housekeeping(gate.clone()));
-    let admin = admin_listener.map(|l| tokio::spawn(admin::serve(l, gate.clone())));
-    let settings = gate.settings();
-    let reload = settings.tls.as_ref().map(|tls| {
-        let interval = settings.config.tls.as_ref().and_then(|t| t.reload_interval);
-        tokio::spawn(shutdown::reload_certificates(tls.cert.clone(), interval))
-    });
-    server::serve(gate, first, shutdown, abort).await;
-    workers.stop().await;
-    for task in admin.into_iter().chain(reload).chain([housekeeping]) {
-        task.abort();
-    }
-    Ok(())
+/// What a wsgate started as a process has besides its configuration: the source to
+/// reload it from, and the logger a reload may switch to another format.
+#[derive(Default)]
+pub struct Process {
+    /// `None`: nothing to reload (SIGHUP still never ends the process).
+    pub source: Option<config::Source>,
+    pub logging: Option<logging::Logging>,
 }
 
-/// File descriptors wsgate sets aside from the open-file limit besides its two per
-/// WebSocket: listeners, the backend pools, logs, and each worker's splice pipes.
-pub fn reserved_descriptors(workers: usize) -> usize {
-    64 + workers * splice::MAX_DESCRIPTORS
-}
-
-/// Binds the configured addresses and serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), Error> {
-    let listeners = Listeners::bind(&config)?;
+/// Serves on pre-bound listeners, reloading the configuration on SIGHUP or when its
+/// file changes, until SIGTERM or SIGINT; then drains and returns. A second SIGTERM or
+/// SIGINT during the drain aborts what is left.
+pub async fn run(config: Config, listeners: Listeners, process: Process) -> Result<(), Error> {
     let shown =
         |a: std::io::Result<SocketAddr>| a.map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(
@@ -137,7 +112,50 @@ pub async fn run(config: Config) -> Result<(), Error> {
         workers = listeners.proxy.len(),
         "wsgate started"
     );
-    // The second `signal()` starts listening only when the drain starts, so it is the
-    // next SIGTERM or SIGINT after the one that began the drain.
-    serve_until(config, listeners, shutdown::signal(), shutdown::signal()).await
+    // The second `stop()` starts listening only when the drain starts, so it is the
+    // next SIGTERM or SIGINT after the one that began the exit.
+    serve_with(config, listeners, process, signals::stop(), signals::stop()).await
+}
+
+/// `abort`, first polled when the exit starts, ends it at once when it completes: what
+/// is still open is reset.
+async fn serve_with(
+    config: Config,
+    listeners: Listeners,
+    process: Process,
+    stop: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let mut proxy = listeners.proxy.into_iter();
+    let first = proxy
+        .next()
+        .ok_or_else(|| Error::Internal("no proxy listener".into()))?;
+    let gate = Arc::new(gate::Gate::new(config, 1 + proxy.len(), process.logging)?);
+    let register =
+        |what, l| TcpListener::from_std(l).map_err(|source| Error::Register { what, source });
+    let first = register("listen", first)?;
+    let admin_listener = listeners
+        .admin
+        .map(|l| register("admin.listen", l))
+        .transpose()?;
+    // Worker 0 is this task's thread; the others get threads of their own.
+    let workers = worker::Workers::start(&gate, proxy.collect()).await?;
+    // No helper task holds connections: all are stopped once the drain is over.
+    let helpers = [
+        Some(tokio::spawn(server::housekeeping(gate.clone()))),
+        admin_listener.map(|l| tokio::spawn(admin::serve(l, gate.clone()))),
+        Some(tokio::spawn(signals::watch(gate.clone(), process.source))),
+    ];
+    server::serve(gate, first, stop, abort).await;
+    workers.stop().await;
+    for task in helpers.into_iter().flatten() {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// File descriptors wsgate sets aside from the open-file limit besides its two per
+/// WebSocket: listeners, the backend pools, logs, and each worker's splice pipes.
+pub fn reserved_descriptors(workers: usize) -> usize {
+    64 + workers * splice::MAX_DESCRIPTORS
 }

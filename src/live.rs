@@ -14,13 +14,27 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::frame::{MAX_CONTROL_PAYLOAD, is_sendable_close_code};
-use crate::record::{ConnectionInfo, Counters, Outcome};
+use crate::record::{ConnectionInfo, Counters, Outcome, Record};
+use crate::session::Timers;
 use crate::side::Side;
 
 /// "Not measured yet" in the atomics below.
 const NONE: u64 = u64::MAX;
+
+/// What relays run with. A relay takes it when it registers; a reload replaces it and
+/// tells every open relay to take the new timers.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Shared by every relay: one pointer per connection instead of a copy.
+    pub timers: Arc<Timers>,
+    /// Largest data frame accepted from either side; `None` for no limit.
+    pub max_frame_size: Option<u64>,
+    /// The Close code a drain sends clients (`shutdown.client_close_code`).
+    pub drain_close_code: u16,
+}
 
 /// A close requested through the admin API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +51,7 @@ impl Requests {
     const CLOSE: u8 = 1;
     const SHUTDOWN: u8 = 2;
     const FORCE: u8 = 4;
+    const RECONFIGURE: u8 = 8;
 
     /// An operator asked for a close ([`LiveConn::close_request`] says how).
     pub fn close(self) -> bool {
@@ -51,6 +66,11 @@ impl Requests {
     /// The drain deadline passed: abort what is left.
     pub fn force(self) -> bool {
         self.0 & Self::FORCE != 0
+    }
+
+    /// The configuration was reloaded: take the new timers ([`LiveTable::config`]).
+    pub fn reconfigure(self) -> bool {
+        self.0 & Self::RECONFIGURE != 0
     }
 }
 
@@ -180,6 +200,11 @@ impl LiveConn {
         self.mailbox.post(Requests::CLOSE);
     }
 
+    /// Asks the relay to close with the drain's codes.
+    pub fn request_shutdown(&self) {
+        self.mailbox.post(Requests::SHUTDOWN);
+    }
+
     fn snapshot(&self, now: Instant) -> ConnSnapshot {
         let age = now.saturating_duration_since(self.started);
         let direction = |from: Side| {
@@ -268,37 +293,79 @@ enum Phase {
     Forced,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     conns: BTreeMap<u64, Arc<LiveConn>>,
     phase: Phase,
+    config: RelayConfig,
+    /// Connections ended since start, by outcome (indexed like [`Outcome::ALL`]).
+    ended: [u64; Outcome::ALL.len()],
+}
+
+#[derive(Debug)]
+struct Shared {
+    table: Mutex<Table>,
+    /// Woken when the last connection leaves the table.
+    emptied: Notify,
 }
 
 /// All live relayed connections. Cheap to clone: clones share the table.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LiveTable {
-    table: Arc<Mutex<Table>>,
+    shared: Arc<Shared>,
 }
 
 /// Removes its connection from the table when dropped. It shares the table instead of
 /// borrowing it, so a relay's future can own it.
 pub struct Registration {
-    table: Arc<Mutex<Table>>,
+    shared: Arc<Shared>,
     pub conn: Arc<LiveConn>,
+    /// What the relay runs with, as of its registration.
+    pub config: RelayConfig,
+}
+
+impl Registration {
+    /// The connection ended as `record` says: it leaves the table and is counted in
+    /// [`LiveTable::ended`].
+    pub fn ended(self, record: &Record) {
+        lock(&self.shared.table).ended[record.outcome.idx()] += 1;
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.table).conns.remove(&self.conn.info.id);
+        let mut table = lock(&self.shared.table);
+        table.conns.remove(&self.conn.info.id);
+        if table.conns.is_empty() {
+            self.shared.emptied.notify_waiters();
+        }
     }
 }
 
 impl LiveTable {
-    /// Adds a connection. During a drain it finds the shutdown (or the forced close)
-    /// already in its mailbox.
+    pub fn new(config: RelayConfig) -> Self {
+        LiveTable {
+            shared: Arc::new(Shared {
+                table: Mutex::new(Table {
+                    conns: BTreeMap::new(),
+                    phase: Phase::Serving,
+                    config,
+                    ended: [0; Outcome::ALL.len()],
+                }),
+                emptied: Notify::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        lock(&self.shared.table)
+    }
+
+    /// Adds a connection, with the relay configuration it starts with. During a drain
+    /// it finds the shutdown (or the forced close) already in its mailbox.
     pub fn register(&self, info: ConnectionInfo) -> Registration {
         let conn = Arc::new(LiveConn::new(info));
-        let mut table = lock(&self.table);
+        let mut table = self.lock();
         match table.phase {
             Phase::Serving => {}
             Phase::Draining => conn.mailbox.post(Requests::SHUTDOWN),
@@ -306,26 +373,61 @@ impl LiveTable {
         }
         table.conns.insert(conn.info.id, conn.clone());
         Registration {
-            table: self.table.clone(),
+            shared: self.shared.clone(),
             conn,
+            config: table.config.clone(),
         }
     }
 
-    /// Asks every relay, present and future, to close with the shutdown codes.
-    pub fn shutdown_all(&self) {
-        self.post_all(Phase::Draining, Requests::SHUTDOWN);
+    /// The drain begins: connections registering from now on are closed at once, and
+    /// the ones open now are returned, for the drain to close at moments of its choice.
+    pub fn begin_drain(&self) -> Vec<Arc<LiveConn>> {
+        let mut table = self.lock();
+        if table.phase == Phase::Serving {
+            table.phase = Phase::Draining;
+        }
+        table.conns.values().cloned().collect()
     }
 
     /// Asks every relay, present and future, to abort.
     pub fn force_all(&self) {
-        self.post_all(Phase::Forced, Requests::FORCE);
+        let mut table = self.lock();
+        table.phase = Phase::Forced;
+        for conn in table.conns.values() {
+            conn.mailbox.post(Requests::FORCE);
+        }
     }
 
-    fn post_all(&self, phase: Phase, request: u8) {
-        let mut table = lock(&self.table);
-        table.phase = phase;
+    /// Replaces the relay configuration; open relays adopt its timers.
+    pub fn reconfigure(&self, config: RelayConfig) {
+        let mut table = self.lock();
+        table.config = config;
         for conn in table.conns.values() {
-            conn.mailbox.post(request);
+            conn.mailbox.post(Requests::RECONFIGURE);
+        }
+    }
+
+    /// The relay configuration in force.
+    pub fn config(&self) -> RelayConfig {
+        self.lock().config.clone()
+    }
+
+    /// Connections ended since start, by outcome (indexed like [`Outcome::ALL`]).
+    pub fn ended(&self) -> [u64; Outcome::ALL.len()] {
+        self.lock().ended
+    }
+
+    /// Completes once no connection is open.
+    pub async fn emptied(&self) {
+        loop {
+            let emptied = self.shared.emptied.notified();
+            tokio::pin!(emptied);
+            // Registered before the check: a removal right after it still wakes us.
+            emptied.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            emptied.await;
         }
     }
 
@@ -336,11 +438,11 @@ impl LiveTable {
 
     /// Every open connection, for a pass over all of them without holding the lock.
     pub fn conns(&self) -> Vec<Arc<LiveConn>> {
-        lock(&self.table).conns.values().cloned().collect()
+        self.lock().conns.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        lock(&self.table).conns.len()
+        self.lock().conns.len()
     }
 
     /// Asks connection `id` to close with `code` and `reason` on both sides.
@@ -351,7 +453,8 @@ impl LiveTable {
         if reason.len() > MAX_CONTROL_PAYLOAD - 2 {
             return Err(CloseError::ReasonTooLong);
         }
-        let conn = lock(&self.table)
+        let conn = self
+            .lock()
             .conns
             .get(&id)
             .cloned()
@@ -368,6 +471,14 @@ impl LiveTable {
 mod tests {
     use super::*;
 
+    fn table() -> LiveTable {
+        LiveTable::new(RelayConfig {
+            timers: Arc::new(crate::config::Config::default().websocket.timers()),
+            max_frame_size: None,
+            drain_close_code: 1012,
+        })
+    }
+
     fn info(id: u64, path: &str) -> ConnectionInfo {
         ConnectionInfo {
             id,
@@ -379,7 +490,7 @@ mod tests {
 
     #[test]
     fn traffic_is_taken_for_the_shared_counters_exactly_once() {
-        let table = LiveTable::default();
+        let table = table();
         let reg = table.register(info(1, "/ws"));
         let sent = |n| Counters {
             frames: 1,
@@ -404,7 +515,7 @@ mod tests {
 
     #[test]
     fn registration_lists_and_removes_connections() {
-        let table = LiveTable::default();
+        let table = table();
         let reg = table.register(info(7, "/ws"));
         reg.conn.update_counters(
             Side::Client,
@@ -434,7 +545,7 @@ mod tests {
 
     #[test]
     fn close_requests_are_checked_and_delivered() {
-        let table = LiveTable::default();
+        let table = table();
         let reg = table.register(info(1, "/"));
         assert_eq!(table.close(2, 1000, ""), Err(CloseError::NotFound(2)));
         assert_eq!(table.close(1, 1006, ""), Err(CloseError::BadCode(1006)));
@@ -459,9 +570,13 @@ mod tests {
 
     #[test]
     fn a_drain_reaches_open_connections_and_those_that_register_later() {
-        let table = LiveTable::default();
+        let table = table();
         let early = table.register(info(1, "/"));
-        table.shutdown_all();
+        let open = table.begin_drain();
+        assert_eq!(open.len(), 1);
+        // The drain decides when the open ones close.
+        assert_eq!(requests(&early.conn), None);
+        open[0].request_shutdown();
         assert!(requests(&early.conn).unwrap().shutdown());
         let late = table.register(info(2, "/"));
         assert!(requests(&late.conn).unwrap().shutdown());
@@ -469,5 +584,49 @@ mod tests {
         assert!(requests(&early.conn).unwrap().force());
         let later = table.register(info(3, "/"));
         assert!(requests(&later.conn).unwrap().force());
+    }
+
+    #[test]
+    fn a_reload_reaches_open_relays_and_new_ones_start_with_it() {
+        let table = table();
+        let open = table.register(info(1, "/"));
+        let mut config = table.config();
+        config.max_frame_size = Some(10);
+        table.reconfigure(config);
+        assert!(requests(&open.conn).unwrap().reconfigure());
+        assert_eq!(open.config.max_frame_size, None);
+        assert_eq!(table.register(info(2, "/")).config.max_frame_size, Some(10));
+    }
+
+    #[tokio::test]
+    async fn the_table_says_when_it_is_empty_and_counts_endings() {
+        let table = table();
+        let a = table.register(info(1, "/"));
+        let b = table.register(info(2, "/"));
+        let waiting = tokio::spawn({
+            let table = table.clone();
+            async move { table.emptied().await }
+        });
+        a.ended(&Record {
+            info: info(1, "/"),
+            outcome: Outcome::ClientClose,
+            duration: Duration::ZERO,
+            release: Duration::ZERO,
+            client_to_backend: Counters::default(),
+            backend_to_client: Counters::default(),
+            client_close: Some(Some(1000)),
+            backend_close: Some(Some(1000)),
+            wsgate_to_client_close: None,
+            wsgate_to_backend_close: None,
+            client_rtt: None,
+            backend_rtt: None,
+        });
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(table.ended()[Outcome::ClientClose.idx()], 1);
+        assert_eq!(table.ended().iter().sum::<u64>(), 1);
     }
 }

@@ -1,15 +1,18 @@
 //! The `wsgate` binary: command line, logging, configuration, then [`wsgate::run`].
 
-use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use wsgate::config::{Backend, Config, LogFormat};
+use clap::{Parser, Subcommand};
+use wsgate::config::{Config, Source};
+use wsgate::logging::Logging;
+use wsgate::{Listeners, Process};
 
 /// Exit code for configuration errors (EX_USAGE), as linkerd does.
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when the admin listener cannot be reached (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 /// A transparent WebSocket-aware reverse proxy sidecar that ends every connection
 /// properly.
@@ -17,7 +20,7 @@ const EXIT_CONFIG: u8 = 64;
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML); without it the defaults apply.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Check a configuration file, print every problem, and exit.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
@@ -28,6 +31,24 @@ struct Cli {
     /// Backend URL (http://host:port); overrides `backend` in the file.
     #[arg(long, value_name = "URL")]
     backend: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a running wsgate to drain (its admin `POST /drain`), as a Kubernetes
+    /// `preStop` hook does: readiness fails, new WebSockets are refused, open ones get
+    /// their Close spread over `shutdown.spread`.
+    Drain {
+        /// The admin listener; default: `admin.listen` of --config, else 127.0.0.1:9090.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<SocketAddr>,
+        /// Wait until no WebSocket is left or the drain deadline passed, then say how
+        /// they ended.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,15 +65,38 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match load(&cli) {
+    let source = Source {
+        path: cli.config.clone(),
+        listen: cli.listen.clone(),
+        backend: cli.backend.clone(),
+    };
+    let config = match source.load() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("wsgate: {e}");
+            match &source.path {
+                Some(path) => eprintln!("wsgate: {}: {e}", path.display()),
+                None => eprintln!("wsgate: {e}"),
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(config.log.format);
+    match cli.command {
+        Some(Command::Drain { admin, wait }) => drain(admin, &config, wait),
+        None => serve(config, source),
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT.
+fn serve(config: Config, source: Source) -> ExitCode {
+    let logging = Logging::init(config.log.format);
     raise_fd_limit(config.max_connections, config.workers.count());
+    let listeners = match Listeners::bind(&config) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // This thread is worker 0; `wsgate::run` starts the other workers (src/worker.rs),
     // each on a current-thread runtime of its own.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -65,8 +109,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let served = runtime.block_on(wsgate::run(config));
-    match served {
+    let process = Process {
+        source: source.path.is_some().then_some(source),
+        logging: Some(logging),
+    };
+    match runtime.block_on(wsgate::run(config, listeners, process)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -75,32 +122,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(cli: &Cli) -> Result<Config, String> {
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        None => Config::default(),
+/// `wsgate drain`: starts the drain of the wsgate at `admin` (or the configuration's
+/// admin address) and, with `wait`, waits for it.
+fn drain(admin: Option<SocketAddr>, config: &Config, wait: bool) -> ExitCode {
+    let Some(admin) = admin.or(config.admin.listen.map(reachable)) else {
+        eprintln!("wsgate drain: the admin listener is off (admin.listen = \"\"); give --admin");
+        return ExitCode::from(EXIT_CONFIG);
     };
-    if let Some(listen) = &cli.listen {
-        config.listen = listen
-            .parse()
-            .map_err(|_| format!("--listen: {listen:?} is not an address (IP:PORT)"))?;
+    match wsgate::drain::request(admin, wait) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsgate drain: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
     }
-    if let Some(url) = &cli.backend {
-        config.backend = Backend::parse(url).map_err(|e| format!("--backend: {e}"))?;
-    }
-    Ok(config)
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour codes only for a person at a terminal, never in collected logs.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+/// Where to reach a listener bound to `addr`: loopback for a wildcard address.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
     }
 }
 

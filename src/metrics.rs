@@ -137,6 +137,13 @@ pub struct Metrics {
     http_duration: Vec<Histogram>,
     /// Client connections refused at `max_connections`.
     pub connections_rejected: Counter,
+    /// The `max_connections` setting.
+    pub connections_max: Gauge,
+    /// 1 from the start of a drain.
+    pub draining: Gauge,
+    /// Configuration reloads: [ok, error].
+    reloads: [Counter; 2],
+    reload_success_time: Gauge,
 }
 
 impl Metrics {
@@ -205,7 +212,23 @@ impl Metrics {
             "wsgate_connections_max",
             "The max_connections setting: client connections served at once.",
         );
-        gauge("wsgate_connections_max").set(max_connections as f64);
+        let connections_max = gauge("wsgate_connections_max");
+        connections_max.set(max_connections as f64);
+        describe_gauge(
+            "wsgate_draining",
+            "1 while wsgate drains (after POST /drain or a stop signal), else 0.",
+        );
+        describe_counter(
+            "wsgate_config_reloads_total",
+            None,
+            "Configuration reloads (SIGHUP or a changed file), by result.",
+        );
+        describe_gauge(
+            "wsgate_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (Unix time): at start, or the last successful reload.",
+        );
+        let reload_success_time = gauge("wsgate_config_last_reload_success_timestamp_seconds");
+        reload_success_time.set(unix_now());
         describe_gauge(
             "wsgate_connections_active",
             "Client TCP connections open (HTTP and WebSocket).",
@@ -272,6 +295,15 @@ impl Metrics {
             websockets_active: gauge("wsgate_websocket_connections_active"),
             connections_active: gauge("wsgate_connections_active"),
             connections_rejected: counter("wsgate_connections_rejected_total", vec![]),
+            connections_max,
+            draining: gauge("wsgate_draining"),
+            reloads: ["ok", "error"].map(|result| {
+                counter(
+                    "wsgate_config_reloads_total",
+                    vec![Label::new("result", result)],
+                )
+            }),
+            reload_success_time,
             upgrades: UPGRADE_RESULTS
                 .iter()
                 .map(|result| {
@@ -396,6 +428,17 @@ impl Metrics {
         }
     }
 
+    /// A configuration reload took effect.
+    pub fn reload_succeeded(&self) {
+        self.reloads[0].increment(1);
+        self.reload_success_time.set(unix_now());
+    }
+
+    /// A configuration reload was refused: the running configuration stays.
+    pub fn reload_failed(&self) {
+        self.reloads[1].increment(1);
+    }
+
     /// Adds traffic read from `from` to the process-wide byte and frame counters.
     pub fn add_traffic(&self, from: Side, traffic: Counters) {
         if traffic.bytes > 0 {
@@ -432,6 +475,13 @@ impl Metrics {
         render_process_metrics(&mut out);
         out
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Appends `process_*` metrics read from /proc (Linux only; elsewhere nothing).

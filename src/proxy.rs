@@ -41,7 +41,8 @@ pub fn error_response(error: ProxyError, detail: &str) -> Response<Body> {
                 HeaderValue::from_static("13"),
             );
         }
-        ProxyError::OverCapacity => {
+        // Come back in a second: elsewhere, or when a connection has ended.
+        ProxyError::OverCapacity | ProxyError::Draining => {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

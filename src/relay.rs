@@ -18,23 +18,14 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, Negotiated, Opcode, Scanner};
-use crate::live::{LiveConn, LiveTable, Requests};
+use crate::live::{LiveConn, LiveTable, RelayConfig, Requests};
 use crate::metrics::Metrics;
 use crate::pump::{Injected, Pump, PumpEvent};
 use crate::record::{ConnectionInfo, Outcome, Record};
 use crate::report;
-use crate::session::{Action, Gone, Pong, Session, Timers, Verdict};
+use crate::session::{Action, Gone, Pong, Session, Verdict};
 use crate::side::Side;
 use crate::stream::{Stream, Transport};
-
-/// Per-connection settings of the relay.
-#[derive(Clone, Debug)]
-pub struct RelayConfig {
-    /// Shared by every relay: one pointer per connection instead of a copy.
-    pub timers: Arc<Timers>,
-    /// Largest data frame accepted from either side; `None` for no limit.
-    pub max_frame_size: Option<u64>,
-}
 
 /// One side's stream as the upgrade hands it over.
 pub struct Leg<S> {
@@ -60,7 +51,6 @@ pub struct Handoff<F> {
 pub fn spawn<F, G>(
     tasks: &TaskTracker,
     handoff: Handoff<F>,
-    config: RelayConfig,
     live: &LiveTable,
     metrics: &Arc<Metrics>,
     guard: G,
@@ -80,7 +70,7 @@ pub fn spawn<F, G>(
         let Some(client) = client.await else {
             return;
         };
-        start(client, backend, negotiated, info, &config, &live, metrics).await;
+        start(client, backend, negotiated, info, &live, metrics).await;
         drop(guard);
     });
 }
@@ -94,7 +84,6 @@ fn start(
     backend: Leg<Stream>,
     negotiated: Negotiated,
     info: ConnectionInfo,
-    config: &RelayConfig,
     live: &LiveTable,
     metrics: Arc<Metrics>,
 ) -> impl Future<Output = ()> + Send + use<> {
@@ -103,15 +92,15 @@ fn start(
         client,
         backend,
         negotiated,
-        config,
+        &registration.config,
         registration.conn.clone(),
     );
+    let live = live.clone();
     async move {
         // `run` takes the relay by reference: moving it into its own future would keep
         // a second copy alive for the connection's whole life.
-        let record = relay.run().await;
-        report::connection_ended(&metrics, &registration.conn, &record);
-        drop(registration);
+        let record = relay.run(&live).await;
+        report::connection_ended(&metrics, registration, &record);
     }
 }
 
@@ -140,6 +129,8 @@ pub struct Relay<C, B> {
     started: Instant,
     /// This connection's entry in the live table: its published counters and mailbox.
     live: Arc<LiveConn>,
+    /// The Close code a drain sends the client.
+    drain_close_code: u16,
     /// The outcome was published to `live`.
     ending_published: bool,
 }
@@ -168,20 +159,21 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             client_first: true,
             started: now,
             live,
+            drain_close_code: config.drain_close_code,
             ending_published: false,
         }
     }
 
     /// Relays until both sockets are closed. Takes `&mut self` so the caller's relay is
-    /// the only copy.
-    pub async fn run(&mut self) -> Record {
+    /// the only copy. `table` is where a reloaded configuration is found.
+    pub async fn run(&mut self, table: &LiveTable) -> Record {
         self.rearm();
         loop {
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
             let now = Instant::now();
             match wake {
                 Wake::Timer => self.session.on_timer(now.into_std()),
-                Wake::Requests(requests) => self.on_requests(requests, now),
+                Wake::Requests(requests) => self.on_requests(requests, table, now),
                 Wake::Pump(from, event) => self.on_pump_event(from, event, now),
             }
             if !self.ending_published
@@ -239,16 +231,24 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         Poll::Pending
     }
 
-    /// What the drain or an operator asked for. A forced close wins; a close asked while
-    /// the drain's close is under way changes nothing (the session keeps the first).
-    fn on_requests(&mut self, requests: Requests, now: Instant) {
+    /// What the drain, an operator or a reload asked for. A forced close wins; a close
+    /// asked while another is under way changes nothing (the session keeps the first).
+    fn on_requests(&mut self, requests: Requests, table: &LiveTable, now: Instant) {
         let now = now.into_std();
         if requests.force() {
             self.session.on_force_close(now);
             return;
         }
+        if requests.reconfigure() {
+            let config = table.config();
+            self.session.set_timers(config.timers);
+            self.drain_close_code = config.drain_close_code;
+            // A deadline may have moved earlier: `rearm` only ever moves the timer
+            // earlier, so let it start from nothing.
+            self.armed = None;
+        }
         if requests.shutdown() {
-            self.session.on_shutdown(now);
+            self.session.on_shutdown(self.drain_close_code, now);
         }
         if requests.close()
             && let Some(request) = self.live.close_request()

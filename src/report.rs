@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::live::{LiveConn, LiveTable};
+use crate::live::{LiveConn, LiveTable, Registration};
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::side::Side;
@@ -17,9 +17,10 @@ use crate::side::Side;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Records a connection's end. Called exactly once per relayed connection, after its
-/// relay published its last counters to `conn`.
-pub fn connection_ended(metrics: &Metrics, conn: &LiveConn, r: &Record) {
-    add_live_counters(metrics, conn);
+/// relay published its last counters to its live entry, which it then leaves.
+pub fn connection_ended(metrics: &Metrics, registration: Registration, r: &Record) {
+    add_live_counters(metrics, &registration.conn);
+    registration.ended(r);
     metrics.connection_ended(r);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::info!(

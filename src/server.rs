@@ -17,13 +17,14 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ProxyError;
-use crate::gate::{Gate, Tasks};
+use crate::gate::{Gate, Slot, Tasks};
 use crate::proxy::{self, Body};
 use crate::record::ConnectionInfo;
-use crate::relay::{self, RelayConfig};
+use crate::relay;
 use crate::report;
 use crate::stream::Stream;
 use crate::upgrade::{self, Upgrade};
@@ -42,7 +43,10 @@ struct Connection {
     peer: std::net::SocketAddr,
     /// The worker serving it (0 is the thread that started the server).
     worker: usize,
-    _slot: OwnedSemaphorePermit,
+    /// It came while wsgate was draining: it is served one request, then closed.
+    /// Connections from before the drain close gracefully when it begins.
+    accepted_draining: bool,
+    _slot: Slot,
     /// `wsgate_connections_active`, decremented on drop.
     active: metrics::Gauge,
     /// Requests in flight and WebSockets relayed on this connection ([`Busy`] guards).
@@ -111,34 +115,35 @@ pub async fn housekeeping(gate: Arc<Gate>) {
     }
 }
 
-/// Accepts clients on worker 0's listener until `shutdown` completes, then drains
-/// (DESIGN §5): readiness off, no new connections on any worker, every WebSocket closed
-/// with 1001 on both sides, keep-alive HTTP connections closed after their current
-/// request, all of it bounded by `shutdown.drain_timeout`, after which what is left is
-/// aborted. `abort` completing during the drain (polled only from then on) aborts at
-/// once.
+/// Accepts clients on worker 0's listener until `stop` completes (SIGTERM, SIGINT),
+/// then exits (DESIGN §5): the drain begins if it has not (`POST /drain` may have begun
+/// it), and once no WebSocket is left the listeners close and in-flight HTTP requests
+/// finish; at the drain deadline what is left is aborted. `abort` completing (polled only
+/// from the stop on: a second signal) aborts at once.
 pub async fn serve(
     gate: Arc<Gate>,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    stop: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) {
     gate.tasks.tracker.spawn(accept(gate.clone(), 0, listener));
-    shutdown.await;
-    drain(&gate, abort).await;
+    stop.await;
+    gate.begin_drain("signal");
+    exit(&gate, abort).await;
 }
 
 /// One worker's accept loop, run as a task of its own: a task woken by its listener is
 /// queued on its thread directly, whereas the future a runtime's `block_on` drives is
 /// woken through the runtime's eventfd, one more system call per accepted batch. Serves
-/// every client of `listener` on this thread's runtime until the drain begins, then
-/// closes the listener.
+/// every client of `listener` on this thread's runtime until the exit begins, then
+/// closes the listener. During the drain it keeps accepting: the pod's endpoints are
+/// removed seconds after its readiness fails.
 pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
-    let draining = gate.tasks.shutdown.clone();
+    let stop = gate.tasks.stop.clone();
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = draining.cancelled() => break,
+            () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -151,13 +156,14 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
         // On Linux the socket inherited these from the listener (see `listener::tune`).
         #[cfg(not(target_os = "linux"))]
         crate::listener::tune_socket(socket2::SockRef::from(&stream));
-        match gate.slots.clone().try_acquire_owned() {
-            Ok(slot) => {
+        match gate.slots.try_take() {
+            Some(slot) => {
                 gate.metrics.connections_active.increment(1.0);
                 let conn = Arc::new(Connection {
                     id: gate.next_id(),
                     peer,
                     worker,
+                    accepted_draining: gate.drain.is_begun(),
                     _slot: slot,
                     active: gate.metrics.connections_active.clone(),
                     busy: AtomicUsize::new(0),
@@ -167,7 +173,7 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
                     .tracker
                     .spawn(serve_client(gate.clone(), stream, conn));
             }
-            Err(_) => {
+            None => {
                 gate.metrics.connections_rejected.increment(1);
                 match gate.rejecting.clone().try_acquire_owned() {
                     Ok(permit) => {
@@ -183,29 +189,40 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
     }
 }
 
-async fn drain(gate: &Gate, abort: impl Future<Output = ()>) {
+/// The end of the process, once the drain has begun: WebSockets first (the port keeps
+/// accepting, and refusing upgrades, while they close), then the listeners and what is
+/// in flight, all by the drain deadline.
+async fn exit(gate: &Gate, abort: impl Future<Output = ()>) {
     let tasks = &gate.tasks;
-    let drain_timeout = gate.settings().config.shutdown.drain_timeout;
+    let deadline = gate
+        .drain
+        .deadline()
+        .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
     tracing::info!(
+        websockets = gate.live.len(),
         open_tasks = tasks.tracker.len(),
-        ?drain_timeout,
-        "shutting down: closing connections"
+        "stopping: waiting for the drain"
     );
-    tasks.shutdown.cancel();
-    gate.live.shutdown_all();
-    tasks.tracker.close();
+    let finished = async {
+        gate.live.emptied().await;
+        tasks.stop.cancel();
+        tasks.tracker.close();
+        tasks.tracker.wait().await;
+    };
     let drained = tokio::select! {
-        waited = tokio::time::timeout(drain_timeout, tasks.tracker.wait()) => {
+        waited = tokio::time::timeout_at(deadline, finished) => {
             if waited.is_err() {
                 tracing::warn!(
+                    websockets = gate.live.len(),
                     open_tasks = tasks.tracker.len(),
-                    "drain timeout reached: aborting the rest"
+                    "drain deadline reached: aborting the rest"
                 );
             }
             waited.is_ok()
         }
         () = abort => {
             tracing::warn!(
+                websockets = gate.live.len(),
                 open_tasks = tasks.tracker.len(),
                 "second stop signal: aborting the rest"
             );
@@ -213,6 +230,8 @@ async fn drain(gate: &Gate, abort: impl Future<Output = ()>) {
         }
     };
     if !drained {
+        tasks.stop.cancel();
+        tasks.tracker.close();
         tasks.force.cancel();
         gate.live.force_all();
         if tokio::time::timeout(FORCE_GRACE, tasks.tracker.wait())
@@ -283,6 +302,9 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
         async move { Ok::<_, Infallible>(route(gate, busy, req).await) }
     });
     let tasks = &gate.tasks;
+    // A connection from before the drain closes gracefully when it begins (an idle one
+    // at once); one accepted during it gets one request and `Connection: close`.
+    let drain = (!conn.accepted_draining).then(|| gate.drain.begun());
     let result = if h2 {
         let mut builder = http2::Builder::new(TrackedExecutor(tasks.tracker.clone()));
         builder
@@ -296,13 +318,21 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
         // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
         // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
         let idle = Some((&*conn, config.http.header_read_timeout));
-        drive(served, |c| c.graceful_shutdown(), tasks, idle).await
+        drop(settings);
+        drive(served, |c| c.graceful_shutdown(), tasks, drain, idle).await
     } else {
-        let http1 = settings
-            .http1
-            .serve_connection(TokioIo::new(stream), service);
+        let http1 = if conn.accepted_draining {
+            let mut once = settings.http1.clone();
+            once.keep_alive(false);
+            once.serve_connection(TokioIo::new(stream), service)
+        } else {
+            settings
+                .http1
+                .serve_connection(TokioIo::new(stream), service)
+        };
+        drop(settings);
         let served = Box::pin(http1.with_upgrades());
-        drive(served, |c| c.graceful_shutdown(), tasks, None).await
+        drive(served, |c| c.graceful_shutdown(), tasks, drain, None).await
     };
     drop(conn);
     if let Err(e) = result {
@@ -311,9 +341,9 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
     }
 }
 
-/// Serves a hyper connection until it ends. On shutdown, or once `idle` says the
-/// connection had nothing in flight for its limit, it stops taking new requests
-/// (`graceful`) and finishes the current ones, until the force signal.
+/// Serves a hyper connection until it ends. At the exit, when `drain` begins, or once
+/// `idle` says the connection had nothing in flight for its limit, it stops taking new
+/// requests (`graceful`) and finishes the current ones, until the force signal.
 ///
 /// The connection comes boxed: inline, hyper's state made the client task's future
 /// 3.6 KiB, which tokio boxes itself and copies several times on every spawn.
@@ -321,6 +351,7 @@ async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
     tasks: &Tasks,
+    drain: Option<&CancellationToken>,
     idle: Option<(&Connection, Duration)>,
 ) -> hyper::Result<()>
 where
@@ -332,12 +363,19 @@ where
             None => std::future::pending().await,
         }
     };
+    let drain_begun = async {
+        match drain {
+            Some(drain) => drain.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     // How long the graceful close may take: until the force signal on shutdown; as long
     // as the idle limit again for an idle connection (an HTTP/2 client that does not
     // answer the GOAWAY's PING would otherwise hold it).
     let grace = tokio::select! {
         result = served.as_mut() => return result,
-        () = tasks.shutdown.cancelled() => None,
+        () = tasks.stop.cancelled() => None,
+        () = drain_begun => None,
         () = idle_out => {
             tracing::debug!("closing an idle HTTP/2 connection");
             idle.map(|(_, limit)| limit)
@@ -386,6 +424,11 @@ async fn starts_with_h2_preface(tcp: &TcpStream, limit: Duration) -> bool {
 
 async fn route(gate: Arc<Gate>, conn: Busy, req: Request<Incoming>) -> Response<Body> {
     let settings = gate.settings();
+    if upgrade::is_websocket_upgrade(&req) && gate.drain.is_begun() {
+        gate.metrics.upgrade_failed(ProxyError::Draining);
+        let e = ProxyError::Draining;
+        return proxy::error_response(e, e.message());
+    }
     if upgrade::is_websocket_upgrade(&req) {
         let info = ConnectionInfo {
             id: conn.id,
@@ -393,18 +436,13 @@ async fn route(gate: Arc<Gate>, conn: Busy, req: Request<Incoming>) -> Response<
             worker: conn.worker,
             path: req.uri().path().into(),
         };
-        return match upgrade::handle(settings, &gate.tasks, info, req).await {
+        return match upgrade::handle(&settings, &gate.tasks, info, req).await {
             Ok(Upgrade::Accepted { response, handoff }) => {
                 gate.metrics.upgrade_relayed();
-                let config = RelayConfig {
-                    timers: settings.timers.clone(),
-                    max_frame_size: settings.config.websocket.max_frame_size,
-                };
                 // The relay keeps the client connection busy (and its slot taken).
                 relay::spawn(
                     &gate.tasks.tracker,
                     handoff,
-                    config,
                     &gate.live,
                     &gate.metrics,
                     conn,

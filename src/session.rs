@@ -414,9 +414,20 @@ impl Session {
         self.advance(now);
     }
 
-    /// wsgate is shutting down: close both sides with 1001.
-    pub fn on_shutdown(&mut self, now: Instant) {
-        self.end_both(Outcome::Shutdown, now);
+    /// wsgate is draining: close the client with `client_code` (1012 "service restart"
+    /// or 1001) and the backend with 1001.
+    pub fn on_shutdown(&mut self, client_code: u16, now: Instant) {
+        if self.begin(Outcome::Shutdown, now) {
+            self.send_close(Side::Client, client_code, now);
+            self.send_close(Side::Backend, GOING_AWAY, now);
+            self.advance(now);
+        }
+    }
+
+    /// The configuration was reloaded: the timers apply from now on, to deadlines
+    /// already under way too (a shorter `idle_timeout` counts from the last data frame).
+    pub fn set_timers(&mut self, timers: Arc<Timers>) {
+        self.timers = timers;
     }
 
     /// An operator asked to close the connection with `code` and `reason` on both sides.
@@ -1025,7 +1036,7 @@ mod tests {
         assert_eq!(h.s.outcome(), Some(Outcome::MaxLifetime));
 
         let mut h = Harness::new(timers());
-        h.s.on_shutdown(h.at(1));
+        h.s.on_shutdown(1001, h.at(1));
         assert_eq!(
             h.actions(),
             vec![
@@ -1034,8 +1045,39 @@ mod tests {
             ]
         );
         // A second signal changes nothing.
-        h.s.on_shutdown(h.at(2));
+        h.s.on_shutdown(1001, h.at(2));
         assert_eq!(h.actions(), vec![]);
+
+        // A drain tells clients to reconnect elsewhere; the backend is going away.
+        let mut h = Harness::new(timers());
+        h.s.on_shutdown(1012, h.at(1));
+        assert_eq!(
+            h.actions(),
+            vec![
+                close(Client, 1012, "proxy shutting down"),
+                close(Backend, 1001, "proxy shutting down")
+            ]
+        );
+    }
+
+    #[test]
+    fn reloaded_timers_apply_to_an_open_connection() {
+        let mut h = Harness::new(timers());
+        h.s.on_received(Client, true, h.at(1_000));
+        assert_eq!(h.s.next_deadline(), Some(h.at(20_000)));
+        // An idle timeout introduced later counts from the last data frame.
+        h.s.set_timers(Arc::new(Timers {
+            idle_timeout: Some(ms(5_000)),
+            ..timers()
+        }));
+        assert_eq!(h.s.next_deadline(), Some(h.at(6_000)));
+        assert_eq!(
+            h.tick(6_000),
+            vec![
+                close(Client, 1001, "idle timeout"),
+                close(Backend, 1001, "idle timeout")
+            ]
+        );
     }
 
     #[test]
@@ -1080,7 +1122,7 @@ mod tests {
     #[test]
     fn force_close_aborts_what_is_left() {
         let mut h = Harness::new(timers());
-        h.s.on_shutdown(h.at(0));
+        h.s.on_shutdown(1012, h.at(0));
         h.actions();
         h.s.on_force_close(h.at(25_000));
         assert_eq!(h.actions(), vec![Abort(Client), Abort(Backend)]);
@@ -1118,7 +1160,7 @@ mod tests {
             |s, t| s.on_gone(Client, FIN, t),
             |s, t| s.on_gone(Backend, FIN, t),
             |s, t| s.on_protocol_error(Backend, 1002, t),
-            |s, t| s.on_shutdown(t),
+            |s, t| s.on_shutdown(1012, t),
         ];
         for start in starts {
             let mut h = Harness::new(timers());

@@ -52,10 +52,13 @@ async fn a_bad_flag_value_is_a_config_error() {
 }
 
 #[tokio::test]
-async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
+async fn sigterm_drains_every_websocket_on_both_sides_and_exits_0() {
     let (backend_l, backend_addr) = listener().await;
-    let (mut child, addr, admin, _stderr) =
-        spawn_wsgate(backend_addr, "[shutdown]\ndrain_timeout = \"20s\"").await;
+    let (mut child, addr, admin, _stderr) = spawn_wsgate(
+        backend_addr,
+        "[shutdown]\ndrain_timeout = \"20s\"\nspread = \"1s\"",
+    )
+    .await;
     let mut clients = Vec::new();
     let mut backends = Vec::new();
     for _ in 0..3 {
@@ -75,9 +78,11 @@ async fn sigterm_closes_every_websocket_on_both_sides_and_exits_0() {
 
     sigterm(&child).await;
 
+    // Clients are told to reconnect elsewhere (1012), the backend that its client is
+    // going away (1001).
     for (c, b) in clients.iter_mut().zip(backends.iter_mut()) {
         let (cf, bf) = (c.recv().await, b.recv().await);
-        assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+        assert_eq!((cf.close_code(), bf.close_code()), (Some(1012), Some(1001)));
     }
     // The handshakes are still open, so wsgate is draining: not ready.
     let (head, _) = http_raw(
@@ -107,14 +112,14 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     let (backend_l, backend_addr) = listener().await;
     let (mut child, addr, _admin, _stderr) = spawn_wsgate(
         backend_addr,
-        "[shutdown]\ndrain_timeout = \"60s\"\n[websocket]\nclose_timeout = \"60s\"",
+        "[shutdown]\ndrain_timeout = \"60s\"\nspread = \"0s\"\n[websocket]\nclose_timeout = \"60s\"",
     )
     .await;
     let ((mut c, _), (mut b, _)) =
         tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
     sigterm(&child).await;
     let (cf, bf) = (c.recv().await, b.recv().await);
-    assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+    assert_eq!((cf.close_code(), bf.close_code()), (Some(1012), Some(1001)));
     // Neither side answers the Close: the drain would wait up to 60 s. A second SIGTERM
     // ends it now: both connections are dropped and the process exits with 0, well
     // within `within`'s 10 s.

@@ -414,14 +414,14 @@ async fn oversized_frame_gets_1009() {
 }
 
 #[tokio::test]
-async fn shutdown_closes_both_sides_with_1001_and_finishes() {
+async fn shutdown_closes_the_client_with_1012_the_backend_with_1001_and_finishes() {
     let (mut gate, backend_l) = gate_with(|_| {}).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
     let done = gate.begin_shutdown();
     let c = client.recv().await;
     let b = backend.recv().await;
-    assert_eq!((c.close_code(), b.close_code()), (Some(1001), Some(1001)));
+    assert_eq!((c.close_code(), b.close_code()), (Some(1012), Some(1001)));
     client.send_close(1001, "").await;
     backend.send_close(1001, "").await;
     backend.shutdown_write().await;

@@ -12,7 +12,12 @@ const TEXT: u8 = 0x1;
 
 #[tokio::test]
 async fn connections_spread_over_the_workers_and_the_drain_closes_them_all() {
-    let (mut gate, backend_l) = gate_with(|c| c.workers = Workers::Count(3)).await;
+    let (mut gate, backend_l) = gate_with(|c| {
+        c.workers = Workers::Count(3);
+        // The drain's other code for clients: "going away".
+        c.shutdown.client_close_code = 1001;
+    })
+    .await;
     // The kernel hashes each client address and port onto one of the three sockets: with
     // 60 connections, the chance that a worker gets none is 3 × (2/3)^60, below 1e-10.
     let mut pairs = Vec::new();

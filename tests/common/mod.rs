@@ -47,7 +47,7 @@ pub async fn eventually(mut check: impl AsyncFnMut() -> bool) {
 }
 
 /// Test configuration: loopback, port 0, admin on, wsgate's liveness pings off so raw
-/// peers see only what the test provokes. Two workers whatever the machine's CPUs, so
+/// peers see only what the test provokes, drain Closes not spread out. Two workers whatever the machine's CPUs, so
 /// every test also crosses the multi-worker paths (a connection may land on either).
 pub fn test_config(backend: SocketAddr) -> Config {
     let mut c = Config::default();
@@ -58,6 +58,8 @@ pub fn test_config(backend: SocketAddr) -> Config {
     c.websocket.ping_interval = None;
     c.websocket.close_timeout = Duration::from_millis(500);
     c.shutdown.drain_timeout = Duration::from_secs(5);
+    // Every WebSocket gets its drain Close at once (the spread has tests of its own).
+    c.shutdown.spread = Duration::ZERO;
     c
 }
 
