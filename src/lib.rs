@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod frame;
 pub mod handshake;
 pub mod listener;
