@@ -203,9 +203,11 @@ struct Timing {
 }
 
 impl Timing {
-    /// 20 rows/s for 8 s; the live tail 2 rows/s for 100 s. The tail is slow so that the
-    /// ~200 rows (about 20 KB) fit in the silent laptop's socket buffers: wsgate then
+    /// 20 rows/s for 8 s; the live tail 2 rows/s for 100 s. The tail is slow so that its
+    /// 200 rows (about 13 KB) fit in the silent laptop's socket buffers: wsgate then
     /// notices the missing Pong, not a stalled write, and the story stays the Ping one.
+    /// 100 s outlasts wsgate's default liveness timers (20 s + 10 s) with room to spare
+    /// and ends before the laptop's own 120 s bound.
     const DEMO: Timing = Timing {
         period: Duration::from_millis(50),
         rows: 160,
@@ -904,9 +906,9 @@ fn describe(id: u64, panel: &'static Panel, end: End, learned: Duration, rows: u
             code = Some(1000);
             reason = Some("query complete".to_string());
             let reply = match reply {
-                Reply::Answered => "the client answered the Close",
-                Reply::Dropped => "then the connection dropped without a Close reply",
-                Reply::Silent => "no Close reply came within 5 s",
+                Reply::Answered => "the client answered the Close".to_string(),
+                Reply::Dropped => "then the connection dropped without a Close reply".to_string(),
+                Reply::Silent => format!("no Close reply came within {} s", CLOSE_WAIT.as_secs()),
             };
             (
                 "completed",
