@@ -37,6 +37,7 @@
 mod admin;
 mod backend;
 pub mod config;
+pub mod demo;
 pub mod drain;
 mod error;
 pub mod frame;

@@ -1,0 +1,147 @@
+//! The demo backend behind a real wsgate, as `wsgate demo` will run it: what the backend
+//! records when a client vanishes or drops its connection is what wsgate told it.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::connect_async;
+use wsgate::config::Backend;
+use wsgate::demo::{DemoBackend, Links};
+use wsgate::{Config, Listeners};
+
+/// Bound on any single wait: it turns a hang into a failure, never decides an outcome.
+const LIMIT: Duration = Duration::from_secs(10);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f).await.expect("timed out")
+}
+
+/// wsgate on port 0 with short liveness timers, in front of a demo backend that knows
+/// wsgate's address: wsgate binds first, then the demo starts, then wsgate serves.
+struct Setup {
+    proxy: SocketAddr,
+    _demo: DemoBackend,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn setup() -> Setup {
+    let mut config = Config::parse(
+        "listen = \"127.0.0.1:0\"\nworkers = 1\n\
+         [websocket]\nping_interval = \"300ms\"\npong_timeout = \"300ms\"\nclose_timeout = \"1s\"\n\
+         [admin]\nlisten = \"\"\n",
+    )
+    .unwrap();
+    let listeners = Listeners::bind(&config).unwrap();
+    let proxy = listeners.local_addr().unwrap();
+    let demo = DemoBackend::start(Links {
+        proxy,
+        admin_page: None,
+    })
+    .unwrap();
+    config.backend = Backend::parse(&format!("http://{}", demo.addr())).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        wsgate::serve(config, listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Setup {
+        proxy,
+        _demo: demo,
+        stop,
+        served,
+    }
+}
+
+impl Setup {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        within(self.served).await.unwrap();
+    }
+}
+
+async fn http(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    let mut s = within(TcpStream::connect(addr)).await.unwrap();
+    let request = format!(
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    within(s.write_all(request.as_bytes())).await.unwrap();
+    let mut raw = Vec::new();
+    within(s.read_to_end(&mut raw)).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
+}
+
+/// Polls the demo's `/events`, through wsgate, until one satisfies `pred`.
+async fn event(proxy: SocketAddr, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    within(async {
+        loop {
+            let (status, body) = http(proxy, "GET /events HTTP/1.1", "").await;
+            assert_eq!(status, 200);
+            let events: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            if let Some(e) = events.into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_vanished_laptop_reaches_the_backend_as_close_1001_client_unresponsive() {
+    let gate = setup().await;
+    let (status, page) = http(gate.proxy, "GET / HTTP/1.1", "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains(&format!("<b>wsgate</b> {}", gate.proxy)));
+    let (status, answer) = http(
+        gate.proxy,
+        "POST /simulate/vanish HTTP/1.1\r\nContent-Type: application/json",
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let e = event(gate.proxy, |e| e["kind"] == "client_unresponsive").await;
+    assert_eq!(e["panel"], "vanished-laptop");
+    assert_eq!(
+        (e["code"].as_u64(), e["reason"].as_str()),
+        (Some(1001), Some("client unresponsive"))
+    );
+    // Awake for 1 s, then one ping interval and one pong timeout.
+    assert!(e["after_ms"].as_u64().unwrap() >= 1_000, "{e}");
+    event(gate.proxy, |e| e["kind"] == "laptop_silent").await;
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_dropping_its_connection_reaches_the_backend_as_close_1001() {
+    let gate = setup().await;
+    let url = format!("ws://{}/query?panel=errors", gate.proxy);
+    let (mut ws, _) = within(connect_async(url)).await.unwrap();
+    assert!(within(ws.next()).await.unwrap().unwrap().is_text());
+    drop(ws); // no Close frame: without wsgate the backend records "dropped"
+    let e = event(gate.proxy, |e| {
+        e["query"].is_u64() && e["kind"] != "started"
+    })
+    .await;
+    assert_eq!(e["kind"], "client_went_away", "{e}");
+    assert_eq!(
+        (e["code"].as_u64(), e["reason"].as_str()),
+        (Some(1001), Some("client went away"))
+    );
+    gate.shutdown().await;
+}
