@@ -411,11 +411,6 @@ impl Source {
             Err(ConfigError::Invalid(problems))
         }
     }
-
-    /// Reads and parses: the configuration to start with.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        self.parse(&self.read()?)
-    }
 }
 
 impl Config {

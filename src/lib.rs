@@ -80,12 +80,15 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let hangup = signals::Hangup::listen();
+    let abort = std::future::pending();
     serve_with(
         config,
         listeners,
         Process::default(),
+        hangup,
         shutdown,
-        std::future::pending(),
+        abort,
     )
     .await
 }
@@ -94,8 +97,10 @@ pub async fn serve(
 /// reload it from, and the logger a reload may switch to another format.
 #[derive(Default)]
 pub struct Process {
-    /// `None`: nothing to reload (SIGHUP still never ends the process).
-    pub source: Option<config::Source>,
+    /// Where the configuration came from, and the file content it was read from (a
+    /// reload happens when the content differs); `None`: nothing to reload (SIGHUP
+    /// still never ends the process).
+    pub source: Option<(config::Source, Vec<u8>)>,
     pub logging: Option<logging::Logging>,
 }
 
@@ -103,6 +108,13 @@ pub struct Process {
 /// file changes, until SIGTERM or SIGINT; then drains and returns. A second SIGTERM or
 /// SIGINT during the drain aborts what is left.
 pub async fn run(config: Config, listeners: Listeners, process: Process) -> Result<(), Error> {
+    // Listening before saying we started: a signal sent on that word must not find the
+    // default action (which ends the process) still in place.
+    let hangup = signals::Hangup::listen();
+    let stop = signals::stop();
+    // The second listener is made only when the exit starts (an async block runs
+    // nothing until polled), so it waits for the signal after the one that began it.
+    let abort = async { signals::stop().await };
     let shown =
         |a: std::io::Result<SocketAddr>| a.map_or_else(|e| e.to_string(), |a| a.to_string());
     tracing::info!(
@@ -113,9 +125,7 @@ pub async fn run(config: Config, listeners: Listeners, process: Process) -> Resu
         workers = listeners.proxy.len(),
         "wsgate started"
     );
-    // The second `stop()` starts listening only when the drain starts, so it is the
-    // next SIGTERM or SIGINT after the one that began the exit.
-    serve_with(config, listeners, process, signals::stop(), signals::stop()).await
+    serve_with(config, listeners, process, hangup, stop, abort).await
 }
 
 /// `abort`, first polled when the exit starts, ends it at once when it completes: what
@@ -124,6 +134,7 @@ async fn serve_with(
     config: Config,
     listeners: Listeners,
     process: Process,
+    hangup: signals::Hangup,
     stop: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) -> Result<(), Error> {
@@ -145,7 +156,11 @@ async fn serve_with(
     let helpers = [
         Some(tokio::spawn(server::housekeeping(gate.clone()))),
         admin_listener.map(|l| tokio::spawn(admin::serve(l, gate.clone()))),
-        Some(tokio::spawn(signals::watch(gate.clone(), process.source))),
+        Some(tokio::spawn(signals::watch(
+            gate.clone(),
+            process.source,
+            hangup,
+        ))),
     ];
     server::serve(gate, first, stop, abort).await;
     workers.stop().await;

@@ -70,8 +70,11 @@ fn main() -> ExitCode {
         listen: cli.listen.clone(),
         backend: cli.backend.clone(),
     };
-    let config = match source.load() {
-        Ok(config) => config,
+    let loaded = source
+        .read()
+        .and_then(|content| Ok((source.parse(&content)?, content)));
+    let (config, content) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             match &source.path {
                 Some(path) => eprintln!("wsgate: {}: {e}", path.display()),
@@ -82,12 +85,13 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Drain { admin, wait }) => drain(admin, &config, wait),
-        None => serve(config, source),
+        None => serve(config, source, content),
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
-fn serve(config: Config, source: Source) -> ExitCode {
+/// Runs the proxy until SIGTERM or SIGINT; `content` is the configuration file's, for
+/// the reload to compare with.
+fn serve(config: Config, source: Source, content: Vec<u8>) -> ExitCode {
     let logging = Logging::init(config.log.format);
     raise_fd_limit(config.max_connections, config.workers.count());
     let listeners = match Listeners::bind(&config) {
@@ -110,7 +114,7 @@ fn serve(config: Config, source: Source) -> ExitCode {
         }
     };
     let process = Process {
-        source: source.path.is_some().then_some(source),
+        source: source.path.is_some().then_some((source, content)),
         logging: Some(logging),
     };
     match runtime.block_on(wsgate::run(config, listeners, process)) {

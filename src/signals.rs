@@ -14,40 +14,57 @@ use tokio::time::Instant;
 use crate::config::{ConfigError, Source};
 use crate::gate::Gate;
 
-/// Completes when SIGTERM or SIGINT arrives.
-pub async fn stop() {
+/// Listens for SIGTERM and SIGINT from now on (their default action, ending the
+/// process, no longer applies); the future completes when one arrives. A listener made
+/// after a signal arrived waits for the next one.
+pub fn stop() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops wsgate")
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .map_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        async move {
+            tokio::select! {
+                Some(_) = recv(&mut term) => tracing::info!("SIGTERM received"),
+                Some(_) = recv(&mut int) => tracing::info!("SIGINT received"),
+                else => std::future::pending::<()>().await,
             }
         }
     }
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        tracing::error!(error = %e, "cannot listen for SIGINT");
-        std::future::pending::<()>().await;
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tracing::info!("SIGINT received");
     }
-    tracing::info!("SIGINT received");
+}
+
+/// The next delivery of `signal`, or never if it could not be listened for.
+#[cfg(unix)]
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Until aborted: reloads the configuration from `source` on SIGHUP and whenever the
-/// file's content changed (checked every `reload_interval`; a Kubernetes ConfigMap
+/// file's content differs from what was loaded last (checked every `reload_interval`; a Kubernetes ConfigMap
 /// update swaps a symlink, so the content is compared, not the modification time), and
 /// re-reads the TLS certificate every `tls.reload_interval` and on SIGHUP. Without a
 /// configuration file only the certificate is watched. SIGHUP is listened for from the
 /// start, whatever the configuration, so it never ends the process.
-pub async fn watch(gate: Arc<Gate>, source: Option<Source>) {
-    let mut hangup = Hangup::listen();
-    let mut seen = source.as_ref().and_then(|s| s.read().ok());
+pub async fn watch(gate: Arc<Gate>, source: Option<(Source, Vec<u8>)>, mut hangup: Hangup) {
+    let (source, mut seen) = match source {
+        Some((source, loaded)) => (Some(source), Some(loaded)),
+        None => (None, None),
+    };
     let mut next_file_check = None;
     let mut next_cert_check = None;
     loop {
@@ -153,13 +170,15 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// SIGHUP, where there is such a thing.
-struct Hangup {
+pub struct Hangup {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Hangup {
-    fn listen() -> Self {
+    /// Listens from now on: SIGHUP's default action, ending the process, no longer
+    /// applies.
+    pub fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};

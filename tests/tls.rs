@@ -290,6 +290,45 @@ async fn a_rotated_certificate_serves_new_handshakes_and_open_connections_surviv
     within(backend).await.unwrap();
 }
 
+#[tokio::test]
+async fn sighup_with_tls_keeps_connections_and_reloads_the_certificate() {
+    let (p1, p2) = (pki("hup-old"), pki("hup-new"));
+    let d = dir();
+    let (backend_l, backend_addr) = listener().await;
+    let backend = tokio::spawn(echo_backend(backend_l, None, 1));
+    // The certificate is re-read only on SIGHUP here.
+    let tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nreload_interval = \"0s\"",
+        write(&d, "tls.crt", &p1.leaf_pem),
+        write(&d, "tls.key", &p1.key_pem),
+    );
+    let (child, addr, _admin, mut log) = spawn_wsgate(backend_addr, &tls).await;
+    let tls_stream = within(connect_tls(addr, &p1.ca_pem, &[b"http/1.1"]))
+        .await
+        .unwrap();
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    let (mut ws, _) = within(tokio_tungstenite::client_async(url, tls_stream))
+        .await
+        .unwrap();
+
+    write(&d, "tls.crt", &p2.leaf_pem);
+    write(&d, "tls.key", &p2.key_pem);
+    signal(&child, "HUP").await;
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    // New handshakes get the new certificate; the open connection keeps relaying.
+    within(connect_tls(addr, &p2.ca_pem, &[])).await.unwrap();
+    within(ws.send(Message::text("after SIGHUP")))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(ws.next()).await.unwrap().unwrap(),
+        Message::text("after SIGHUP")
+    );
+    within(ws.close(None)).await.unwrap();
+    while within(ws.next()).await.is_some() {}
+    within(backend).await.unwrap();
+}
+
 /// Opens an RFC 8441 WebSocket over an HTTP/2 connection `io`; returns the stream.
 async fn h2_websocket<I>(io: I, authority: &str) -> (hyper::upgrade::Upgraded, hyper::HeaderMap)
 where

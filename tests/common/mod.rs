@@ -77,22 +77,34 @@ pub fn temp_file(name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Starts the real binary in front of `backend`, with both listeners on port 0, JSON
-/// logs and `extra` (top-level keys first, then any sections) in its configuration
-/// file; returns it (killed on drop), its proxy and admin addresses (read from its
-/// "wsgate started" line), and the rest of its log.
+/// The configuration file `spawn_wsgate` writes: both listeners on port 0, JSON logs,
+/// and `extra` (top-level keys first, then any sections).
+pub fn wsgate_config(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend}\"\n{extra}\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
+    )
+}
+
+/// Starts the real binary in front of `backend` with [`wsgate_config`]; returns it
+/// (killed on drop), its proxy and admin addresses (read from its "wsgate started"
+/// line), and the rest of its log.
 pub async fn spawn_wsgate(
     backend: SocketAddr,
     extra: &str,
 ) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
-    let config = format!(
-        "listen = \"127.0.0.1:0\"\nbackend = \"http://{backend}\"\n{extra}\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n"
-    );
-    let path = temp_file("run.toml", &config);
+    let path = temp_file("run.toml", &wsgate_config(backend, extra));
+    spawn_wsgate_with(&path).await
+}
+
+/// Starts the real binary with the configuration file at `path` (which must keep both
+/// listeners on port 0 and JSON logs, as [`wsgate_config`] does).
+pub async fn spawn_wsgate_with(
+    path: &std::path::Path,
+) -> (Child, SocketAddr, SocketAddr, BufReader<ChildStderr>) {
     let mut child = Command::new(BIN)
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -115,13 +127,42 @@ pub async fn spawn_wsgate(
     (child, listen, admin, stderr)
 }
 
-/// Sends SIGTERM to a child process (kill(1): the crate forbids unsafe code).
-pub async fn sigterm(child: &Child) {
+/// Reads JSON log lines until one satisfies `wanted`, and returns it; fails if the log
+/// ends first (or after [`LIMIT`]).
+pub async fn log_line(
+    log: &mut BufReader<ChildStderr>,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = within(log.read_line(&mut line)).await.unwrap();
+        assert!(n > 0, "the log ended without the line looked for");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && wanted(&v)
+        {
+            return v;
+        }
+    }
+}
+
+/// Sends `signal` (`TERM`, `HUP`...) to a child process (kill(1): the crate forbids
+/// unsafe code).
+pub async fn signal(child: &Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
-    let sent = within(Command::new("kill").args(["-TERM", &pid]).status())
-        .await
-        .unwrap();
+    let sent = within(
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status(),
+    )
+    .await
+    .unwrap();
     assert!(sent.success());
+}
+
+/// Sends SIGTERM to a child process.
+pub async fn sigterm(child: &Child) {
+    signal(child, "TERM").await;
 }
 
 /// wsgate running in-process. Dropping it stops it.

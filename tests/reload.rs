@@ -1,0 +1,176 @@
+//! Live reconfiguration with the real binary: SIGHUP and a changed file apply a new
+//! configuration without dropping a connection; open WebSockets adopt new timers; a
+//! broken file changes nothing; keys that need a restart keep their running values.
+
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::*;
+
+/// Rewrites a configuration file as a ConfigMap update does: a new file renamed over
+/// the old one, so a reader sees one or the other.
+fn rewrite(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn reloads(admin: SocketAddr, result: &str) -> f64 {
+    let (_, text) = http_get(admin, "/metrics").await;
+    sample(
+        &text,
+        &format!("wsgate_config_reloads_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// A relayed round trip: the connection still works.
+async fn still_relays(c: &mut Peer, b: &mut Peer) {
+    c.send(TEXT, b"still there?").await;
+    assert_eq!(b.recv().await.payload, b"still there?");
+    b.send(TEXT, b"yes").await;
+    assert_eq!(c.recv().await.payload, b"yes");
+}
+
+#[tokio::test]
+async fn sighup_without_tls_reloads_and_every_websocket_keeps_relaying() {
+    let (backend_l, backend_addr) = listener().await;
+    // No [tls]: before, SIGHUP's default action ended such a process (status 129).
+    let (mut child, addr, admin, mut log) = spawn_wsgate(backend_addr, "").await;
+    let mut pairs = Vec::new();
+    for _ in 0..3 {
+        let ((c, _), (b, _)) = tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+        pairs.push((c, b));
+    }
+    signal(&child, "HUP").await;
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "wsgate exited on SIGHUP"
+    );
+    for (c, b) in &mut pairs {
+        still_relays(c, b).await;
+    }
+    assert_eq!(reloads(admin, "ok").await, 1.0);
+    // A second one too.
+    signal(&child, "HUP").await;
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    for (c, b) in &mut pairs {
+        still_relays(c, b).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_timeout_introduced_by_a_reload_closes_a_websocket_opened_before() {
+    let (backend_l, backend_addr) = listener().await;
+    let path = temp_file("reload.toml", &wsgate_config(backend_addr, ""));
+    let (child, addr, _admin, mut log) = spawn_wsgate_with(&path).await;
+    let ((mut c, _), (mut b, _)) =
+        tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+    still_relays(&mut c, &mut b).await;
+
+    rewrite(
+        &path,
+        &wsgate_config(backend_addr, "[websocket]\nidle_timeout = \"300ms\""),
+    );
+    signal(&child, "HUP").await;
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    // The connection was open before the reload; the new timer reaches it.
+    let (cf, bf) = (c.recv_close().await, b.recv_close().await);
+    assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+    assert!(cf.payload.ends_with(b"idle timeout"), "{cf:?}");
+    c.send_close(1001, "").await;
+    b.send_close(1001, "").await;
+    b.shutdown_write().await;
+    let ended = log_line(&mut log, |l| l["message"] == "websocket connection ended").await;
+    assert_eq!(ended["outcome"], "idle_timeout");
+}
+
+#[tokio::test]
+async fn a_broken_file_changes_nothing_and_the_log_names_the_key() {
+    let (backend_l, backend_addr) = listener().await;
+    let path = temp_file("broken.toml", &wsgate_config(backend_addr, ""));
+    let (child, addr, admin, mut log) = spawn_wsgate_with(&path).await;
+    let ((mut c, _), (mut b, _)) =
+        tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+
+    // One valid change and one bad value: refused whole.
+    rewrite(
+        &path,
+        &wsgate_config(
+            backend_addr,
+            "max_connections = 7\n[websocket]\nping_interval = 5",
+        ),
+    );
+    signal(&child, "HUP").await;
+    let refused = log_line(&mut log, |l| {
+        l["message"] == "configuration reload refused: keeping the running configuration"
+    })
+    .await;
+    assert_eq!(refused["key"], "websocket.ping_interval");
+    assert!(
+        refused["problem"]
+            .as_str()
+            .unwrap()
+            .contains("expected a string"),
+        "{refused}"
+    );
+    assert_eq!(reloads(admin, "error").await, 1.0);
+    assert_eq!(reloads(admin, "ok").await, 0.0);
+    // The valid change did not come in either.
+    let (_, text) = http_get(admin, "/metrics").await;
+    assert_eq!(sample(&text, "wsgate_connections_max"), 10000.0);
+    still_relays(&mut c, &mut b).await;
+    let (_, table) = http_get(admin, "/connections").await;
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert_eq!(table[0]["state"], "open");
+}
+
+#[tokio::test]
+async fn a_changed_listen_keeps_the_running_one_with_a_warning() {
+    let (backend_l, backend_addr) = listener().await;
+    let path = temp_file("listen.toml", &wsgate_config(backend_addr, ""));
+    let (child, addr, _admin, mut log) = spawn_wsgate_with(&path).await;
+    let elsewhere = dead_addr().await;
+    let text = wsgate_config(backend_addr, "").replace(
+        "listen = \"127.0.0.1:0\"\nbackend",
+        &format!("listen = \"{elsewhere}\"\nbackend"),
+    );
+    rewrite(&path, &text);
+    signal(&child, "HUP").await;
+    let warned = log_line(&mut log, |l| l["key"] == "listen").await;
+    assert_eq!(warned["level"], "WARN");
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    // Still serving where it was.
+    let ((mut c, _), (mut b, _)) =
+        tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+    still_relays(&mut c, &mut b).await;
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_without_sighup() {
+    let (backend_l, backend_addr) = listener().await;
+    let path = temp_file(
+        "watched.toml",
+        &wsgate_config(backend_addr, "reload_interval = \"100ms\""),
+    );
+    let (_child, addr, admin, mut log) = spawn_wsgate_with(&path).await;
+    let ((mut c, _), (mut b, _)) =
+        tokio::join!(connect_ws(addr, "/ws", ""), accept_ws(&backend_l, ""));
+    rewrite(
+        &path,
+        &wsgate_config(
+            backend_addr,
+            "reload_interval = \"100ms\"\n[websocket]\nidle_timeout = \"200ms\"",
+        ),
+    );
+    let reloaded = log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+    assert_eq!(reloaded["trigger"], "file changed");
+    assert_eq!(reloads(admin, "ok").await, 1.0);
+    let (cf, bf) = (c.recv_close().await, b.recv_close().await);
+    assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
+}
