@@ -10,6 +10,7 @@
 //! is refused with 403 to a peer that is not on loopback: the `preStop` hook and an
 //! operator's `kubectl exec` or port-forward arrive there.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,13 +23,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::gate::Gate;
+use crate::history::Releases;
 use crate::live::CloseError;
 use crate::proxy::{Body, full};
+use crate::record::Outcome;
 use crate::report;
 
 /// Bound on reading an admin request's header.
@@ -77,6 +80,13 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
             "only a client on loopback may do this (kubectl exec, port-forward, a preStop hook)",
         );
     }
+    if changes_state && !same_origin(req.headers()) {
+        tracing::warn!(%peer, path, "admin request refused: sent by another site's page");
+        return text(
+            StatusCode::FORBIDDEN,
+            "a page of another origin may not do this",
+        );
+    }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["metrics"]) => {
             let mut resp = Response::new(full(report::render(&gate.live, &gate.metrics)));
@@ -90,6 +100,8 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
         (&Method::GET, ["readyz"]) if gate.is_ready() => text(StatusCode::OK, "ready"),
         (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         (&Method::GET, ["connections"]) => json(StatusCode::OK, &gate.live.snapshot()),
+        (&Method::GET, ["connections", "recent"]) => recent(gate, req.uri().query()),
+        (&Method::GET, ["summary"]) => json(StatusCode::OK, &summary(gate, peer)),
         (&Method::POST, ["connections", id, "close"]) => close(gate, id, req).await,
         (&Method::POST, ["drain"]) => {
             if gate.begin_drain("admin") {
@@ -102,6 +114,88 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /livez, /readyz, /connections or /drain",
         ),
+    }
+}
+
+/// `GET /connections/recent[?outcome=LABEL]`: the last connections that ended, newest
+/// first.
+fn recent(gate: &Gate, query: Option<&str>) -> Response<Body> {
+    let wanted = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("outcome="));
+    let outcome = match wanted {
+        None | Some("") | Some("all") => None,
+        Some(label) => match Outcome::ALL.iter().find(|o| o.as_str() == label) {
+            Some(o) => Some(*o),
+            None => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown outcome {label:?}"),
+                );
+            }
+        },
+    };
+    json(StatusCode::OK, &gate.live.recent(outcome))
+}
+
+/// `GET /summary`: what the admin page shows above its tables.
+#[derive(Debug, Serialize)]
+struct Summary {
+    version: &'static str,
+    uptime_seconds: f64,
+    draining: bool,
+    open_websockets: usize,
+    max_connections: usize,
+    ping_interval_seconds: Option<f64>,
+    /// Every outcome, ended since start.
+    ended_by_outcome: BTreeMap<&'static str, u64>,
+    release_seconds: Releases,
+    /// `admin.allow_close` is on and the viewer is on loopback: the page offers a
+    /// Close button per connection.
+    viewer_may_close: bool,
+    /// The viewer is on loopback: the page offers to start the drain.
+    viewer_may_drain: bool,
+}
+
+fn summary(gate: &Gate, viewer: SocketAddr) -> Summary {
+    let settings = gate.settings();
+    let config = &settings.config;
+    let ended = gate.live.ended();
+    let on_loopback = may_change_state(viewer.ip());
+    Summary {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: gate.started.elapsed().as_secs_f64(),
+        draining: gate.drain.is_begun(),
+        open_websockets: gate.live.len(),
+        max_connections: settings.max_connections,
+        ping_interval_seconds: config.websocket.ping_interval.map(|d| d.as_secs_f64()),
+        ended_by_outcome: Outcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), ended[o.idx()]))
+            .collect(),
+        release_seconds: gate.live.releases(),
+        viewer_may_close: config.admin.allow_close && on_loopback,
+        viewer_may_drain: on_loopback,
+    }
+}
+
+/// A request that changes state must not come from another site's page: a browser
+/// always sends `Origin` with a POST, and a page elsewhere could otherwise make the
+/// operator's browser drain wsgate (the admin port is often reachable from it through a
+/// port-forward). Requests without `Origin` are not from a browser page (`wsgate drain`,
+/// curl).
+fn same_origin(headers: &hyper::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin.to_str().ok(), host) {
+        (Some(origin), Some(host)) => origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| o.eq_ignore_ascii_case(host)),
+        _ => false,
     }
 }
 
@@ -186,6 +280,33 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_of_another_origin_may_not_change_state() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        // No Origin: wsgate drain, curl.
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:9090")])));
+        // The admin page itself.
+        assert!(same_origin(&headers(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "http://127.0.0.1:9090")
+        ])));
+        for evil in ["https://evil.example", "http://127.0.0.1:9091", "null"] {
+            assert!(
+                !same_origin(&headers(&[("host", "127.0.0.1:9090"), ("origin", evil)])),
+                "{evil}"
+            );
+        }
+    }
 
     #[test]
     fn only_loopback_peers_may_change_state() {

@@ -24,8 +24,8 @@ pub struct Config {
     pub backend: Backend,
     /// Client TCP connections (HTTP and WebSocket) served at once; the next one gets a
     /// 503. Each WebSocket also holds a backend socket, so the file descriptors used are
-    /// about twice this. Default 10000.
-    pub max_connections: usize,
+    /// about twice this. Default [`MaxConnections::Auto`].
+    pub max_connections: MaxConnections,
     /// Worker threads, each with its own listening socket and runtime (see
     /// [`crate::worker`]). Default [`Workers::Auto`].
     pub workers: Workers,
@@ -61,6 +61,30 @@ impl Workers {
         match self {
             Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Workers::Count(n) => n,
+        }
+    }
+}
+
+/// How many client connections may be open at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxConnections {
+    /// As many as the open-file limit allows (two descriptors per WebSocket, after
+    /// wsgate's own), at most [`MaxConnections::AUTO_CAP`].
+    Auto,
+    /// This many (at least 1).
+    Count(usize),
+}
+
+impl MaxConnections {
+    /// The most [`MaxConnections::Auto`] resolves to.
+    pub const AUTO_CAP: usize = 10_000;
+
+    /// The number in force, given how many WebSockets the open-file limit allows
+    /// (`None`: unknown).
+    pub fn resolve(self, capacity: Option<usize>) -> usize {
+        match self {
+            MaxConnections::Auto => capacity.map_or(Self::AUTO_CAP, |c| c.clamp(1, Self::AUTO_CAP)),
+            MaxConnections::Count(n) => n,
         }
     }
 }
@@ -177,7 +201,14 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Whether `POST /connections/{id}/close` may close connections. Default false.
     pub allow_close: bool,
+    /// How many ended connections the admin page and `/connections/recent` keep, newest
+    /// first (0 to [`MAX_RECENT_ENDINGS`]). Default 200.
+    pub recent_endings: usize,
 }
+
+/// The most ended connections `admin.recent_endings` may keep (a record is a few
+/// hundred bytes).
+pub const MAX_RECENT_ENDINGS: usize = 10_000;
 
 /// `[log]`: what the logs look like.
 #[derive(Clone, Debug, PartialEq)]
@@ -277,7 +308,7 @@ impl Default for Config {
                 authority: "127.0.0.1:5080".into(),
                 loopback: true,
             },
-            max_connections: 10_000,
+            max_connections: MaxConnections::Auto,
             workers: Workers::Auto,
             reload_interval: Some(Duration::from_secs(10)),
             http: HttpConfig {
@@ -305,6 +336,7 @@ impl Default for Config {
             admin: AdminConfig {
                 listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
                 allow_close: false,
+                recent_endings: 200,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -476,8 +508,12 @@ impl Config {
         if self.http.header_read_timeout.is_zero() {
             problem("http.header_read_timeout", "must be above 0s");
         }
-        if self.max_connections == 0 {
-            problem("max_connections", "must be at least 1");
+
+        if self.admin.recent_endings > MAX_RECENT_ENDINGS {
+            problem(
+                "admin.recent_endings",
+                &format!("must be at most {MAX_RECENT_ENDINGS}"),
+            );
         }
         if self.http.max_header_size < 1024 {
             problem("http.max_header_size", "must be at least 1024 bytes");
@@ -506,7 +542,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let mut top = Section::new(root, "", problems);
     let listen = top.parsed("listen", d.listen, parse_addr);
     let backend = top.parsed("backend", d.backend, Backend::parse);
-    let max_connections = top.integer("max_connections", d.max_connections as u64) as usize;
+    let max_connections = top.max_connections("max_connections", d.max_connections);
     let workers = top.workers("workers", d.workers);
     let reload_interval = top.optional_duration("reload_interval", d.reload_interval);
     let http = top.table("http");
@@ -574,6 +610,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
             }
         }),
         allow_close: s.boolean("allow_close", d.admin.allow_close),
+        recent_endings: s.integer("recent_endings", d.admin.recent_endings as u64) as usize,
     };
     s.finish();
 
@@ -742,6 +779,23 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn max_connections(&mut self, key: &'static str, default: MaxConnections) -> MaxConnections {
+        match self.get(key) {
+            None => default,
+            Some(Value::String(s)) if s == "auto" => MaxConnections::Auto,
+            Some(Value::Integer(n)) if *n >= 1 => {
+                MaxConnections::Count(usize::try_from(*n).unwrap_or(usize::MAX))
+            }
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected \"auto\" or a number of at least 1, found {other}"),
+                );
+                default
+            }
+        }
+    }
+
     fn workers(&mut self, key: &'static str, default: Workers) -> Workers {
         match self.get(key) {
             None => default,
@@ -870,6 +924,7 @@ mod tests {
             "client_close_code",
             "reload_interval",
             "allow_close",
+            "recent_endings",
             "format",
             "h2c",
         ] {
@@ -963,7 +1018,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:1".parse().unwrap());
         assert_eq!(c.backend.authority, "[::1]:81");
         assert_eq!(c.backend.host, "::1");
-        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.max_connections, MaxConnections::Count(5));
         assert_eq!(c.websocket.ping_interval, None);
         assert_eq!(c.websocket.idle_timeout, Some(Duration::from_secs(120)));
         assert_eq!(c.websocket.max_frame_size, Some(1024));
@@ -1009,6 +1064,29 @@ mod tests {
             "{}",
             p[4]
         );
+    }
+
+    #[test]
+    fn max_connections_is_auto_or_a_count_and_auto_follows_the_file_limit() {
+        let max = |v: &str| {
+            Config::parse(&format!("max_connections = {v}"))
+                .ok()
+                .map(|c| c.max_connections)
+        };
+        assert_eq!(Config::default().max_connections, MaxConnections::Auto);
+        assert_eq!(max("\"auto\""), Some(MaxConnections::Auto));
+        assert_eq!(max("20000"), Some(MaxConnections::Count(20_000)));
+        for bad in ["0", "-1", "\"many\""] {
+            let p = problems(&format!("max_connections = {bad}"));
+            assert!(
+                p[0].starts_with("max_connections: expected \"auto\""),
+                "{p:?}"
+            );
+        }
+        assert_eq!(MaxConnections::Auto.resolve(Some(9_936)), 9_936);
+        assert_eq!(MaxConnections::Auto.resolve(Some(400_000)), 10_000);
+        assert_eq!(MaxConnections::Auto.resolve(None), 10_000);
+        assert_eq!(MaxConnections::Count(20_000).resolve(Some(9_936)), 20_000);
     }
 
     #[test]

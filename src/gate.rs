@@ -35,6 +35,8 @@ const MAX_REJECTING: usize = 64;
 
 /// The state one wsgate shares across its workers.
 pub struct Gate {
+    /// When it started serving.
+    pub started: std::time::Instant,
     settings: ArcSwap<Settings>,
     /// Worker threads: each has a keep-alive pool toward the backend.
     workers: usize,
@@ -57,14 +59,17 @@ impl Gate {
     /// For `workers` workers. Fails when a TLS certificate, key or CA file does not
     /// load.
     pub fn new(config: Config, workers: usize, logging: Option<Logging>) -> Result<Gate, TlsError> {
-        let metrics = Arc::new(Metrics::new(config.max_connections));
+        let settings = Settings::new(config, workers)?;
+        let metrics = Arc::new(Metrics::new(settings.max_connections));
         let slots = Arc::new(Slots {
-            max: AtomicUsize::new(config.max_connections),
+            max: AtomicUsize::new(settings.max_connections),
             taken: AtomicUsize::new(0),
         });
+        let config = &settings.config;
         Ok(Gate {
-            live: LiveTable::new(relay_config(&config)),
-            settings: ArcSwap::from_pointee(Settings::new(config, workers)?),
+            started: std::time::Instant::now(),
+            live: LiveTable::new(relay_config(config), config.admin.recent_endings),
+            settings: ArcSwap::from_pointee(settings),
             workers,
             tasks: Tasks::default(),
             drain: Drain::default(),
@@ -140,9 +145,14 @@ impl Gate {
         {
             tracing::warn!(error = %e, "cannot switch the log format");
         }
-        self.slots.max.store(new.max_connections, Ordering::Release);
-        self.metrics.connections_max.set(new.max_connections as f64);
-        self.live.reconfigure(relay_config(new));
+        self.slots
+            .max
+            .store(settings.max_connections, Ordering::Release);
+        self.metrics
+            .connections_max
+            .set(settings.max_connections as f64);
+        self.live
+            .reconfigure(relay_config(new), new.admin.recent_endings);
         drop(running);
         self.settings.store(Arc::new(settings));
         Ok(())
@@ -161,6 +171,8 @@ fn relay_config(config: &Config) -> RelayConfig {
 /// The configuration and everything built from it.
 pub struct Settings {
     pub config: Config,
+    /// `max_connections`, resolved against the open-file limit.
+    pub max_connections: usize,
     pub backend: Backend,
     /// TLS toward clients, when `[tls]` is configured.
     pub tls: Option<ServerTls>,
@@ -179,6 +191,9 @@ impl Settings {
             // Responses carry the backend's own Date, or none: wsgate adds nothing.
             .auto_date_header(false);
         Ok(Settings {
+            max_connections: config
+                .max_connections
+                .resolve(crate::listener::websocket_capacity(workers)),
             backend: Backend::new(&config, workers)?,
             tls: config.tls.as_ref().map(ServerTls::new).transpose()?,
             http1,

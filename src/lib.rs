@@ -43,6 +43,7 @@ mod error;
 pub mod frame;
 mod gate;
 mod handshake;
+mod history;
 mod listener;
 mod live;
 pub mod logging;
@@ -70,7 +71,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use error::Error;
-pub use listener::Listeners;
+pub use listener::{Listeners, websocket_capacity};
 pub use side::Side;
 
 /// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.
@@ -121,7 +122,9 @@ pub async fn run(config: Config, listeners: Listeners, process: Process) -> Resu
         listen = %shown(listeners.local_addr()),
         admin = %listeners.admin.as_ref().map_or_else(|| "off".to_string(), |l| shown(l.local_addr())),
         backend = %config.backend.authority,
-        max_connections = config.max_connections,
+        max_connections = config
+            .max_connections
+            .resolve(websocket_capacity(listeners.proxy.len())),
         workers = listeners.proxy.len(),
         "wsgate started"
     );
@@ -168,10 +171,4 @@ async fn serve_with(
         task.abort();
     }
     Ok(())
-}
-
-/// File descriptors wsgate sets aside from the open-file limit besides its two per
-/// WebSocket: listeners, the backend pools, logs, and each worker's splice pipes.
-pub fn reserved_descriptors(workers: usize) -> usize {
-    64 + workers * splice::MAX_DESCRIPTORS
 }

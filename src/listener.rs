@@ -74,6 +74,20 @@ fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> E
     Error::Bind { what, addr, source }
 }
 
+/// File descriptors wsgate sets aside from the open-file limit besides its two per
+/// WebSocket: listeners, the backend pools, logs, and each worker's splice pipes.
+pub fn reserved_descriptors(workers: usize) -> usize {
+    64 + workers * crate::splice::MAX_DESCRIPTORS
+}
+
+/// How many WebSockets the process's open-file limit (its soft limit, as it is now)
+/// allows `workers` workers: two sockets each, after the reserved descriptors.
+pub fn websocket_capacity(workers: usize) -> Option<usize> {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?;
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    Some(soft.saturating_sub(reserved_descriptors(workers)) / 2)
+}
+
 /// `count` sockets listening on `addr`; with more than one they share the port through
 /// `SO_REUSEPORT`. Each is tuned with [`tune`], which accepted sockets inherit.
 fn bind_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {

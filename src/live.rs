@@ -10,13 +10,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use atomic_waker::AtomicWaker;
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::frame::{MAX_CONTROL_PAYLOAD, is_sendable_close_code};
+use crate::history::{EndedView, History, Releases};
 use crate::record::{ConnectionInfo, Counters, Outcome, Record};
 use crate::session::Timers;
 use crate::side::Side;
@@ -112,6 +113,11 @@ pub struct LiveConn {
     counted_frames: [AtomicU64; 2],
     /// Per source side: milliseconds after `started` when bytes last arrived.
     last_rx_ms: [AtomicU64; 2],
+    /// Per source side: milliseconds after `started` when data-frame bytes last arrived.
+    last_data_ms: [AtomicU64; 2],
+    /// Per side pinged: milliseconds after `started` when wsgate's last liveness Ping to
+    /// it went out.
+    ping_written_ms: [AtomicU64; 2],
     /// Per side pinged: last liveness round trip in microseconds.
     rtt_us: [AtomicU64; 2],
     /// Per side pinged: a round trip not yet in the RTT histogram (the sweep takes it).
@@ -132,6 +138,8 @@ impl LiveConn {
             counted_bytes: Default::default(),
             counted_frames: Default::default(),
             last_rx_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            last_data_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
+            ping_written_ms: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             unrecorded_rtt_us: [AtomicU64::new(NONE), AtomicU64::new(NONE)],
             outcome: AtomicU64::new(NONE),
@@ -160,9 +168,23 @@ impl LiveConn {
         }
     }
 
+    /// Bytes arrived from `from` at `at`.
     pub fn received(&self, from: Side, at: Instant) {
-        let ms = at.saturating_duration_since(self.started).as_millis() as u64;
-        self.last_rx_ms[from.idx()].store(ms, Ordering::Relaxed);
+        self.last_rx_ms[from.idx()].store(self.ms(at), Ordering::Relaxed);
+    }
+
+    /// Data-frame bytes arrived from `from` at `at` (besides [`LiveConn::received`]).
+    pub fn received_data(&self, from: Side, at: Instant) {
+        self.last_data_ms[from.idx()].store(self.ms(at), Ordering::Relaxed);
+    }
+
+    /// wsgate's liveness Ping went out to `to` at `at`.
+    pub fn ping_written(&self, to: Side, at: Instant) {
+        self.ping_written_ms[to.idx()].store(self.ms(at), Ordering::Relaxed);
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     /// A liveness round trip was measured on `side`.
@@ -205,16 +227,21 @@ impl LiveConn {
         self.mailbox.post(Requests::SHUTDOWN);
     }
 
-    fn snapshot(&self, now: Instant) -> ConnSnapshot {
+    /// How it looks at `now`; `silence` is how long a client may send no data while
+    /// the backend does before the connection is flagged (`ping_interval`).
+    fn snapshot(&self, now: Instant, silence: Duration) -> ConnSnapshot {
         let age = now.saturating_duration_since(self.started);
-        let direction = |from: Side| {
-            let last = self.last_rx_ms[from.idx()].load(Ordering::Relaxed);
-            DirectionSnapshot {
-                bytes: self.bytes[from.idx()].load(Ordering::Relaxed),
-                frames: self.frames[from.idx()].load(Ordering::Relaxed),
-                seconds_since_last_frame: (last != NONE)
-                    .then(|| (age.as_millis() as u64).saturating_sub(last) as f64 / 1e3),
-            }
+        let age_ms = age.as_millis() as u64;
+        // Seconds since the moment in `at` (ms after the start); `None` if never.
+        let since = |at: &AtomicU64| {
+            let at = at.load(Ordering::Relaxed);
+            (at != NONE).then(|| age_ms.saturating_sub(at) as f64 / 1e3)
+        };
+        let direction = |from: Side| DirectionSnapshot {
+            bytes: self.bytes[from.idx()].load(Ordering::Relaxed),
+            frames: self.frames[from.idx()].load(Ordering::Relaxed),
+            seconds_since_last_frame: since(&self.last_rx_ms[from.idx()]),
+            seconds_since_last_data: since(&self.last_data_ms[from.idx()]),
         };
         let rtt = |side: Side| {
             let us = self.rtt_us[side.idx()].load(Ordering::Relaxed);
@@ -223,6 +250,33 @@ impl LiveConn {
         let outcome = Outcome::ALL
             .get(self.outcome.load(Ordering::Relaxed) as usize)
             .map(|o| o.as_str());
+        let (client_to_backend, backend_to_client) =
+            (direction(Side::Client), direction(Side::Backend));
+        let mut flags = Vec::new();
+        let silence = silence.as_secs_f64();
+        let client_quiet = client_to_backend
+            .seconds_since_last_data
+            .unwrap_or(age.as_secs_f64());
+        let backend_streams = backend_to_client
+            .seconds_since_last_data
+            .is_some_and(|s| s < silence);
+        if client_quiet > silence && backend_streams {
+            flags.push("client_silent");
+        }
+        for (side, flag) in [
+            (Side::Client, "client_not_answering"),
+            (Side::Backend, "backend_not_answering"),
+        ] {
+            let pinged = self.ping_written_ms[side.idx()].load(Ordering::Relaxed);
+            let heard = self.last_rx_ms[side.idx()].load(Ordering::Relaxed);
+            let unanswered = pinged != NONE && (heard == NONE || heard < pinged);
+            if unanswered && age_ms.saturating_sub(pinged) >= UNANSWERED_MS {
+                flags.push(flag);
+            }
+        }
+        if outcome.is_some() {
+            flags.push("closing");
+        }
         ConnSnapshot {
             id: self.info.id,
             client: self.info.client.to_string(),
@@ -231,13 +285,18 @@ impl LiveConn {
             age_seconds: age.as_secs_f64(),
             state: if outcome.is_some() { "closing" } else { "open" },
             outcome,
-            client_to_backend: direction(Side::Client),
-            backend_to_client: direction(Side::Backend),
+            client_to_backend,
+            backend_to_client,
             client_ping_rtt_seconds: rtt(Side::Client),
             backend_ping_rtt_seconds: rtt(Side::Backend),
+            flags,
         }
     }
 }
+
+/// A liveness Ping unanswered for this long marks its side as not answering on the
+/// admin page (a Pong takes milliseconds; `pong_timeout` ends the connection later).
+const UNANSWERED_MS: u64 = 1000;
 
 /// A poisoned lock only means another thread panicked while holding it; the data (a
 /// map of handles, a request) is still consistent, so keep serving.
@@ -261,6 +320,11 @@ pub struct ConnSnapshot {
     pub backend_to_client: DirectionSnapshot,
     pub client_ping_rtt_seconds: Option<f64>,
     pub backend_ping_rtt_seconds: Option<f64>,
+    /// What makes it worth a look: `client_silent` (no data from the client for longer
+    /// than `ping_interval` while the backend sends: a query nobody reads),
+    /// `client_not_answering` / `backend_not_answering` (wsgate's liveness Ping is
+    /// unanswered), `closing`.
+    pub flags: Vec<&'static str>,
 }
 
 /// One direction of a connection in `/connections`.
@@ -270,7 +334,12 @@ pub struct DirectionSnapshot {
     pub frames: u64,
     /// Seconds since bytes last arrived from the sending side; `None` if none yet.
     pub seconds_since_last_frame: Option<f64>,
+    /// Seconds since data-frame bytes (not Ping, Pong or Close) last arrived.
+    pub seconds_since_last_data: Option<f64>,
 }
+
+/// The silence after which a client is flagged when pings are off.
+const DEFAULT_SILENCE: Duration = Duration::from_secs(20);
 
 /// Why a close request was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -298,8 +367,8 @@ struct Table {
     conns: BTreeMap<u64, Arc<LiveConn>>,
     phase: Phase,
     config: RelayConfig,
-    /// Connections ended since start, by outcome (indexed like [`Outcome::ALL`]).
-    ended: [u64; Outcome::ALL.len()],
+    /// Those that ended.
+    history: History,
 }
 
 #[derive(Debug)]
@@ -325,10 +394,11 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// The connection ended as `record` says: it leaves the table and is counted in
-    /// [`LiveTable::ended`].
+    /// The connection ended as `record` says: it leaves the table for its history.
     pub fn ended(self, record: &Record) {
-        lock(&self.shared.table).ended[record.outcome.idx()] += 1;
+        lock(&self.shared.table)
+            .history
+            .add(record, SystemTime::now(), Instant::now());
     }
 }
 
@@ -343,14 +413,15 @@ impl Drop for Registration {
 }
 
 impl LiveTable {
-    pub fn new(config: RelayConfig) -> Self {
+    /// `recent` is how many ended connections to keep (`admin.recent_endings`).
+    pub fn new(config: RelayConfig, recent: usize) -> Self {
         LiveTable {
             shared: Arc::new(Shared {
                 table: Mutex::new(Table {
                     conns: BTreeMap::new(),
                     phase: Phase::Serving,
                     config,
-                    ended: [0; Outcome::ALL.len()],
+                    history: History::new(recent, Instant::now()),
                 }),
                 emptied: Notify::new(),
             }),
@@ -398,10 +469,12 @@ impl LiveTable {
         }
     }
 
-    /// Replaces the relay configuration; open relays adopt its timers.
-    pub fn reconfigure(&self, config: RelayConfig) {
+    /// Replaces the relay configuration and the number of ended connections kept; open
+    /// relays adopt the new timers.
+    pub fn reconfigure(&self, config: RelayConfig, recent: usize) {
         let mut table = self.lock();
         table.config = config;
+        table.history.set_capacity(recent);
         for conn in table.conns.values() {
             conn.mailbox.post(Requests::RECONFIGURE);
         }
@@ -414,7 +487,17 @@ impl LiveTable {
 
     /// Connections ended since start, by outcome (indexed like [`Outcome::ALL`]).
     pub fn ended(&self) -> [u64; Outcome::ALL.len()] {
-        self.lock().ended
+        self.lock().history.ended()
+    }
+
+    /// The last connections that ended, newest first; only those of `outcome` if given.
+    pub fn recent(&self, outcome: Option<Outcome>) -> Vec<EndedView> {
+        self.lock().history.recent(outcome)
+    }
+
+    /// Release times of the connections that ended in the last five minutes.
+    pub fn releases(&self) -> Releases {
+        self.lock().history.releases(Instant::now())
     }
 
     /// Completes once no connection is open.
@@ -431,9 +514,16 @@ impl LiveTable {
         }
     }
 
+    /// Every open connection as `/connections` shows it.
     pub fn snapshot(&self) -> Vec<ConnSnapshot> {
         let now = Instant::now();
-        self.conns().iter().map(|c| c.snapshot(now)).collect()
+        let (conns, ping_interval) = {
+            let table = self.lock();
+            let conns: Vec<_> = table.conns.values().cloned().collect();
+            (conns, table.config.timers.ping_interval)
+        };
+        let silence = ping_interval.unwrap_or(DEFAULT_SILENCE);
+        conns.iter().map(|c| c.snapshot(now, silence)).collect()
     }
 
     /// Every open connection, for a pass over all of them without holding the lock.
@@ -472,11 +562,14 @@ mod tests {
     use super::*;
 
     fn table() -> LiveTable {
-        LiveTable::new(RelayConfig {
-            timers: Arc::new(crate::config::Config::default().websocket.timers()),
-            max_frame_size: None,
-            drain_close_code: 1012,
-        })
+        LiveTable::new(
+            RelayConfig {
+                timers: Arc::new(crate::config::Config::default().websocket.timers()),
+                max_frame_size: None,
+                drain_close_code: 1012,
+            },
+            10,
+        )
     }
 
     fn info(id: u64, path: &str) -> ConnectionInfo {
@@ -511,6 +604,34 @@ mod tests {
         );
         assert_eq!(reg.conn.take_unrecorded_rtt(Side::Backend), None);
         assert_eq!(table.snapshot()[0].backend_ping_rtt_seconds, Some(0.00025));
+    }
+
+    #[test]
+    fn connections_worth_a_look_are_flagged() {
+        let table = table();
+        let reg = table.register(info(1, "/query"));
+        let c = &reg.conn;
+        let at = |ms: u64| c.started + Duration::from_millis(ms);
+        let flags = |ms| c.snapshot(at(ms), Duration::from_secs(20)).flags;
+        c.received(Side::Client, at(2_000));
+        c.received_data(Side::Client, at(2_000));
+        c.received(Side::Backend, at(24_500));
+        c.received_data(Side::Backend, at(24_500));
+        c.ping_written(Side::Client, at(23_000));
+        c.ping_written(Side::Backend, at(24_800));
+        // The client has said nothing for 23 s while the backend streams, and has not
+        // answered the Ping of 2 s ago; the backend's Ping is only 200 ms old.
+        assert_eq!(flags(25_000), ["client_silent", "client_not_answering"]);
+        // A Pong is any byte from the client: it answers; data does not come back.
+        c.received(Side::Client, at(25_100));
+        assert_eq!(flags(25_200), ["client_silent"]);
+        // The backend never answered its Ping either...
+        assert_eq!(flags(60_000), ["backend_not_answering"]);
+        // ...until it does; with the backend quiet too, the client is not blamed.
+        c.received(Side::Backend, at(24_900));
+        assert!(flags(60_000).is_empty());
+        c.ending(Outcome::IdleTimeout);
+        assert_eq!(flags(60_000), ["closing"]);
     }
 
     #[test]
@@ -592,7 +713,7 @@ mod tests {
         let open = table.register(info(1, "/"));
         let mut config = table.config();
         config.max_frame_size = Some(10);
-        table.reconfigure(config);
+        table.reconfigure(config, 10);
         assert!(requests(&open.conn).unwrap().reconfigure());
         assert_eq!(open.config.max_frame_size, None);
         assert_eq!(table.register(info(2, "/")).config.max_frame_size, Some(10));
@@ -616,6 +737,8 @@ mod tests {
             backend_to_client: Counters::default(),
             client_close: Some(Some(1000)),
             backend_close: Some(Some(1000)),
+            client_received_close: Some(Some(1000)),
+            backend_received_close: Some(Some(1000)),
             wsgate_to_client_close: None,
             wsgate_to_backend_close: None,
             client_rtt: None,
@@ -628,5 +751,7 @@ mod tests {
             .unwrap();
         assert_eq!(table.ended()[Outcome::ClientClose.idx()], 1);
         assert_eq!(table.ended().iter().sum::<u64>(), 1);
+        assert_eq!(table.recent(None)[0].id, 1);
+        assert_eq!(table.releases().count, 1);
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wsgate::config::{Config, Source};
+use wsgate::config::{Config, MaxConnections, Source};
 use wsgate::logging::Logging;
 use wsgate::{Listeners, Process};
 
@@ -155,27 +155,36 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Raises the soft open-file limit to the hard limit: each WebSocket holds two sockets,
-/// and the default soft limit (often 1024) would cap wsgate at a few hundred.
-fn raise_fd_limit(max_connections: usize, workers: usize) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => {
-            // Two sockets per relayed connection, plus listeners, pool and headroom, and
-            // each worker's splice pipes.
-            let reserved = wsgate::reserved_descriptors(workers);
-            let capacity = limit.saturating_sub(reserved as u64) / 2;
-            tracing::info!(
-                open_files = limit,
-                websocket_capacity = capacity,
-                "file descriptor limit"
-            );
-            if (capacity as usize) < max_connections {
-                tracing::warn!(
-                    max_connections,
-                    websocket_capacity = capacity,
-                    "max_connections exceeds what the open-file limit allows"
-                );
-            }
+/// and the default soft limit (often 1024) would cap wsgate at a few hundred. Says what
+/// that allows, and warns only when a `max_connections` that was set cannot be honoured.
+fn raise_fd_limit(max_connections: MaxConnections, workers: usize) {
+    let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    };
+    let Some(capacity) = wsgate::websocket_capacity(workers) else {
+        return;
+    };
+    match max_connections {
+        MaxConnections::Auto => tracing::info!(
+            open_files,
+            websocket_capacity = capacity,
+            max_connections = max_connections.resolve(Some(capacity)),
+            "max_connections from the open-file limit"
+        ),
+        MaxConnections::Count(n) if n > capacity => tracing::warn!(
+            open_files,
+            websocket_capacity = capacity,
+            max_connections = n,
+            "max_connections exceeds what the open-file limit allows"
+        ),
+        MaxConnections::Count(_) => tracing::info!(
+            open_files,
+            websocket_capacity = capacity,
+            "file descriptor limit"
+        ),
     }
 }

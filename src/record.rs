@@ -138,6 +138,9 @@ pub struct Record {
     pub client_close: Option<Option<u16>>,
     /// The Close the backend sent.
     pub backend_close: Option<Option<u16>>,
+    /// The Close each side was sent: the other side's, forwarded, or wsgate's own.
+    pub client_received_close: Option<Option<u16>>,
+    pub backend_received_close: Option<Option<u16>>,
     /// The code of the Close wsgate itself sent to each side.
     pub wsgate_to_client_close: Option<u16>,
     pub wsgate_to_backend_close: Option<u16>,

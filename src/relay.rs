@@ -273,13 +273,14 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             // are fed from these by the sweep every second, and at the end.
             self.publish_counters();
         }
-        if c.0 {
-            self.session.on_received(Side::Client, c.1, now);
-            self.live.received(Side::Client, now);
-        }
-        if b.0 {
-            self.session.on_received(Side::Backend, b.1, now);
-            self.live.received(Side::Backend, now);
+        for (side, (any, data)) in [(Side::Client, c), (Side::Backend, b)] {
+            if any {
+                self.session.on_received(side, data, now);
+                self.live.received(side, now);
+            }
+            if data {
+                self.live.received_data(side, now);
+            }
         }
         for to in Side::BOTH {
             if blocked[to.idx()] != self.blocked[to.idx()] {
@@ -326,7 +327,10 @@ impl<C: Transport, B: Transport> Relay<C, B> {
                 };
                 pump.release_held(verdict);
             }
-            PumpEvent::Injected(Injected::Ping) => self.session.on_ping_sent(from.other(), now),
+            PumpEvent::Injected(Injected::Ping) => {
+                self.session.on_ping_sent(from.other(), now);
+                self.live.ping_written(from.other(), now);
+            }
             PumpEvent::Injected(Injected::Close) => {}
             PumpEvent::WriteShut => self.session.on_write_shut(from.other(), now),
             PumpEvent::Eof { mid_frame } => {
@@ -421,6 +425,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             backend_to_client: self.b2c.counters(),
             client_close: s.close_from(Side::Client),
             backend_close: s.close_from(Side::Backend),
+            client_received_close: s.close_to(Side::Client),
+            backend_received_close: s.close_to(Side::Backend),
             wsgate_to_client_close: s.wsgate_code_to(Side::Client),
             wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
             client_rtt: s.rtt(Side::Client),

@@ -38,6 +38,8 @@ pub fn connection_ended(metrics: &Metrics, registration: Registration, r: &Recor
         backend_to_client_frames = r.backend_to_client.frames,
         client_close_code = r.client_close.flatten(),
         backend_close_code = r.backend_close.flatten(),
+        client_received_code = r.client_received_close.flatten(),
+        backend_received_code = r.backend_received_close.flatten(),
         wsgate_to_client_code = r.wsgate_to_client_close,
         wsgate_to_backend_code = r.wsgate_to_backend_close,
         client_rtt_ms = r.client_rtt.map(ms),

@@ -156,6 +156,8 @@ struct Peer {
     close_received: Option<Option<u16>>,
     /// When a Close toward this side (forwarded or wsgate's own) was queued.
     close_sent_at: Option<Instant>,
+    /// That Close, with its code if it had one.
+    close_sent: Option<Option<u16>>,
     /// The code of the Close wsgate itself sent to this side.
     wsgate_code: Option<u16>,
     /// Its stream no longer parses (protocol error): no Close reply can be read from it.
@@ -178,6 +180,7 @@ impl Peer {
             rtt: None,
             close_received: None,
             close_sent_at: None,
+            close_sent: None,
             wsgate_code: None,
             broken: false,
             read_done: false,
@@ -280,6 +283,12 @@ impl Session {
         self.peers[side.idx()].close_received
     }
 
+    /// The Close sent toward `side`, forwarded or wsgate's own, with its code if it had
+    /// one.
+    pub fn close_to(&self, side: Side) -> Option<Option<u16>> {
+        self.peers[side.idx()].close_sent
+    }
+
     /// The code of the Close wsgate itself sent to `side`, if any.
     pub fn wsgate_code_to(&self, side: Side) -> Option<u16> {
         self.peers[side.idx()].wsgate_code
@@ -350,6 +359,7 @@ impl Session {
         let to = self.peer(from.other());
         let verdict = if to.close_sent_at.is_none() && to.writable() {
             to.close_sent_at = Some(now);
+            to.close_sent = Some(code);
             Verdict::Forward
         } else {
             Verdict::Consume
@@ -592,6 +602,7 @@ impl Session {
         let p = self.peer(to);
         if p.close_sent_at.is_none() && p.writable() {
             p.close_sent_at = Some(now);
+            p.close_sent = Some(Some(code));
             p.wsgate_code = Some(code);
             self.actions
                 .push_back(Action::SendClose { to, code, reason });
@@ -737,6 +748,9 @@ mod tests {
         assert_eq!(h.s.ending_since(), Some(h.at(1)));
         assert_eq!(h.s.close_from(Client), Some(Some(1000)));
         assert_eq!(h.s.wsgate_code_to(Client), None);
+        // Each side got the other's Close.
+        assert_eq!(h.s.close_to(Backend), Some(Some(1000)));
+        assert_eq!(h.s.close_to(Client), Some(Some(1000)));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wsgate::Config;
+use wsgate::config::MaxConnections;
 
 /// Sends `request` on a fresh connection and reads until wsgate closes it (FIN or RST);
 /// returns every byte received.
@@ -627,7 +628,7 @@ async fn connection_flood_past_max_connections_leaves_open_websockets_working() 
     const MAX: usize = 20;
     const FLOOD: usize = 200;
     let (gate, backend_l) = gate_with(|c| {
-        c.max_connections = MAX;
+        c.max_connections = MaxConnections::Count(MAX);
     })
     .await;
 

@@ -26,6 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use wsgate::config::MaxConnections;
 
 /// The body of the scripted backends' responses.
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -661,7 +662,7 @@ async fn bad_handshakes_are_refused_without_contacting_the_backend() {
 async fn max_connections_refuses_with_503_and_frees_the_slot_on_close() {
     let (backend_l, backend_addr) = listener().await;
     let mut config = test_config(backend_addr);
-    config.max_connections = 1;
+    config.max_connections = MaxConnections::Count(1);
     let gate = start_gate(config).await;
     let (mut client, mut backend) = pair(&gate, &backend_l).await;
 
