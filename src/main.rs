@@ -1,11 +1,14 @@
 //! The `wsgate` binary: command line, logging, configuration, then [`wsgate::run`].
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use wsgate::config::{Config, MaxConnections, Source};
+use wsgate::config::{Backend, Config, MaxConnections, Source};
+use wsgate::demo::{DemoBackend, Links};
 use wsgate::logging::Logging;
 use wsgate::{Listeners, Process};
 
@@ -37,6 +40,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start wsgate in front of a built-in demo backend (a dashboard whose queries
+    /// stream over WebSockets) and print the URLs of the demo and of the admin page.
+    /// Without --config it listens on 127.0.0.1:8080 (admin 127.0.0.1:9090), pings
+    /// silent peers after 5 s and lets the admin page close connections.
+    Demo,
     /// Ask a running wsgate to drain (its admin `POST /drain`), as a Kubernetes
     /// `preStop` hook does: readiness fails, new WebSockets are refused, open ones get
     /// their Close spread over `shutdown.spread`.
@@ -85,22 +93,94 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Drain { admin, wait }) => drain(admin, &config, wait),
-        None => serve(config, source, content),
+        Some(Command::Demo) => demo(config, source, content),
+        None => {
+            let logging = Logging::init(config.log.format);
+            match bind(&config) {
+                Some(listeners) => serve(config, listeners, source, content, logging),
+                None => ExitCode::FAILURE,
+            }
+        }
     }
+}
+
+/// Raises the open-file limit, then binds the proxy and admin addresses.
+fn bind(config: &Config) -> Option<Listeners> {
+    raise_fd_limit(config.max_connections, config.workers.count());
+    Listeners::bind(config)
+        .map_err(|e| tracing::error!("{e}"))
+        .ok()
+}
+
+/// `wsgate demo`: wsgate in front of the built-in demo backend, on the same code path as
+/// in production; only the backend is built in.
+fn demo(mut config: Config, mut source: Source, content: Vec<u8>) -> ExitCode {
+    if source.path.is_none() {
+        // A first run on a laptop: loopback only, liveness pings quick enough to watch,
+        // and the admin page's close buttons on (its listener is loopback too).
+        if source.listen.is_none() {
+            config.listen = (Ipv4Addr::LOCALHOST, 8080).into();
+        }
+        config.websocket.ping_interval = Some(Duration::from_secs(5));
+        config.websocket.pong_timeout = Duration::from_secs(3);
+        config.admin.allow_close = true;
+    }
+    let logging = Logging::init(config.log.format);
+    let Some(listeners) = bind(&config) else {
+        return ExitCode::FAILURE;
+    };
+    let proxy = match listeners.local_addr() {
+        Ok(addr) => reachable(addr),
+        Err(e) => {
+            tracing::error!(error = %e, "the proxy listener has no address");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = listeners
+        .admin
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(reachable);
+    let backend = match DemoBackend::start(Links {
+        proxy,
+        admin_page: admin.map(|a| format!("http://{a}/")),
+    }) {
+        Ok(backend) => backend,
+        Err(e) => {
+            tracing::error!(error = %e, "the demo backend cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("http://{}", backend.addr());
+    // A reload of the file keeps the demo backend, as the command line keeps its own.
+    source.backend = Some(url.clone());
+    config.backend = match Backend::parse(&url) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "the demo backend's address");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("demo:  http://{proxy}/");
+    match admin {
+        Some(admin) => println!("admin: http://{admin}/"),
+        None => println!("admin: off (admin.listen = \"\")"),
+    }
+    let _ = std::io::stdout().flush();
+    let served = serve(config, listeners, source, content, logging);
+    drop(backend);
+    served
 }
 
 /// Runs the proxy until SIGTERM or SIGINT; `content` is the configuration file's, for
 /// the reload to compare with.
-fn serve(config: Config, source: Source, content: Vec<u8>) -> ExitCode {
-    let logging = Logging::init(config.log.format);
-    raise_fd_limit(config.max_connections, config.workers.count());
-    let listeners = match Listeners::bind(&config) {
-        Ok(listeners) => listeners,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn serve(
+    config: Config,
+    listeners: Listeners,
+    source: Source,
+    content: Vec<u8>,
+    logging: Logging,
+) -> ExitCode {
     // This thread is worker 0; `wsgate::run` starts the other workers (src/worker.rs),
     // each on a current-thread runtime of its own.
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -155,3 +155,77 @@ async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
         assert_eq!(threads(&child), expected, "workers = {workers}");
     }
 }
+
+#[tokio::test]
+async fn wsgate_demo_prints_its_urls_and_a_query_ends_on_the_admin_page() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncBufReadExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let config = temp_file(
+        "demo.toml",
+        "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = async |label: &str| -> String {
+        let line = within(out.next_line()).await.unwrap().unwrap();
+        let url = line.strip_prefix(label).unwrap_or_else(|| panic!("{line}"));
+        url.trim().to_string()
+    };
+    let demo = url("demo:").await;
+    let admin = url("admin:").await;
+    let host = |url: &str| -> std::net::SocketAddr {
+        url.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap()
+    };
+    let (proxy, admin) = (host(&demo), host(&admin));
+
+    // The dashboard comes from the built-in backend, through wsgate.
+    let (code, page) = http_get(proxy, "/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains("wsgate demo"), "{page}");
+
+    // A query streams rows until the client cancels it properly.
+    let (mut ws, _) = within(tokio_tungstenite::connect_async(format!(
+        "ws://{proxy}/query?panel=errors"
+    )))
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let row = within(ws.next()).await.unwrap().unwrap();
+        assert!(row.is_text(), "{row:?}");
+    }
+    within(ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "cancelled".into(),
+    }))))
+    .await
+    .unwrap();
+    while within(ws.next()).await.is_some_and(|m| m.is_ok()) {}
+
+    // The ending shows on the admin listener, with both sides' codes.
+    eventually(async || {
+        let (_, body) = http_get(admin, "/connections/recent").await;
+        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+        list[0]["outcome"] == "client_close"
+            && list[0]["client_sent_code"] == 1000
+            && list[0]["backend_received_code"] == 1000
+    })
+    .await;
+    sigterm(&child).await;
+    let exit = within(child.wait()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
