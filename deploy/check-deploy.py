@@ -5,7 +5,9 @@ Subcommands (run from anywhere; paths are relative to the repository root):
 
   manifests          cross-checks of deploy/kubernetes/*.yaml: the native sidecar, its
                      security context, ports and probes, the ConfigMap's config (ports,
-                     drain_timeout < terminationGracePeriodSeconds), the Service, the
+                     live reload), the termination sequence (wsgate's preStop
+                     `drain --wait`, OpenObserve's preStop sleep, the [shutdown] timers
+                     against terminationGracePeriodSeconds), the Service, the
                      PodMonitor and PrometheusRule (fields, port names, rules identical
                      to deploy/prometheus/wsgate-rules.yml), kustomization.yaml
   dockerfile         a lint of deploy/Dockerfile and /.dockerignore for what this
@@ -42,6 +44,13 @@ EXAMPLE_CONFIG = REPO / "config.example.toml"
 SIDECAR = "wsgate"
 CONFIG_MAP = "wsgate-config"
 CONFIG_KEY = "config.toml"
+
+# Seconds OpenObserve must at least get between its SIGTERM (when its preStop sleep is
+# over) and the SIGKILL at terminationGracePeriodSeconds, to flush its in-memory data
+# and exit. wsgate needs none of the grace period after that: it is signalled once
+# OpenObserve has exited, has no WebSocket left by then and exits in milliseconds
+# (and the kubelet gives it at least 2 s anyway).
+BACKEND_SHUTDOWN_MIN = 15
 
 
 class Checker:
@@ -229,8 +238,6 @@ def cmd_manifests():
     c.check(bool((res.get("requests") or {}).get("memory"))
             and bool((res.get("limits") or {}).get("memory")),
             "wsgate needs memory requests and limits")
-    c.check("lifecycle" not in ws or "preStop" not in ws["lifecycle"],
-            "wsgate has a preStop hook: SIGTERM alone drains it (justify and update this check)")
 
     # The config file: mounted from the ConfigMap where --config points.
     args = ws.get("args") or []
@@ -244,6 +251,9 @@ def cmd_manifests():
             sub = m.get("subPath")
             target = m["mountPath"] if sub else f"{m['mountPath'].rstrip('/')}/{CONFIG_KEY}"
             mounted |= target == config_path and (sub in (None, CONFIG_KEY))
+            c.check(sub is None, f"volumeMount {m['name']} uses subPath {sub!r}: the kubelet "
+                    "never updates a subPath mount, so ConfigMap changes would not reach "
+                    "wsgate's live reload; mount the ConfigMap as a directory")
     c.check(mounted, f"--config {config_path} is not the ConfigMap {CONFIG_MAP}'s {CONFIG_KEY}")
 
     # The ConfigMap's config against the pod. It is meant to be complete: every key
@@ -265,18 +275,104 @@ def cmd_manifests():
             f"config listen {listen!r} must listen on all interfaces for the Service")
     c.check(((conf.get("log") or {}).get("format")) == "json", "config log.format should be json")
     backend = conf.get("backend", "http://127.0.0.1:5080")
-    m = re.fullmatch(r"http://(127\.0\.0\.1|localhost|\[::1\]):(\d+)/?", backend)
+    backend_url = re.fullmatch(r"http://(127\.0\.0\.1|localhost|\[::1\]):(\d+)/?", backend)
     backend_ports = {p["containerPort"] for x in mains.values() for p in x.get("ports") or []}
-    c.check(m is not None and int(m.group(2)) in backend_ports,
+    c.check(backend_url is not None and int(backend_url.group(2)) in backend_ports,
             f"config backend {backend} is not a loopback port of a main container "
             f"{sorted(backend_ports)}")
-    drain = parse_duration((conf.get("shutdown") or {}).get("drain_timeout", "25s"))
-    grace = pod.get("terminationGracePeriodSeconds", 30)
-    c.check(drain < grace, f"shutdown.drain_timeout {drain:g}s must be strictly below "
-            f"terminationGracePeriodSeconds {grace}")
+    reload = parse_duration(conf.get("reload_interval", "10s"))
+    c.check(reload > 0, "config reload_interval is 0s (SIGHUP only): nobody can send SIGHUP "
+            "into the distroless container, so ConfigMap changes would never apply")
+
+    # The termination sequence (deploy/README.md, "Rollouts: the termination sequence").
+    # t=0: wsgate's preStop `wsgate drain --wait` begins the drain while OpenObserve still
+    # serves, and OpenObserve's preStop sleep begins; WebSockets get their Close within
+    # spread, each handshake over within close_timeout; OpenObserve gets SIGTERM when its
+    # sleep is over, wsgate after OpenObserve has exited.
+    shutdown = conf.get("shutdown") or {}
+    drain = parse_duration(shutdown.get("drain_timeout", "25s"))
+    spread = parse_duration(shutdown["spread"]) if "spread" in shutdown else drain / 5
     close = parse_duration((conf.get("websocket") or {}).get("close_timeout", "5s"))
-    c.check(close < drain, f"websocket.close_timeout {close:g}s should be below drain_timeout "
-            f"{drain:g}s so that a drain can finish close handshakes")
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    closed_by = spread + close
+
+    # wsgate's hook: an exec of the image's binary (distroless: no shell, no PATH
+    # lookup), `drain --wait`, reading the admin address from the file the container runs
+    # with (not --admin: one place for the port).
+    hook = (ws.get("lifecycle") or {}).get("preStop") or {}
+    if c.check(set(hook) == {"exec"}, f"wsgate's preStop must be an exec hook running "
+               f"`wsgate drain --wait`, found {sorted(hook) or 'none'}: without it the drain "
+               "starts at wsgate's SIGTERM, after OpenObserve has exited, and every browser "
+               "gets 1014"):
+        command = (hook.get("exec") or {}).get("command") or []
+        binary = image_binary()
+        c.check(command[:1] == [binary], f"wsgate's preStop runs {command[:1]}, not the "
+                f"image's binary {binary} (deploy/Dockerfile ENTRYPOINT)")
+        c.check(command[1:2] == ["drain"],
+                f"wsgate's preStop {command} is not `wsgate drain`")
+        options, hook_config, waits = command[2:], None, False
+        while options:
+            opt = options.pop(0)
+            if opt == "--wait":
+                waits = True
+            elif opt == "--config" and options:
+                hook_config = options.pop(0)
+            else:
+                if opt.startswith("--") and options and not options[0].startswith("--"):
+                    opt += " " + options.pop(0)
+                c.check(False, f"wsgate's preStop: unexpected argument {opt!r} in {command} "
+                        "(only --wait and --config FILE)")
+        c.check(waits, f"wsgate's preStop {command} lacks --wait: the hook must last until "
+                "the WebSockets are closed (or the drain deadline) and fail visibly if it "
+                "cannot")
+        c.check(hook_config is not None and hook_config == config_path,
+                f"wsgate's preStop reads --config {hook_config}, the container runs with "
+                f"--config {config_path}: the hook must find the admin listener of that file")
+    c.check(admin_listen != "" and addr_host(admin_listen) in ("0.0.0.0", "::", "127.0.0.1",
+                                                               "::1"),
+            f"config admin.listen {admin_listen!r}: `wsgate drain` must reach it over "
+            "loopback (POST /drain is refused, 403, to any other peer)")
+
+    # OpenObserve (the container the backend URL points at) keeps serving until every
+    # close handshake is over: its preStop sleep delays its SIGTERM by >= spread +
+    # close_timeout.
+    backend_port = int(backend_url.group(2)) if backend_url else None
+    backends = [x for x in mains.values()
+                if any(p["containerPort"] == backend_port for p in x.get("ports") or [])]
+    sleep = None
+    if c.check(len(backends) == 1, f"no single main container serves the backend port "
+               f"{backend_port}"):
+        be = backends[0]
+        be_hook = (be.get("lifecycle") or {}).get("preStop") or {}
+        sleep = (be_hook.get("sleep") or {}).get("seconds")
+        c.check(set(be_hook) == {"sleep"} and isinstance(sleep, int),
+                f"container {be['name']} needs a preStop sleep action (lifecycle.preStop."
+                f"sleep.seconds, Kubernetes 1.30+), found {sorted(be_hook) or 'none'}: it must "
+                "keep serving while wsgate closes the WebSockets")
+    if sleep is not None:
+        c.check(sleep >= closed_by, f"OpenObserve's preStop sleep {sleep}s < shutdown.spread "
+                f"{spread:g}s + websocket.close_timeout {close:g}s = {closed_by:g}s: it would "
+                "get SIGTERM while WebSockets are still closing (they would end with 1014)")
+        c.check(grace - sleep >= BACKEND_SHUTDOWN_MIN,
+                f"terminationGracePeriodSeconds {grace} leaves OpenObserve {grace - sleep}s "
+                f"after its preStop sleep of {sleep}s, below {BACKEND_SHUTDOWN_MIN}s for its "
+                "own shutdown: raise the grace period")
+    c.check(spread < drain, f"shutdown.spread {spread:g}s must be below drain_timeout "
+            f"{drain:g}s")
+    c.check(closed_by < drain, f"shutdown.spread {spread:g}s + websocket.close_timeout "
+            f"{close:g}s = {closed_by:g}s must be below drain_timeout {drain:g}s: the drain "
+            "deadline would reset connections still in their close handshake")
+    c.check(drain < grace, f"shutdown.drain_timeout {drain:g}s must be strictly below "
+            f"terminationGracePeriodSeconds {grace}: the preStop hook waits until that "
+            "deadline at the latest and must end before the kubelet gives up on it")
+    print(f"  termination: wsgate preStop `drain --wait` at t=0; Closes within spread "
+          f"{spread:g}s, every handshake over by spread + close_timeout = {closed_by:g}s")
+    if sleep is not None:
+        print(f"  OpenObserve preStop sleep {sleep}s (>= {closed_by:g}s, margin "
+              f"{sleep - closed_by:g}s): SIGTERM at t={sleep}s, {grace - sleep}s (>= "
+              f"{BACKEND_SHUTDOWN_MIN}s) to exit before SIGKILL at t={grace}s")
+    print(f"  drain deadline t={drain:g}s: {closed_by:g}s < drain_timeout {drain:g}s < "
+          f"terminationGracePeriodSeconds {grace}; reload_interval {reload:g}s")
 
     # Prometheus annotations point at the admin port.
     c.check(annotations.get("prometheus.io/scrape") == "true", "prometheus.io/scrape != \"true\"")
@@ -328,8 +424,8 @@ def cmd_manifests():
     for g in groups or []:
         c.check(bool(g.get("name")) and bool(g.get("rules")), f"rule group {g.get('name')!r} "
                 "has no name or no rules")
-    print(f"  drain_timeout {drain:g}s < terminationGracePeriodSeconds {grace}; "
-          f"admin port {ws_ports.get('admin')} = probes = annotation = PodMonitor port 'admin'")
+    print(f"  admin port {ws_ports.get('admin')} = probes = annotation = PodMonitor port "
+          "'admin'")
     return c.finish()
 
 
@@ -355,6 +451,15 @@ def dockerfile_instructions():
     if buf:
         raise SystemExit(f"{rel(DOCKERFILE)}: dangling line continuation")
     return out
+
+
+def image_binary():
+    """The program the image runs: the runtime stage's ENTRYPOINT (exec form)."""
+    import json
+    entry = [r for w, r in dockerfile_stages()[-1]["ins"] if w == "ENTRYPOINT"]
+    if not entry or not entry[-1].lstrip().startswith("["):
+        raise SystemExit(f"{rel(DOCKERFILE)}: the runtime stage has no exec-form ENTRYPOINT")
+    return json.loads(entry[-1])[0]
 
 
 def dockerfile_stages():

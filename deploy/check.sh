@@ -7,10 +7,14 @@
 #
 #   1. generated files are up to date (prometheusrule.yaml, config.container.toml)
 #   2. kubernetes-validate --strict on the built-in resources (Deployment, ConfigMap,
-#      Service) for the oldest supported Kubernetes (1.29, native sidecars on by
-#      default) and for the newest schema kubernetes-validate ships
+#      Service) for the oldest supported Kubernetes (1.30: native sidecars, on by
+#      default since 1.29, and the preStop sleep action, on by default since 1.30)
+#      and for the newest schema kubernetes-validate ships
 #   3. cross-checks (deploy/check-deploy.py manifests): sidecar, security context,
-#      ports and probes, drain_timeout < terminationGracePeriodSeconds, Service,
+#      ports and probes, live reload (no subPath, reload_interval), the termination
+#      sequence (wsgate's preStop `drain --wait`, OpenObserve's preStop sleep >=
+#      spread + close_timeout, spread + close_timeout < drain_timeout <
+#      terminationGracePeriodSeconds, time left for OpenObserve), Service,
 #      PodMonitor and PrometheusRule fields, rules identical to the rule file
 #   4. wsgate --check-config on the ConfigMap's config.toml and the image's config
 #   5. promtool check rules on the rules embedded in prometheusrule.yaml
@@ -70,7 +74,8 @@ python3 deploy/gen-container-config.py --check
 
 step "kubernetes-validate --strict (built-in kinds; the Operator's CRDs are checked below)"
 builtin=(deploy/kubernetes/configmap.yaml deploy/kubernetes/deployment.yaml deploy/kubernetes/service.yaml)
-for k8s in 1.29.0 "$kv_version"; do
+# 1.30.0: the oldest Kubernetes the manifests support (preStop sleep action).
+for k8s in 1.30.0 "$kv_version"; do
     python3 -m kubernetes_validate --strict --kubernetes-version "$k8s" "${builtin[@]}"
 done
 
