@@ -445,6 +445,27 @@ impl Source {
     }
 }
 
+/// The `admin.listen` of a configuration text, read alone: for `wsgate drain`, which
+/// must reach a running wsgate even when its file no longer validates as a whole (a
+/// bad ConfigMap that the running process refused). `Ok(None)`: the admin listener is
+/// off.
+pub fn admin_listen_of(text: &str) -> Result<Option<SocketAddr>, String> {
+    let table: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("invalid TOML: {}", e.to_string().trim_end()))?;
+    match table.get("admin").and_then(|a| a.get("listen")) {
+        None => Ok(Config::default().admin.listen),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => parse_addr(s)
+            .map(Some)
+            .map_err(|e| format!("admin.listen: {e}")),
+        Some(other) => Err(format!(
+            "admin.listen: expected a string, found {}",
+            other.type_str()
+        )),
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1109,6 +1130,23 @@ mod tests {
                 "{bad}: {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_admin_address_is_read_alone_from_a_file_that_does_not_validate() {
+        let broken = "max_connections = -1\n[admin]\nlisten = \"127.0.0.1:7000\"\n";
+        assert!(Config::parse(broken).is_err());
+        assert_eq!(
+            admin_listen_of(broken),
+            Ok(Some("127.0.0.1:7000".parse().unwrap()))
+        );
+        assert_eq!(
+            admin_listen_of("listen = \"x\""),
+            Ok(Config::default().admin.listen)
+        );
+        assert_eq!(admin_listen_of("[admin]\nlisten = \"\""), Ok(None));
+        assert!(admin_listen_of("[admin]\nlisten = 9").is_err());
+        assert!(admin_listen_of("[admin").is_err());
     }
 
     #[test]

@@ -53,6 +53,7 @@ mod pump;
 mod record;
 mod relay;
 mod report;
+mod request_head;
 mod server;
 mod session;
 pub mod side;

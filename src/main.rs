@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -73,6 +73,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Drain { admin, wait }) = cli.command {
+        return drain(admin, cli.config.as_deref(), wait);
+    }
     let source = Source {
         path: cli.config.clone(),
         listen: cli.listen.clone(),
@@ -92,9 +95,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Drain { admin, wait }) => drain(admin, &config, wait),
         Some(Command::Demo) => demo(config, source, content),
-        None => {
+        Some(Command::Drain { .. }) | None => {
             let logging = Logging::init(config.log.format);
             match bind(&config) {
                 Some(listeners) => serve(config, listeners, source, content, logging),
@@ -197,21 +199,49 @@ fn serve(
         source: source.path.is_some().then_some((source, content)),
         logging: Some(logging),
     };
-    match runtime.block_on(wsgate::run(config, listeners, process)) {
+    let served = runtime.block_on(wsgate::run(config, listeners, process));
+    if let Err(e) = &served {
+        tracing::error!("{e}");
+    }
+    // Lines still queued for the log are written before the process ends.
+    wsgate::logging::flush();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
-/// `wsgate drain`: starts the drain of the wsgate at `admin` (or the configuration's
-/// admin address) and, with `wait`, waits for it.
-fn drain(admin: Option<SocketAddr>, config: &Config, wait: bool) -> ExitCode {
-    let Some(admin) = admin.or(config.admin.listen.map(reachable)) else {
-        eprintln!("wsgate drain: the admin listener is off (admin.listen = \"\"); give --admin");
-        return ExitCode::from(EXIT_CONFIG);
+/// `wsgate drain`: starts the drain of the wsgate at `admin` (or the admin address of
+/// the configuration file) and, with `wait`, waits for it. Only `admin.listen` is read
+/// from the file, so that a file the running wsgate refused (and kept its own
+/// configuration) does not stop its drain.
+fn drain(admin: Option<SocketAddr>, config: Option<&Path>, wait: bool) -> ExitCode {
+    let admin = match (admin, config) {
+        (Some(admin), _) => admin,
+        (None, None) => default_admin(),
+        (None, Some(path)) => {
+            let listen = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| wsgate::config::admin_listen_of(&text));
+            match listen {
+                Ok(Some(addr)) => reachable(addr),
+                Ok(None) => {
+                    eprintln!(
+                        "wsgate drain: {}: the admin listener is off (admin.listen = \"\"); give --admin",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                Err(e) => {
+                    let admin = default_admin();
+                    eprintln!(
+                        "wsgate drain: {}: {e}; trying the default admin address {admin}",
+                        path.display()
+                    );
+                    admin
+                }
+            }
+        }
     };
     match wsgate::drain::request(admin, wait) {
         Ok(summary) => {
@@ -223,6 +253,13 @@ fn drain(admin: Option<SocketAddr>, config: &Config, wait: bool) -> ExitCode {
             ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
+}
+
+fn default_admin() -> SocketAddr {
+    Config::default()
+        .admin
+        .listen
+        .map_or((Ipv4Addr::LOCALHOST, 9090).into(), reachable)
 }
 
 /// Where to reach a listener bound to `addr`: loopback for a wildcard address.

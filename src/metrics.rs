@@ -472,6 +472,13 @@ impl Metrics {
     pub fn render(&self) -> String {
         let _ = &self.recorder;
         let mut out = self.handle.render();
+        let _ = writeln!(
+            out,
+            "# HELP wsgate_log_lines_dropped_total Log lines dropped because the log output could not keep up.\n\
+             # TYPE wsgate_log_lines_dropped_total counter\n\
+             wsgate_log_lines_dropped_total {}",
+            crate::logging::dropped()
+        );
         render_process_metrics(&mut out);
         out
     }

@@ -34,11 +34,13 @@ pub struct Leg<S> {
     pub buffered: Bytes,
 }
 
-/// What a successful upgrade hands to its relay.
-pub struct Handoff<F> {
-    /// Completes with the client's stream once the HTTP layer lets go of it (after the
-    /// 101 is written); `None` if it never does (the client left first).
-    pub client: F,
+/// What a successful upgrade hands to its relay. `C` is the client's stream, or a
+/// future of it.
+pub struct Handoff<C> {
+    /// The client's stream, or (see [`spawn`]) a future that completes with it once
+    /// the HTTP layer lets go of it (after the 101 is written), or with `None` if it
+    /// never does (the client left first).
+    pub client: C,
     pub backend: Leg<Stream>,
     pub negotiated: Negotiated,
     pub info: ConnectionInfo,
@@ -73,6 +75,18 @@ pub fn spawn<F, G>(
         start(client, backend, negotiated, info, &live, metrics).await;
         drop(guard);
     });
+}
+
+/// Relays one WebSocket whose client stream is at hand to its end, in the calling task,
+/// and records it.
+pub async fn run(handoff: Handoff<Leg<Stream>>, live: &LiveTable, metrics: &Arc<Metrics>) {
+    let Handoff {
+        client,
+        backend,
+        negotiated,
+        info,
+    } = handoff;
+    start(client, backend, negotiated, info, live, metrics.clone()).await;
 }
 
 /// Builds the relay now and returns the future that runs it and records its end.

@@ -6,9 +6,12 @@
 //! Relays only write their own connection's atomics in [`crate::live`], never the shared
 //! metrics, so nothing process-wide is contended per message.
 
-use std::time::Duration;
+use std::io::Write as _;
+use std::time::{Duration, SystemTime};
 
+use crate::config::LogFormat;
 use crate::live::{LiveConn, LiveTable, Registration};
+use crate::logging;
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::side::Side;
@@ -22,6 +25,27 @@ pub fn connection_ended(metrics: &Metrics, registration: Registration, r: &Recor
     add_live_counters(metrics, &registration.conn);
     registration.ended(r);
     metrics.connection_ended(r);
+    log_ended(r);
+}
+
+/// The log line of an ended connection (target `wsgate::connection`, INFO). Where
+/// wsgate installed its logger the line is formatted here, directly into bytes in the
+/// logger's format; otherwise (in-process tests) it is an ordinary `tracing` event,
+/// which [`event`] writes and the tests below hold the direct format to.
+fn log_ended(r: &Record) {
+    if !tracing::enabled!(target: "wsgate::connection", tracing::Level::INFO) {
+        return;
+    }
+    match logging::format() {
+        Some(format) => {
+            logging::write_line(line(r, format, SystemTime::now()));
+        }
+        None => event(r),
+    }
+}
+
+/// The connection's line as a `tracing` event.
+fn event(r: &Record) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::info!(
         target: "wsgate::connection",
@@ -48,6 +72,130 @@ pub fn connection_ended(metrics: &Metrics, registration: Registration, r: &Recor
     );
 }
 
+/// The connection's line in `format`, logged at `at`, exactly as `tracing`'s text or
+/// flattened JSON formatter would write [`event`] (same fields, order and number
+/// formatting), ending in a newline.
+fn line(r: &Record, format: LogFormat, at: SystemTime) -> Vec<u8> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut l = Line::new(format, at);
+    l.uint("id", r.info.id);
+    l.display("client", &r.info.client);
+    l.uint("worker", r.info.worker as u64);
+    l.display("path", &r.info.path);
+    l.str("outcome", r.outcome.as_str());
+    l.float("duration_ms", ms(r.duration));
+    l.float("release_ms", ms(r.release));
+    l.uint("client_to_backend_bytes", r.client_to_backend.bytes);
+    l.uint("client_to_backend_frames", r.client_to_backend.frames);
+    l.uint("backend_to_client_bytes", r.backend_to_client.bytes);
+    l.uint("backend_to_client_frames", r.backend_to_client.frames);
+    let codes = [
+        ("client_close_code", r.client_close.flatten()),
+        ("backend_close_code", r.backend_close.flatten()),
+        ("client_received_code", r.client_received_close.flatten()),
+        ("backend_received_code", r.backend_received_close.flatten()),
+        ("wsgate_to_client_code", r.wsgate_to_client_close),
+        ("wsgate_to_backend_code", r.wsgate_to_backend_close),
+    ];
+    for (name, code) in codes {
+        if let Some(code) = code {
+            l.uint(name, code.into());
+        }
+    }
+    for (name, rtt) in [
+        ("client_rtt_ms", r.client_rtt),
+        ("backend_rtt_ms", r.backend_rtt),
+    ] {
+        if let Some(rtt) = rtt {
+            l.float(name, ms(rtt));
+        }
+    }
+    l.finish()
+}
+
+/// A log line being written field by field.
+struct Line {
+    out: Vec<u8>,
+    json: bool,
+}
+
+impl Line {
+    const MESSAGE: &str = "websocket connection ended";
+    const TARGET: &str = "wsgate::connection";
+
+    fn new(format: LogFormat, at: SystemTime) -> Line {
+        let mut out = Vec::with_capacity(512);
+        let at = humantime::format_rfc3339_micros(at);
+        let json = format == LogFormat::Json;
+        if json {
+            let _ = write!(
+                out,
+                "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"{}\"",
+                Self::MESSAGE
+            );
+        } else {
+            let _ = write!(out, "{at}  INFO {}: {}", Self::TARGET, Self::MESSAGE);
+        }
+        Line { out, json }
+    }
+
+    fn name(&mut self, name: &str) {
+        if self.json {
+            self.out.extend_from_slice(b",\"");
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
+        } else {
+            self.out.push(b' ');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b'=');
+        }
+    }
+
+    fn uint(&mut self, name: &str, value: u64) {
+        self.name(name);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn float(&mut self, name: &str, value: f64) {
+        self.name(name);
+        if self.json {
+            // serde_json writes numbers as the JSON formatter does.
+            let _ = serde_json::to_writer(&mut self.out, &value);
+        } else {
+            let _ = write!(self.out, "{value:?}");
+        }
+    }
+
+    /// A string field: quoted in both formats (`tracing` writes `&str` with `Debug`).
+    fn str(&mut self, name: &str, value: &str) {
+        self.name(name);
+        if self.json {
+            let _ = serde_json::to_writer(&mut self.out, value);
+        } else {
+            let _ = write!(self.out, "{value:?}");
+        }
+    }
+
+    /// A `%value` field: unquoted in text, a string in JSON.
+    fn display(&mut self, name: &str, value: &dyn std::fmt::Display) {
+        self.name(name);
+        if self.json {
+            let _ = serde_json::to_writer(&mut self.out, &value.to_string());
+        } else {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.json {
+            let _ = write!(self.out, ",\"target\":\"{}\"}}", Self::TARGET);
+        }
+        self.out.push(b'\n');
+        self.out
+    }
+}
+
 /// Adds the traffic and ping round trips of every open connection since the last sweep
 /// to the process-wide metrics, and folds histogram samples into their buckets.
 pub fn sweep(live: &LiveTable, metrics: &Metrics) {
@@ -69,6 +217,107 @@ fn add_live_counters(metrics: &Metrics, conn: &LiveConn) {
         metrics.add_traffic(side, conn.take_uncounted(side));
         if let Some(rtt) = conn.take_unrecorded_rtt(side) {
             metrics.ping_rtt(side, rtt);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::record::{ConnectionInfo, Counters, Outcome};
+
+    /// Collects what a test subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record(rtt: bool) -> Record {
+        Record {
+            info: ConnectionInfo {
+                id: 42,
+                client: "[2001:db8::1]:4000".parse().unwrap(),
+                worker: 1,
+                path: "/live query".into(),
+            },
+            outcome: Outcome::ClientGone,
+            duration: Duration::from_micros(4_712_345),
+            release: Duration::from_nanos(450_123),
+            client_to_backend: Counters {
+                frames: 5,
+                bytes: 184,
+            },
+            backend_to_client: Counters {
+                frames: 7,
+                bytes: 1_000_000_000_000,
+            },
+            client_close: None,
+            backend_close: Some(Some(1001)),
+            client_received_close: None,
+            backend_received_close: Some(Some(1001)),
+            wsgate_to_client_close: None,
+            wsgate_to_backend_close: Some(1001),
+            client_rtt: rtt.then(|| Duration::from_micros(250)),
+            backend_rtt: rtt.then(|| Duration::from_nanos(33_333)),
+        }
+    }
+
+    /// What `tracing`'s own formatter writes for [`event`], without the timestamp.
+    fn through_tracing(r: &Record, format: LogFormat) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone());
+        let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+            LogFormat::Text => Box::new(tracing_subscriber::registry().with(layer)),
+            LogFormat::Json => {
+                Box::new(tracing_subscriber::registry().with(layer.json().flatten_event(true)))
+            }
+        };
+        tracing::subscriber::with_default(subscriber, || event(r));
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn the_direct_text_line_is_tracings_line() {
+        for rtt in [false, true] {
+            let r = record(rtt);
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
+            let direct = String::from_utf8(line(&r, LogFormat::Text, at)).unwrap();
+            let stamp = "2025-12-05T10:20:00.123456Z ";
+            assert!(direct.starts_with(stamp), "{direct}");
+            // `without_time` leaves the level's padding where the timestamp was.
+            assert_eq!(&direct[stamp.len()..], through_tracing(&r, LogFormat::Text));
+        }
+    }
+
+    #[test]
+    fn the_direct_json_line_is_tracings_line() {
+        for rtt in [false, true] {
+            let r = record(rtt);
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
+            let direct = String::from_utf8(line(&r, LogFormat::Json, at)).unwrap();
+            let mut direct: serde_json::Value = serde_json::from_str(&direct).unwrap();
+            assert_eq!(direct["timestamp"], "2025-12-05T10:20:00.123456Z");
+            direct.as_object_mut().unwrap().remove("timestamp");
+            let traced: serde_json::Value =
+                serde_json::from_str(&through_tracing(&r, LogFormat::Json)).unwrap();
+            assert_eq!(direct, traced);
         }
     }
 }

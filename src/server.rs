@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -21,11 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ProxyError;
+use crate::frame::Negotiated;
 use crate::gate::{Gate, Slot, Tasks};
 use crate::proxy::{self, Body};
 use crate::record::ConnectionInfo;
-use crate::relay;
+use crate::relay::{self, Handoff, Leg};
 use crate::report;
+use crate::request_head::{self, FirstRequest, Replayed};
 use crate::stream::Stream;
 use crate::upgrade::{self, Upgrade};
 
@@ -270,7 +273,7 @@ where
 
 async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
     let settings = gate.settings();
-    let stream = match &settings.tls {
+    let mut stream = match &settings.tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
             let accepted = Box::pin(tls.acceptor.accept(tcp));
@@ -287,54 +290,208 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
             }
         }
     };
-    let config = &settings.config;
+    let http = settings.config.http.clone();
     let h2 = match &stream {
         Stream::Plain(tcp) => {
-            config.http.h2c && starts_with_h2_preface(tcp, config.http.header_read_timeout).await
+            http.h2c && starts_with_h2_preface(tcp, http.header_read_timeout).await
         }
         _ => stream.alpn() == Some(b"h2"),
     };
-    let svc_gate = gate.clone();
-    let svc_conn = conn.clone();
-    let service = service_fn(move |req| {
-        let gate = svc_gate.clone();
-        let busy = Busy::new(svc_conn.clone());
-        async move { Ok::<_, Infallible>(route(gate, busy, req).await) }
-    });
-    let tasks = &gate.tasks;
-    // A connection from before the drain closes gracefully when it begins (an idle one
-    // at once); one accepted during it gets one request and `Connection: close`.
-    let drain = (!conn.accepted_draining).then(|| gate.drain.begun());
-    let result = if h2 {
-        let mut builder = http2::Builder::new(TrackedExecutor(tasks.tracker.clone()));
-        builder
-            .timer(TokioTimer::new())
-            .enable_connect_protocol()
-            .max_header_list_size(u32::try_from(config.http.max_header_size).unwrap_or(u32::MAX))
-            // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
-            .keep_alive_interval(config.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
-            .keep_alive_timeout(config.websocket.pong_timeout);
-        let served = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
-        // hyper has no idle timeout for HTTP/2: a connection with nothing in flight
-        // for `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
-        let idle = Some((&*conn, config.http.header_read_timeout));
-        drop(settings);
-        drive(served, |c| c.graceful_shutdown(), tasks, drain, idle).await
-    } else {
-        let http1 = if conn.accepted_draining {
-            let mut once = settings.http1.clone();
-            once.keep_alive(false);
-            once.serve_connection(TokioIo::new(stream), service)
-        } else {
-            settings
-                .http1
-                .serve_connection(TokioIo::new(stream), service)
-        };
-        drop(settings);
-        let served = Box::pin(http1.with_upgrades());
-        drive(served, |c| c.graceful_shutdown(), tasks, drain, None).await
+    drop(settings);
+    if h2 {
+        Box::pin(serve_http2(gate, stream, conn)).await;
+        return;
+    }
+    // HTTP/1.1: the first request's head is read here. A plain WebSocket upgrade goes
+    // on in this task, relay included; the rest is hyper's (`request_head`).
+    let first =
+        request_head::read_first(&mut stream, http.max_header_size, http.header_read_timeout).await;
+    let (read, first_response) = match first {
+        FirstRequest::Gone => return,
+        FirstRequest::Other(read) => (read, None),
+        FirstRequest::Upgrade {
+            request,
+            head,
+            rest,
+        } => {
+            let busy = Busy::new(conn.clone());
+            match Box::pin(upgrade(&gate, &busy, request)).await {
+                Ok(accepted) => {
+                    relay_here(&gate, stream, rest, accepted).await;
+                    return;
+                }
+                // An answer of wsgate's or the backend's refusal: hyper writes it, with
+                // everything HTTP/1.1 asks of a response, and serves what follows.
+                Err(response) => {
+                    let mut read = bytes::BytesMut::from(&head[..]);
+                    read.extend_from_slice(&rest);
+                    (read.freeze(), Some(response))
+                }
+            }
+        }
     };
-    drop(conn);
+    Box::pin(serve_http1(
+        gate,
+        Replayed::new(read, stream),
+        conn,
+        first_response,
+    ))
+    .await;
+}
+
+/// A WebSocket upgrade carried out without hyper: writes the response head, then relays
+/// in this task. `rest` is what the client sent behind its request.
+async fn relay_here(gate: &Gate, mut stream: Stream, rest: Bytes, accepted: Accepted) {
+    let Accepted {
+        response,
+        backend,
+        negotiated,
+        info,
+    } = accepted;
+    if let Err(e) = write_head(&mut stream, &response).await {
+        // The client left. The relay still runs: it finds the client gone at once and
+        // tells the backend with a Close, and the connection is recorded as it ended.
+        tracing::debug!(error = %e, "writing the 101 to the client failed");
+    }
+    let client = Leg {
+        stream,
+        buffered: rest,
+    };
+    let handoff = Handoff {
+        client,
+        backend,
+        negotiated,
+        info,
+    };
+    relay::run(handoff, &gate.live, &gate.metrics).await;
+}
+
+/// Writes an HTTP/1.1 response head (a 101 has no body), as hyper would.
+async fn write_head(stream: &mut Stream, response: &Response<Body>) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let status = response.status();
+    let headers = response.headers();
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>();
+    let mut head = Vec::with_capacity(size + 64);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    stream.write_all(&head).await?;
+    // TLS holds what it encrypted until flushed.
+    stream.flush().await
+}
+
+/// The service of a hyper connection: every request through [`route`], except that the
+/// first gets `first` when it is given (the answer already decided for a request read
+/// before hyper took over).
+fn service(
+    gate: Arc<Gate>,
+    conn: Arc<Connection>,
+    first: Option<Response<Body>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    let first = Arc::new(Mutex::new(first));
+    service_fn(move |req| {
+        let gate = gate.clone();
+        let busy = Busy::new(conn.clone());
+        let answer = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        async move {
+            Ok::<_, Infallible>(match answer {
+                Some(answer) => answer,
+                None => route(gate, busy, req).await,
+            })
+        }
+    })
+}
+
+/// Serves an HTTP/2 connection with hyper until it ends.
+async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<Connection>) {
+    let tasks = &gate.tasks;
+    let settings = gate.settings();
+    let config = &settings.config;
+    let mut builder = http2::Builder::new(TrackedExecutor(tasks.tracker.clone()));
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_header_list_size(u32::try_from(config.http.max_header_size).unwrap_or(u32::MAX))
+        // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
+        .keep_alive_interval(config.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
+        .keep_alive_timeout(config.websocket.pong_timeout);
+    let service = service(gate.clone(), conn.clone(), None);
+    let served = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
+    // hyper has no idle timeout for HTTP/2: a connection with nothing in flight for
+    // `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
+    let idle = Some((&*conn, config.http.header_read_timeout));
+    drop(settings);
+    let result = drive(
+        served,
+        |c| c.graceful_shutdown(),
+        tasks,
+        drain(&gate, &conn),
+        idle,
+    )
+    .await;
+    ended(result);
+}
+
+/// Serves an HTTP/1.1 connection with hyper until it ends; `first` answers its first
+/// request if given.
+async fn serve_http1(
+    gate: Arc<Gate>,
+    stream: Replayed<Stream>,
+    conn: Arc<Connection>,
+    first: Option<Response<Body>>,
+) {
+    let tasks = &gate.tasks;
+    let settings = gate.settings();
+    let service = service(gate.clone(), conn.clone(), first);
+    let io = TokioIo::new(stream);
+    let http1 = if conn.accepted_draining {
+        let mut once = settings.http1.clone();
+        once.keep_alive(false);
+        once.serve_connection(io, service)
+    } else {
+        settings.http1.serve_connection(io, service)
+    };
+    drop(settings);
+    let served = Box::pin(http1.with_upgrades());
+    let result = drive(
+        served,
+        |c| c.graceful_shutdown(),
+        tasks,
+        drain(&gate, &conn),
+        None,
+    )
+    .await;
+    ended(result);
+}
+
+/// When a connection from before the drain closes gracefully: when it begins (an idle
+/// one at once). One accepted during the drain gets one request and
+/// `Connection: close` instead.
+fn drain<'a>(gate: &'a Gate, conn: &Connection) -> Option<&'a CancellationToken> {
+    (!conn.accepted_draining).then(|| gate.drain.begun())
+}
+
+fn ended(result: hyper::Result<()>) {
     if let Err(e) = result {
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
@@ -422,23 +579,73 @@ async fn starts_with_h2_preface(tcp: &TcpStream, limit: Duration) -> bool {
     tokio::time::timeout(limit, peek).await.unwrap_or(false)
 }
 
-async fn route(gate: Arc<Gate>, conn: Busy, req: Request<Incoming>) -> Response<Body> {
-    let settings = gate.settings();
-    if upgrade::is_websocket_upgrade(&req) && gate.drain.is_begun() {
-        gate.metrics.upgrade_failed(ProxyError::Draining);
+/// A WebSocket upgrade carried out: what goes to the client and what to the relay.
+struct Accepted {
+    response: Response<Body>,
+    backend: Leg<Stream>,
+    negotiated: Negotiated,
+    info: ConnectionInfo,
+}
+
+/// A WebSocket upgrade request, whichever way it came: refused while draining, else
+/// carried out by [`upgrade::handle`]; counted. `Err` is the response to send instead.
+async fn upgrade<B>(
+    gate: &Gate,
+    conn: &Connection,
+    req: Request<B>,
+) -> Result<Accepted, Response<Body>> {
+    let failed = |e: ProxyError, why: &str| {
+        tracing::debug!(why, fault = e.fault().as_str(), "upgrade failed");
+        gate.metrics.upgrade_failed(e);
+        proxy::error_response(e, why)
+    };
+    if gate.drain.is_begun() {
         let e = ProxyError::Draining;
-        return proxy::error_response(e, e.message());
+        return Err(failed(e, e.message()));
     }
+    let info = ConnectionInfo {
+        id: conn.id,
+        client: conn.peer,
+        worker: conn.worker,
+        path: req.uri().path().into(),
+    };
+    let settings = gate.settings();
+    match upgrade::handle(&settings, &gate.tasks, conn.peer, req).await {
+        Ok(Upgrade::Accepted {
+            response,
+            backend,
+            negotiated,
+        }) => {
+            gate.metrics.upgrade_relayed();
+            Ok(Accepted {
+                response,
+                backend,
+                negotiated,
+                info,
+            })
+        }
+        Ok(Upgrade::Refused(response)) => {
+            gate.metrics.upgrade_refused();
+            Err(response)
+        }
+        Err(e) => Err(failed(e.error, e.why)),
+    }
+}
+
+/// A request hyper read: a WebSocket upgrade (its relay spawned once hyper hands the
+/// client's stream over), or plain HTTP forwarded to the backend.
+async fn route(gate: Arc<Gate>, conn: Busy, mut req: Request<Incoming>) -> Response<Body> {
     if upgrade::is_websocket_upgrade(&req) {
-        let info = ConnectionInfo {
-            id: conn.id,
-            client: conn.peer,
-            worker: conn.worker,
-            path: req.uri().path().into(),
-        };
-        return match upgrade::handle(&settings, &gate.tasks, info, req).await {
-            Ok(Upgrade::Accepted { response, handoff }) => {
-                gate.metrics.upgrade_relayed();
+        let client = hyper::upgrade::on(&mut req);
+        let over_h2 = upgrade::is_extended_connect(&req);
+        return match upgrade(&gate, &conn, req).await {
+            Ok(accepted) => {
+                let handoff = Handoff {
+                    client: upgrade::client_stream(client, over_h2),
+                    backend: accepted.backend,
+                    negotiated: accepted.negotiated,
+                    info: accepted.info,
+                };
                 // The relay keeps the client connection busy (and its slot taken).
                 relay::spawn(
                     &gate.tasks.tracker,
@@ -447,24 +654,12 @@ async fn route(gate: Arc<Gate>, conn: Busy, req: Request<Incoming>) -> Response<
                     &gate.metrics,
                     conn,
                 );
-                response
+                accepted.response
             }
-            Ok(Upgrade::Refused(response)) => {
-                gate.metrics.upgrade_refused();
-                response
-            }
-            Err(failed) => {
-                let e = failed.error;
-                tracing::debug!(
-                    why = failed.why,
-                    fault = e.fault().as_str(),
-                    "upgrade failed"
-                );
-                gate.metrics.upgrade_failed(e);
-                proxy::error_response(e, failed.why)
-            }
+            Err(response) => response,
         };
     }
+    let settings = gate.settings();
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let client = settings.backend.client(conn.worker);

@@ -8,11 +8,9 @@
 //! down or refuses the upgrade (401, 403, 404...) produces a real HTTP response the
 //! browser can show, not a WebSocket that opens and dies.
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
@@ -24,8 +22,8 @@ use crate::frame::Negotiated;
 use crate::gate::{Settings, Tasks};
 use crate::handshake;
 use crate::proxy::{self, Body, Scheme};
-use crate::record::ConnectionInfo;
-use crate::relay::{Handoff, Leg};
+use crate::relay::Leg;
+use crate::request_head::Replayed;
 use crate::stream::Stream;
 
 /// An upgrade wsgate could not carry out, and why (for the response body).
@@ -45,11 +43,13 @@ impl From<ProxyError> for Failed {
 }
 
 /// How the backend answered an upgrade wsgate carried out.
-pub enum Upgrade<F> {
-    /// It switched protocols: `response` goes to the client, `handoff` to a relay.
+pub enum Upgrade {
+    /// It switched protocols: `response` goes to the client; the backend's stream and
+    /// what was negotiated go to a relay, with the client's.
     Accepted {
         response: Response<Body>,
-        handoff: Handoff<F>,
+        backend: Leg<Stream>,
+        negotiated: Negotiated,
     },
     /// It refused (401, 403, 404...): its answer goes to the client unchanged.
     Refused(Response<Body>),
@@ -148,21 +148,22 @@ fn is_valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
-/// Carries out a WebSocket upgrade request: checks it, connects the backend and repeats
-/// the handshake there. `info` names the connection for its relay.
-pub async fn handle(
+/// Carries out a WebSocket upgrade request from `client`: checks it, connects the
+/// backend and repeats the handshake there. The client's stream is the caller's: hyper
+/// hands it over after the response, or the caller has it already (see
+/// [`crate::request_head`]).
+pub async fn handle<B>(
     settings: &Settings,
     tasks: &Tasks,
-    info: ConnectionInfo,
-    mut req: Request<Incoming>,
-) -> Result<Upgrade<impl Future<Output = Option<Leg<Stream>>> + Send + use<>>, Failed> {
+    client: SocketAddr,
+    mut req: Request<B>,
+) -> Result<Upgrade, Failed> {
     validate(&req)?;
     let config = &settings.config;
     if !origin_allowed(&config.websocket.allowed_origins, req.headers()) {
         tracing::debug!(origin = ?req.headers().get(header::ORIGIN), "origin not allowed");
         return Err(ProxyError::OriginNotAllowed.into());
     }
-    let client_upgrade = hyper::upgrade::on(&mut req);
     let over_h2 = is_extended_connect(&req);
     // An HTTP/2 client sends no key (RFC 8441 §5): wsgate makes one for the backend.
     let key = match req.headers().get(header::SEC_WEBSOCKET_KEY) {
@@ -172,7 +173,7 @@ pub async fn handle(
     let expected_accept = derive_accept_key(key.as_bytes());
 
     let mut backend = settings.backend.connect().await?;
-    let request = backend_request(&req, info.client, Scheme::of(config), &key);
+    let request = backend_request(&req, client, Scheme::of(config), &key);
     // The client's headers are written out: nothing of them has to live through the
     // awaits that follow.
     *req.headers_mut() = HeaderMap::new();
@@ -229,18 +230,17 @@ pub async fn handle(
     *response.headers_mut() = headers;
     Ok(Upgrade::Accepted {
         response,
-        handoff: Handoff {
-            client: client_stream(client_upgrade, over_h2),
-            backend,
-            negotiated,
-            info,
-        },
+        backend,
+        negotiated,
     })
 }
 
-/// The client's stream, once hyper has written the answer and lets go of it, with any
-/// bytes it read behind the handshake.
-async fn client_stream(upgrade: hyper::upgrade::OnUpgrade, over_h2: bool) -> Option<Leg<Stream>> {
+/// The client's stream of a request hyper served, once hyper has written the answer
+/// and lets go of it, with any bytes it read behind the handshake.
+pub async fn client_stream(
+    upgrade: hyper::upgrade::OnUpgrade,
+    over_h2: bool,
+) -> Option<Leg<Stream>> {
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -254,11 +254,20 @@ async fn client_stream(upgrade: hyper::upgrade::OnUpgrade, over_h2: bool) -> Opt
             buffered: Bytes::new(),
         });
     }
-    match upgraded.downcast::<TokioIo<Stream>>() {
-        Ok(parts) => Some(Leg {
-            stream: parts.io.into_inner(),
-            buffered: parts.read_buf,
-        }),
+    match upgraded.downcast::<TokioIo<Replayed<Stream>>>() {
+        Ok(parts) => {
+            // What was replayed and hyper did not read comes first (hyper reads all it
+            // can, so this is empty in practice).
+            let (stream, unread) = parts.io.into_inner().into_parts();
+            let buffered = if unread.is_empty() {
+                parts.read_buf
+            } else {
+                let mut both = bytes::BytesMut::from(&unread[..]);
+                both.extend_from_slice(&parts.read_buf);
+                both.freeze()
+            };
+            Some(Leg { stream, buffered })
+        }
         Err(_) => {
             tracing::error!("upgraded HTTP/1.1 connection is not a wsgate stream");
             None

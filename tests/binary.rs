@@ -130,18 +130,28 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     assert!(exit.success(), "{exit:?}");
 }
 
-/// Threads of a running process, from /proc.
-fn threads(child: &Child) -> usize {
+/// Names of a running process's threads, from /proc.
+fn threads(child: &Child) -> Vec<String> {
     let pid = child.id().unwrap();
-    std::fs::read_dir(format!("/proc/{pid}/task"))
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .count()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
 }
 
 #[tokio::test]
 async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
     let (backend_l, backend_addr) = listener().await;
-    for (workers, expected) in [(1, 1), (3, 3)] {
+    for (workers, expected) in [
+        (1, vec!["wsgate", "wsgate-log"]),
+        (
+            3,
+            vec!["wsgate", "wsgate-log", "wsgate-worker-1", "wsgate-worker-2"],
+        ),
+    ] {
         let (child, addr, _admin, _stderr) =
             spawn_wsgate(backend_addr, &format!("workers = {workers}")).await;
         // A WebSocket relayed end to end: the single thread does all the work.
@@ -151,7 +161,8 @@ async fn workers_sets_the_thread_count_and_one_worker_is_one_thread() {
         assert_eq!(b.recv().await.payload, b"one thread");
         b.send(TEXT, b"back").await;
         assert_eq!(c.recv().await.payload, b"back");
-        // The main thread is worker 0; each other worker is one more thread.
+        // The main thread is worker 0; each other worker is one more thread; the log
+        // lines are written by a thread of their own.
         assert_eq!(threads(&child), expected, "workers = {workers}");
     }
 }

@@ -229,3 +229,25 @@ async fn wsgate_drain_says_when_nothing_listens() {
     assert_eq!(out.status.code(), Some(69), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("POST /drain"));
 }
+
+#[tokio::test]
+async fn wsgate_drain_reaches_wsgate_through_a_file_that_no_longer_validates() {
+    let (_backend_l, backend_addr) = listener().await;
+    let (_child, _addr, admin, _log) = spawn_wsgate(backend_addr, "").await;
+    // A ConfigMap update the running wsgate refused: the preStop hook still drains it.
+    let broken = temp_file(
+        "broken.toml",
+        &format!("max_connections = -1\n[admin]\nlisten = \"{admin}\"\n"),
+    );
+    let out = within(
+        tokio::process::Command::new(BIN)
+            .args(["drain", "--wait", "--config"])
+            .arg(&broken)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("drained in"));
+    assert_eq!(http_get(admin, "/readyz").await.0, 503);
+}

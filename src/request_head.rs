@@ -1,0 +1,461 @@
+//! The first request on an HTTP/1.1 connection, read and looked at by hand.
+//!
+//! Most connections to wsgate carry exactly one request: a WebSocket upgrade. Served by
+//! hyper, each cost a connection state machine, a service call, the upgrade hand-off
+//! through a channel and a task for the relay — about a fifth of wsgate's user-space
+//! work per WebSocket. So the server reads the first head itself: when it is a plain
+//! WebSocket upgrade in a narrow, unambiguous shape ([`classify`]), the upgrade goes on
+//! in the same task and the relay runs there too; anything else — any other request,
+//! any doubt — goes to hyper with the bytes already read replayed in front of the
+//! stream ([`Replayed`]), so hyper sees the connection as if nobody had touched it.
+//!
+//! The shape accepted is stricter than hyper: `GET` of an origin-form target in
+//! HTTP/1.1, lines ending in CRLF, one `Host`, no `Content-Length` and no
+//! `Transfer-Encoding`, header names and values that the `http` crate accepts, the
+//! upgrade headers present. What does not fit is hyper's to judge; a test holds the
+//! fast path to accepting only requests hyper accepts the same way.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::upgrade;
+
+/// Header lines the fast path looks at; a request with more goes to hyper.
+const MAX_HEADERS: usize = 64;
+
+/// Bytes read at once while waiting for the head; an upgrade request is a few hundred.
+const READ_CHUNK: usize = 2048;
+
+/// What the start of a connection is.
+// One exists at a time, briefly, in the task reading the head: boxing the request would
+// cost an allocation per WebSocket to save stack bytes nobody misses.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Classified {
+    /// A plain WebSocket upgrade, `head_len` bytes long.
+    Upgrade {
+        request: Request<()>,
+        head_len: usize,
+    },
+    /// The head is not complete yet.
+    Incomplete,
+    /// Something for hyper.
+    Other,
+}
+
+/// Looks at the bytes a connection started with.
+pub fn classify(buf: &[u8]) -> Classified {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Classified::Incomplete,
+        Err(_) => return Classified::Other,
+    };
+    match upgrade_request(&parsed, &buf[..head_len]) {
+        Some(request) => Classified::Upgrade { request, head_len },
+        None => Classified::Other,
+    }
+}
+
+/// The request, if it is a WebSocket upgrade in the shape the fast path takes.
+fn upgrade_request(parsed: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Request<()>> {
+    if parsed.method != Some("GET") || parsed.version != Some(1) {
+        return None;
+    }
+    // Origin-form only: absolute-form and the rest are hyper's to interpret.
+    let target = parsed.path.filter(|p| p.starts_with('/'))?;
+    // Every line ends in CRLF: httparse also takes a bare LF, which proxies in front of
+    // wsgate may read differently.
+    if head
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    {
+        return None;
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = Method::GET;
+    *request.version_mut() = Version::HTTP_11;
+    *request.uri_mut() = target.parse::<Uri>().ok()?;
+    let headers = request.headers_mut();
+    headers.reserve(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        headers.append(name, value);
+    }
+    // A body has no place in an upgrade request, and its framing headers are where
+    // request smuggling hides.
+    if headers.contains_key(header::CONTENT_LENGTH)
+        || headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.get_all(header::HOST).iter().count() != 1
+    {
+        return None;
+    }
+    upgrade::is_websocket_upgrade(&request).then_some(request)
+}
+
+/// How the first request of a connection came.
+// As for `Classified`: one at a time, briefly.
+#[allow(clippy::large_enum_variant)]
+pub enum FirstRequest {
+    /// A plain WebSocket upgrade, and the bytes the client sent behind it.
+    Upgrade {
+        request: Request<()>,
+        /// The request's own bytes, for hyper if wsgate answers it with an error.
+        head: Bytes,
+        rest: Bytes,
+    },
+    /// Anything else: the bytes read so far, for hyper.
+    Other(Bytes),
+    /// The client closed, failed, or sent no complete head within the time allowed.
+    Gone,
+}
+
+/// Reads until the first request's head is complete (at most `max_head` bytes, within
+/// `timeout`) or it is clearly not for the fast path.
+pub async fn read_first<S>(stream: &mut S, max_head: usize, timeout: Duration) -> FirstRequest
+where
+    S: AsyncRead + Unpin,
+{
+    let read = async {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            if buf.capacity() == buf.len() {
+                buf.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::read_buf(stream, &mut buf).await {
+                Ok(0) if buf.is_empty() => return FirstRequest::Gone,
+                // Closed mid-head: hyper answers that as it always does.
+                Ok(0) => return FirstRequest::Other(buf.freeze()),
+                Ok(_) => {}
+                Err(_) => return FirstRequest::Gone,
+            }
+            match classify(&buf) {
+                Classified::Incomplete if buf.len() <= max_head => continue,
+                Classified::Incomplete | Classified::Other => {
+                    return FirstRequest::Other(buf.freeze());
+                }
+                Classified::Upgrade { head_len, .. } if head_len > max_head => {
+                    return FirstRequest::Other(buf.freeze());
+                }
+                Classified::Upgrade { request, head_len } => {
+                    let rest = buf.split_off(head_len).freeze();
+                    return FirstRequest::Upgrade {
+                        request,
+                        head: buf.freeze(),
+                        rest,
+                    };
+                }
+            }
+        }
+    };
+    // hyper would close a connection whose head takes longer (`header_read_timeout`).
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(FirstRequest::Gone)
+}
+
+/// A stream whose first bytes were already read: reads return those first, then the
+/// stream's own. Writes go to the stream.
+#[derive(Debug)]
+pub struct Replayed<S> {
+    read: Bytes,
+    stream: S,
+}
+
+impl<S> Replayed<S> {
+    pub fn new(read: Bytes, stream: S) -> Self {
+        Replayed { read, stream }
+    }
+
+    /// The stream, and what of the replayed bytes was not read yet.
+    pub fn into_parts(self) -> (S, Bytes) {
+        (self.stream, self.read)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    const UPGRADE: &str = "GET /ws?q=1 HTTP/1.1\r\nHost: dash.example\r\nConnection: keep-alive, Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[test]
+    fn a_plain_upgrade_is_taken_with_what_follows_it_and_the_rest_is_not() {
+        let mut bytes = UPGRADE.as_bytes().to_vec();
+        bytes.extend_from_slice(b"\x81\x80frame");
+        let Classified::Upgrade { request, head_len } = classify(&bytes) else {
+            panic!("not taken")
+        };
+        assert_eq!(head_len, UPGRADE.len());
+        assert_eq!(request.uri(), "/ws?q=1");
+        assert_eq!(request.headers()["host"], "dash.example");
+        assert!(matches!(classify(&bytes[..40]), Classified::Incomplete));
+        for other in [
+            UPGRADE.replace("GET", "POST"),
+            UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
+            UPGRADE.replace("/ws?q=1", "http://dash.example/ws"),
+            UPGRADE.replace("Upgrade: websocket", "Upgrade: h2c"),
+            UPGRADE.replace("Host: dash.example\r\n", ""),
+            UPGRADE.replace("Host: dash.example", "Host: a\r\nHost: b"),
+            UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n"),
+            UPGRADE.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            UPGRADE.replace("Upgrade: websocket\r\n", "Upgrade: websocket\n"),
+            UPGRADE.replace("Upgrade: websocket\r\n", "Upgrade:\r\n websocket\r\n"),
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
+        ] {
+            assert!(
+                matches!(classify(other.as_bytes()), Classified::Other),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_stream_reads_its_prefix_first() {
+        let (mut near, far) = tokio::io::duplex(64);
+        let mut replayed = Replayed::new(Bytes::from_static(b"first "), far);
+        near.write_all(b"then").await.unwrap();
+        drop(near);
+        let mut all = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut replayed, &mut all)
+            .await
+            .unwrap();
+        assert_eq!(all, "first then");
+    }
+
+    /// The request hyper's HTTP/1.1 server makes of `bytes`, if it accepts them.
+    fn hyper_reads(bytes: &[u8]) -> Option<Request<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let seen = Arc::new(Mutex::new(None));
+            let record = seen.clone();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (parts, _) = req.into_parts();
+                *record.lock().unwrap() = Some(Request::from_parts(parts, ()));
+                async {
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<Bytes>::new()))
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+            client.write_all(bytes).await.unwrap();
+            client.shutdown().await.unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            seen.lock().unwrap().take()
+        })
+    }
+
+    /// Header lines the generator picks from: the upgrade's own, ordinary ones, and the
+    /// shapes behind request smuggling and parser disagreements.
+    fn header_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("Host: dash.example".to_string()),
+            Just("Host: other.example".to_string()),
+            Just("Connection: Upgrade".to_string()),
+            Just("Connection: keep-alive, upgrade".to_string()),
+            Just("Connection: close".to_string()),
+            Just("Upgrade: websocket".to_string()),
+            Just("Upgrade: WebSocket".to_string()),
+            Just("Upgrade: h2c".to_string()),
+            Just("Sec-WebSocket-Version: 13".to_string()),
+            Just("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==".to_string()),
+            Just("Cookie: a=b".to_string()),
+            Just("Content-Length: 0".to_string()),
+            Just("Content-Length: 5".to_string()),
+            Just("content-length: 5".to_string()),
+            Just("Transfer-Encoding: chunked".to_string()),
+            Just("Transfer-Encoding: chunked, identity".to_string()),
+            Just(" folded continuation".to_string()),
+            Just("\tfolded continuation".to_string()),
+            Just("X-Bad\x01: value".to_string()),
+            Just("X-Ctl: a\x7fb".to_string()),
+            Just("X-Space : value".to_string()),
+            Just(": no name".to_string()),
+            Just("No-Colon".to_string()),
+            Just("X-Utf8: caf\u{e9}".to_string()),
+            "[A-Za-z-]{1,12}: [ -~]{0,20}",
+        ]
+    }
+
+    fn request_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop_oneof![
+            12 => Just("GET"),
+            1 => Just("POST"),
+            1 => Just("get"),
+            1 => Just("CONNECT"),
+        ];
+        let target = prop_oneof![
+            12 => Just("/ws"),
+            1 => Just("/a b"),
+            1 => Just("http://dash.example/ws"),
+            1 => Just("*"),
+            1 => Just("//x"),
+            1 => Just("/ws?x=%00"),
+        ];
+        let version = prop_oneof![
+            12 => Just("HTTP/1.1"),
+            1 => Just("HTTP/1.0"),
+            1 => Just("HTTP/2.0"),
+            1 => Just("http/1.1"),
+        ];
+        // Each line ends in CRLF, or sometimes in a bare LF. Most requests start from a
+        // valid upgrade's lines, so that the rest decides.
+        let extra = prop::collection::vec((header_line(), prop::bool::weighted(0.9)), 0..4);
+        let lines = (prop::bool::weighted(0.7), extra)
+            .prop_map(|(upgrade, extra)| {
+                let mut lines: Vec<(String, bool)> = if upgrade {
+                    UPGRADE
+                        .trim_end()
+                        .lines()
+                        .skip(1)
+                        .map(|l| (l.trim_end().to_string(), true))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                lines.extend(extra);
+                lines
+            })
+            .prop_shuffle();
+        // Bytes behind the head: nothing, a frame, or a second, pipelined request.
+        let behind = prop_oneof![
+            Just(String::new()),
+            Just("\u{81}\u{80}abcd".to_string()),
+            Just("GET /second HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
+            Just("hello".to_string()),
+        ];
+        (
+            method,
+            target,
+            version,
+            prop::bool::weighted(0.9),
+            lines,
+            behind,
+        )
+            .prop_map(|(method, target, version, crlf, lines, behind)| {
+                let eol = |crlf: bool| if crlf { "\r\n" } else { "\n" };
+                let mut s = format!("{method} {target} {version}{}", eol(crlf));
+                for (line, crlf) in lines {
+                    s.push_str(&line);
+                    s.push_str(eol(crlf));
+                }
+                s.push_str("\r\n");
+                s.push_str(&behind);
+                s.into_bytes()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Whatever the bytes, the fast path either leaves them to hyper or takes exactly
+        /// the request hyper would have read, as an upgrade hyper would have seen too.
+        #[test]
+        fn the_fast_path_takes_only_what_hyper_takes_the_same_way(bytes in request_bytes()) {
+            if let Classified::Upgrade { request, head_len } = classify(&bytes) {
+                let head = &bytes[..head_len];
+                // None of the smuggling shapes got through.
+                let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+                prop_assert!(!text.contains("content-length"));
+                prop_assert!(!text.contains("transfer-encoding"));
+                prop_assert!(!text.contains("\n ") && !text.contains("\n\t"));
+                prop_assert!(head.starts_with(b"GET /"));
+                let theirs = hyper_reads(head);
+                prop_assert!(theirs.is_some(), "hyper refused what the fast path took");
+                let theirs = theirs.unwrap();
+                prop_assert_eq!(theirs.method(), request.method());
+                prop_assert_eq!(theirs.uri(), request.uri());
+                prop_assert_eq!(theirs.version(), request.version());
+                prop_assert_eq!(theirs.headers(), request.headers());
+                prop_assert!(upgrade::is_websocket_upgrade(&theirs));
+            }
+        }
+    }
+
+    #[test]
+    fn the_generator_produces_upgrades_the_fast_path_takes() {
+        // The property above means little if the fast path never takes anything.
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = request_bytes();
+        let taken = (0..2000)
+            .filter(|_| {
+                let bytes = strategy.new_tree(&mut runner).unwrap().current();
+                matches!(classify(&bytes), Classified::Upgrade { .. })
+            })
+            .count();
+        println!("{taken} of 2000 generated requests taken by the fast path");
+        assert!(
+            taken > 200,
+            "only {taken} of 2000 generated requests were taken"
+        );
+    }
+}
