@@ -1,0 +1,289 @@
+// wsgate's admin page: polls the admin JSON endpoints once a second and draws them.
+// No framework and no inline code (the page's CSP is default-src 'self'); every value
+// from the server goes into the DOM as text, never as HTML.
+"use strict";
+
+const OUTCOMES = ["client_close", "backend_close", "close_timeout", "client_gone",
+  "client_unresponsive", "client_stalled", "backend_gone", "backend_unresponsive",
+  "idle_timeout", "max_lifetime", "shutdown", "protocol_error", "admin_close"];
+// How an ending came about: a side sent Close; wsgate ended it on purpose; wsgate had to
+// detect a peer that vanished or went silent; the peer broke the protocol.
+const KIND = {
+  client_close: "clean", backend_close: "clean",
+  idle_timeout: "policy", max_lifetime: "policy", shutdown: "policy", admin_close: "policy",
+  protocol_error: "error",
+};
+const kind = (o) => "k-" + (KIND[o] || "detected");
+
+const $ = (id) => document.getElementById(id);
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = String(text);
+  return e;
+}
+const td = (cls, ...kids) => { const c = el("td", cls); c.append(...kids); return c; };
+
+const num = (n) => (n == null ? "—" : Number(n).toLocaleString("en-US"));
+function bytes(n) {
+  if (n == null) return "—";
+  const u = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+// Short durations (release times, RTTs): µs, ms or s with about three digits.
+function dur(s) {
+  if (s == null || !isFinite(s)) return "—";
+  const f = (v, unit) => parseFloat(v.toPrecision(3)) + " " + unit;
+  if (s < 1e-3) return f(s * 1e6, "µs");
+  if (s < 1) return f(s * 1e3, "ms");
+  if (s < 60) return f(s, "s");
+  return age(s);
+}
+// Long durations (ages, uptime): "12 s", "4 m 05 s", "3 h 12 m", "2 d 3 h".
+function age(s) {
+  if (s == null || !isFinite(s)) return "—";
+  s = Math.max(0, Math.floor(s));
+  const p = (n) => String(n).padStart(2, "0");
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " m " + p(s % 60) + " s";
+  if (s < 86400) return Math.floor(s / 3600) + " h " + p(Math.floor(s / 60) % 60) + " m";
+  return Math.floor(s / 86400) + " d " + Math.floor(s / 3600) % 24 + " h";
+}
+const secsAgo = (s) => (s == null ? "never" : s < 10 ? s.toFixed(1) + " s ago" : age(s) + " ago");
+const hms = (d) => [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+
+let paused = false, timer = null, summary = null, filter = "", busy = false, updated = null;
+try { filter = localStorage.getItem("wsgate-outcome") || ""; } catch { /* storage off */ }
+
+async function getJSON(url) {
+  let res;
+  try { res = await fetch(url, { cache: "no-store" }); } catch (e) { throw new Error(url + ": " + e.message); }
+  if (!res.ok) throw new Error(url + ": HTTP " + res.status + " " + (await res.text()).trim().slice(0, 200));
+  return res.json();
+}
+
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  const recentUrl = "connections/recent" + (filter ? "?outcome=" + encodeURIComponent(filter) : "");
+  const got = await Promise.allSettled([getJSON("summary"), getJSON("connections"), getJSON(recentUrl)]);
+  busy = false;
+  const errors = got.filter((r) => r.status === "rejected").map((r) => r.reason.message || String(r.reason));
+  const draw = [drawSummary, drawOpen, drawRecent];
+  got.forEach((r, i) => {
+    if (r.status !== "fulfilled") return;
+    try { draw[i](r.value); } catch (e) { errors.push("unexpected data: " + e.message); }
+  });
+  const banner = $("error");
+  banner.hidden = !errors.length;
+  banner.textContent = errors.length ? "Cannot refresh (still trying every second): " + errors.join("; ") : "";
+  if (!errors.length) updated = new Date();
+  showUpdated();
+}
+function showUpdated() {
+  $("updated").textContent = (updated ? "updated " + hms(updated) : "not updated yet") + (paused ? " · paused" : "");
+}
+
+function drawSummary(s) {
+  summary = s;
+  $("version").textContent = "v" + s.version;
+  $("uptime").textContent = "up " + age(s.uptime_seconds);
+  $("draining").hidden = !s.draining;
+  $("open-count").textContent = num(s.open_websockets) + " open of max " + num(s.max_connections);
+  $("ping").textContent = s.ping_interval_seconds == null ? "liveness pings off" : "ping every " + dur(s.ping_interval_seconds);
+  const r = s.release_seconds || {};
+  const win = r.window_seconds % 60 ? age(r.window_seconds) : r.window_seconds / 60 + " min";
+  $("release").textContent = "release time, last " + win + " (" + num(r.count) +
+    (r.count === 1 ? " ending" : " endings") + "): p50 " + (r.count ? dur(r.p50) : "—") + " · p99 " + (r.count ? dur(r.p99) : "—");
+  $("drain").hidden = !s.viewer_may_drain || s.draining;
+  if (s.draining) $("drain-confirm").hidden = true;
+
+  const ended = s.ended_by_outcome || {};
+  const names = OUTCOMES.concat(Object.keys(ended).filter((k) => !OUTCOMES.includes(k)));
+  $("totals").replaceChildren(...names.map((o) => {
+    const n = ended[o] || 0;
+    const chip = el("span", "chip " + kind(o) + (n ? "" : " zero"));
+    chip.dataset.outcome = o;
+    chip.append(el("b", null, num(n)), " " + o);
+    return chip;
+  }));
+  const select = $("outcome-filter");
+  if (select.options.length < names.length + 1) {
+    select.replaceChildren(el("option", null, "all"), ...names.map((o) => el("option", null, o)));
+    select.options[0].value = "";
+    select.value = filter;
+    if (select.value !== filter) filter = "";
+  }
+}
+
+const FLAG_ORDER = ["client_not_answering", "backend_not_answering", "client_silent", "closing"];
+function flagText(f, c) {
+  const c2b = c.client_to_backend || {}, b2c = c.backend_to_client || {};
+  const heard = (d) => (d.seconds_since_last_frame == null ? "" : ", last heard " + secsAgo(d.seconds_since_last_frame));
+  switch (f) {
+    case "client_silent": return (c2b.seconds_since_last_data == null ? "client sent no data" : "client silent " +
+      age(c2b.seconds_since_last_data)) + " while the backend streams";
+    case "client_not_answering": return "client not answering wsgate's Ping" + heard(c2b);
+    case "backend_not_answering": return "backend not answering wsgate's Ping" + heard(b2c);
+    case "closing": return "closing handshake" + (c.outcome ? ": " + c.outcome : "");
+    default: return f.replace(/_/g, " ");
+  }
+}
+
+function direction(d) {
+  d = d || {};
+  const cell = td("dir", bytes(d.bytes) + " · " + num(d.frames) + " fr");
+  const last = d.seconds_since_last_data !== undefined ? d.seconds_since_last_data : d.seconds_since_last_frame;
+  cell.append(el("div", "sub", "data " + secsAgo(last)));
+  return cell;
+}
+
+function drawOpen(conns) {
+  const flagged = (c) => (c.flags && c.flags.length ? 0 : 1);
+  conns.sort((a, b) => flagged(a) - flagged(b) || a.id - b.id);
+  const mayClose = summary && summary.viewer_may_close;
+  const rows = conns.map((c) => {
+    const tr = el("tr");
+    tr.dataset.id = c.id;
+    const rank = (f) => (FLAG_ORDER.includes(f) ? FLAG_ORDER.indexOf(f) : 99);
+    const flags = (c.flags || []).slice().sort((a, b) => rank(a) - rank(b));
+    if (flags.length) tr.className = "flagged " + flags.map((f) => "f-" + f).join(" ");
+    const who = td("who", c.client);
+    who.append(el("div", "sub", c.path + " · worker " + c.worker));
+    const state = c.state === "closing" ? "closing" + (c.outcome ? ": " + c.outcome : "") : c.state;
+    const chips = td("flags", ...flags.map((f) => el("span", "flag f-" + f, flagText(f, c))));
+    const action = td("act");
+    if (mayClose && c.state !== "closing") {
+      const b = el("button", "small", "Close…");
+      b.type = "button";
+      b.addEventListener("click", () => askClose(c));
+      action.append(b);
+    }
+    tr.append(td("num", c.id), who, td("num", age(c.age_seconds)), td(c.outcome ? kind(c.outcome) : "", state),
+      direction(c.client_to_backend), direction(c.backend_to_client),
+      td("num", dur(c.client_ping_rtt_seconds) + " / " + dur(c.backend_ping_rtt_seconds)), chips, action);
+    return tr;
+  });
+  if (!rows.length) rows.push(empty(9, "No open WebSockets."));
+  $("open").tBodies[0].replaceChildren(...rows);
+  const n = conns.filter((c) => c.flags && c.flags.length).length;
+  $("open-note").textContent = "· " + conns.length + (n ? ", " + n + " flagged" : "");
+}
+
+function empty(span, text) {
+  const c = td("empty", text);
+  c.colSpan = span;
+  const tr = el("tr");
+  tr.append(c);
+  return tr;
+}
+
+// A Close code as sent or received; "(wsgate)" when wsgate made that Close itself.
+function code(cls, v, own) {
+  const c = td(cls + (v == null ? " none" : ""), v == null ? "—" : v);
+  if (v != null && own === v) {
+    c.append(el("span", "by-wsgate", " (wsgate)"));
+    c.title = "wsgate sent this Close itself";
+  }
+  return c;
+}
+
+function drawRecent(list) {
+  const now = Date.now() / 1000;
+  const shown = list.filter((r) => !filter || r.outcome === filter);
+  const rows = shown.map((r) => {
+    const tr = el("tr");
+    tr.dataset.id = r.id;
+    tr.dataset.outcome = r.outcome;
+    const who = td("who", r.client);
+    who.append(el("div", "sub", r.path));
+    const ended = td("num", secsAgo(Math.max(0, now - r.ended_at)));
+    ended.title = new Date(r.ended_at * 1000).toLocaleString();
+    const flow = (d) => td("num", bytes((d || {}).bytes) + " · " + num((d || {}).frames) + " fr");
+    tr.append(td("num", r.id), who, td("outcome", el("span", "tag " + kind(r.outcome), r.outcome)), ended,
+      td("num", dur(r.duration_seconds)), td("num release", dur(r.release_seconds)),
+      code("client-sent", r.client_sent_code), code("client-got", r.client_received_code, r.wsgate_to_client_code),
+      code("backend-sent", r.backend_sent_code), code("backend-got", r.backend_received_code, r.wsgate_to_backend_code),
+      flow(r.client_to_backend), flow(r.backend_to_client));
+    return tr;
+  });
+  if (!rows.length) rows.push(empty(12, filter ? "No recent " + filter + " endings." : "No connection has ended yet."));
+  $("recent").tBodies[0].replaceChildren(...rows);
+  $("recent-note").textContent = "· newest first, " + shown.length + (filter ? " " + filter : "");
+}
+
+// The Close dialog for one connection.
+let closing = null;
+function askClose(c) {
+  closing = c;
+  $("close-title").textContent = "Close connection #" + c.id + " (" + c.client + " " + c.path + ")";
+  $("close-error").hidden = true;
+  $("close-dialog").showModal();
+  $("close-code").focus();
+}
+const sendable = (n) => Number.isInteger(n) && ((n >= 1000 && n <= 1003) || (n >= 1007 && n <= 1014) || (n >= 3000 && n <= 4999));
+async function sendClose(ev) {
+  ev.preventDefault();
+  const err = $("close-error");
+  const show = (t) => { err.textContent = t; err.hidden = false; };
+  const codeValue = Number($("close-code").value);
+  const reason = $("close-reason").value;
+  if (!sendable(codeValue)) return show("Code " + $("close-code").value + " cannot be sent: use 1000–1003, 1007–1014 or 3000–4999.");
+  if (new TextEncoder().encode(reason).length > 123) return show("The reason is longer than 123 bytes.");
+  try {
+    const res = await fetch("connections/" + encodeURIComponent(closing.id) + "/close", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ code: codeValue, reason }),
+    });
+    if (!res.ok) return show("wsgate answered " + res.status + ": " + (await res.text()).trim());
+    $("close-dialog").close();
+    refresh();
+  } catch (e) {
+    show("Request failed: " + e.message);
+  }
+}
+
+async function startDrain() {
+  const out = $("drain-result");
+  $("drain-confirm").hidden = true;
+  out.hidden = false;
+  out.textContent = "starting the drain…";
+  try {
+    const res = await fetch("drain", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+    const text = await res.text();
+    if (!res.ok) { out.textContent = "wsgate answered " + res.status + ": " + text.trim(); return; }
+    let s = {};
+    try { s = JSON.parse(text); } catch { /* keep the defaults */ }
+    out.textContent = "Drain started: " + num(s.open_websockets) + " WebSockets open, closing within " + dur(s.spread_seconds) + "; deadline in " + dur(s.seconds_to_deadline) + ".";
+  } catch (e) {
+    out.textContent = "Request failed: " + e.message;
+  }
+  refresh();
+}
+
+function schedule() {
+  clearTimeout(timer);
+  if (!paused) timer = setTimeout(() => refresh().finally(schedule), 1000);
+}
+
+$("pause").addEventListener("click", () => {
+  paused = !paused;
+  $("pause").textContent = paused ? "Resume" : "Pause";
+  $("pause").classList.toggle("on", paused);
+  showUpdated();
+  if (paused) clearTimeout(timer);
+  else refresh().finally(schedule);
+});
+$("outcome-filter").addEventListener("change", (e) => {
+  filter = e.target.value;
+  try { localStorage.setItem("wsgate-outcome", filter); } catch { /* storage off */ }
+  refresh();
+});
+$("drain").addEventListener("click", () => { $("drain-confirm").hidden = false; });
+$("drain-no").addEventListener("click", () => { $("drain-confirm").hidden = true; });
+$("drain-go").addEventListener("click", startDrain);
+$("close-form").addEventListener("submit", sendClose);
+$("close-cancel").addEventListener("click", () => $("close-dialog").close());
+refresh().finally(schedule);
