@@ -96,6 +96,9 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
             );
             resp
         }
+        (&Method::GET, [""]) => page(PAGE, "text/html; charset=utf-8"),
+        (&Method::GET, ["admin.js"]) => page(SCRIPT, "text/javascript; charset=utf-8"),
+        (&Method::GET, ["admin.css"]) => page(STYLE, "text/css; charset=utf-8"),
         (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok"),
         (&Method::GET, ["readyz"]) if gate.is_ready() => text(StatusCode::OK, "ready"),
         (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -112,7 +115,7 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
         (&Method::GET, ["drain"]) => json(StatusCode::OK, &gate.drain.status(&gate.live)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /livez, /readyz, /connections or /drain",
+            "not found: try /, /metrics, /livez, /readyz, /connections, /connections/recent, /summary or /drain",
         ),
     }
 }
@@ -260,9 +263,38 @@ async fn close(gate: &Gate, id: &str, req: Request<Incoming>) -> Response<Body> 
     }
 }
 
+/// The admin page (`GET /`): one page, its script and its style, in the binary. The
+/// JSON endpoints are its API; it polls them every second.
+const PAGE: &str = include_str!("admin/index.html");
+const SCRIPT: &str = include_str!("admin/admin.js");
+const STYLE: &str = include_str!("admin/admin.css");
+
+/// Nothing but the page's own files: no inline code, nothing fetched elsewhere, never
+/// framed by another page.
+const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
+
+fn page(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(PAGE_POLICY),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{body}\n")));
     *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -270,10 +302,13 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| e.to_string().into_bytes());
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // The page polls every second: always the state of now.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

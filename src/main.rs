@@ -29,7 +29,7 @@ struct Cli {
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
     /// Listen address; overrides `listen` in the file.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     listen: Option<String>,
     /// Backend URL (http://host:port); overrides `backend` in the file.
     #[arg(long, value_name = "URL")]

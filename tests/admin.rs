@@ -214,3 +214,25 @@ async fn the_admin_api_is_not_served_on_the_proxy_port() {
         assert_eq!(body, b"backend", "{path} came from wsgate, not the backend");
     }
 }
+
+#[tokio::test]
+async fn the_admin_page_is_served_with_a_strict_policy() {
+    let (gate, _backend_l) = gate_with(|_| {}).await;
+    for (path, kind, needle) in [
+        ("/", "text/html", "wsgate admin"),
+        ("/admin.js", "text/javascript", "summary"),
+        ("/admin.css", "text/css", "{"),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (head, body) = http_raw(gate.admin, &request).await;
+        assert_eq!(status(&head), 200, "{path}");
+        assert!(
+            header(&head, "content-type").unwrap().starts_with(kind),
+            "{head}"
+        );
+        let policy = header(&head, "content-security-policy").unwrap();
+        assert!(policy.starts_with("default-src 'self'"), "{policy}");
+        assert!(!policy.contains("unsafe-inline"), "{policy}");
+        assert!(String::from_utf8_lossy(&body).contains(needle), "{path}");
+    }
+}
