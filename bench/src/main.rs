@@ -8,14 +8,17 @@
 //! - `load`: the load generator, one mode per measurement; it prints `START`/`END`
 //!   (or `OPEN`) markers and one `RESULT {json}` line on stdout;
 //! - `run`: starts the echo backend and each proxy on free loopback ports, runs every
-//!   measurement against every target, interleaved and repeated, samples the proxy's
-//!   CPU time and memory from `/proc`, and prints a markdown table.
+//!   measurement against every target, interleaved and repeated, samples the CPU time
+//!   of the proxy, the echo backend and the load generator, and the proxy's memory,
+//!   from `/proc`, scrapes wsgate's `/metrics` while it runs, and prints a markdown
+//!   table.
 
 mod echo;
 mod load;
 mod procfs;
 mod report;
 mod run;
+mod scrape;
 mod stats;
 mod targets;
 mod ws;

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
+use crate::scrape::Scrapes;
 use crate::stats::Spread;
 use crate::targets::Target;
 
@@ -20,18 +21,20 @@ pub struct Metric {
 /// Every figure of every round, by metric and target, and notes for the reader.
 #[derive(Default)]
 pub struct Results {
-    values: BTreeMap<&'static str, BTreeMap<Target, Vec<f64>>>,
+    values: BTreeMap<String, BTreeMap<Target, Vec<f64>>>,
     /// Free-form observations, deduplicated (e.g. what the backend received).
     pub observations: BTreeSet<String>,
     /// Problems: errors during a run, skipped runs.
     pub problems: Vec<String>,
+    /// Scrapes of each wsgate's `/metrics`, over all its runs.
+    pub scrapes: BTreeMap<Target, Scrapes>,
 }
 
 impl Results {
-    pub fn record(&mut self, key: &'static str, target: Target, value: f64) {
+    pub fn record(&mut self, key: &str, target: Target, value: f64) {
         if value.is_finite() {
             self.values
-                .entry(key)
+                .entry(key.to_string())
                 .or_default()
                 .entry(target)
                 .or_default()

@@ -1,7 +1,8 @@
 //! `run`: the orchestrator. Starts the echo backend, then for every round, every
 //! measurement and every target (in an order rotated each round) starts a fresh proxy,
-//! runs a load generator process against it, samples the proxy's CPU time and memory
-//! from /proc, stops the proxy; finally prints the table.
+//! runs a load generator process against it, samples the CPU time of the proxy and of
+//! its peers (the echo backend, the load generator) and the proxy's memory from /proc,
+//! stops the proxy; finally prints the table.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -52,12 +53,15 @@ pub struct RunArgs {
     /// Unmeasured traffic before each timed run.
     #[arg(long, value_parser = crate::parse_duration, default_value = "500ms")]
     warmup: Duration,
-    /// Targets, in the order of the table (missing nginx/HAProxy are skipped).
+    /// Targets, in the order of the table (missing nginx/HAProxy are skipped). The
+    /// headline is `wsgate` (its default configuration) against nginx and HAProxy;
+    /// `wsgate-lean` (pings, admin listener and per-connection log lines off) is an
+    /// extra column.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,wsgate,wsgate-1,nginx,haproxy"
+        default_value = "direct,wsgate,wsgate-1,nginx,haproxy,wsgate-lean"
     )]
     targets: Vec<Target>,
     /// Measurements to run.
@@ -111,6 +115,8 @@ struct Ctx<'a> {
     tools: Tools,
     tmp: PathBuf,
     backend: SocketAddr,
+    /// The echo backend's process, whose CPU time is sampled with the proxy's.
+    backend_pid: u32,
     ticks_per_second: f64,
     runs: usize,
 }
@@ -173,6 +179,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         // for 40,017) and refuses to start when the hard limit is lower: keep maxconn
         // within what the limit allows.
         haproxy_maxconn: 20_000u64.min(nofile.saturating_sub(100) / 2),
+        nofile,
     };
     let mut run_targets = Vec::new();
     for &t in &args.targets {
@@ -222,6 +229,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         tools,
         tmp: tmp.clone(),
         backend: backend_addr,
+        backend_pid: backend.child.id(),
         ticks_per_second: procfs::clock_ticks_per_second(),
         runs: 0,
     };
@@ -298,12 +306,9 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
 /// Runs one measurement against one target and records its figures.
 fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> Result<(), String> {
     ctx.runs += 1;
-    let dir = ctx.tmp.join(format!(
-        "{:03}-{}-{}",
-        ctx.runs,
-        m.name(),
-        t.name().to_lowercase().replace(' ', "-")
-    ));
+    let dir = ctx
+        .tmp
+        .join(format!("{:03}-{}-{}", ctx.runs, m.name(), t.id()));
     let a = ctx.args;
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let timed_limit = a.warmup + a.duration + Duration::from_secs(60);
@@ -334,37 +339,42 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
                 &ms(a.warmup),
             ];
             let run = run_load(ctx, &load, proxy.as_ref(), timed_limit)?;
-            if let Some(p) = proxy.as_mut() {
-                p.stop();
-            }
+            stop(&mut proxy, results, m, t);
             let r = &run.result;
             check_errors(results, m, t, r);
             if r.messages == 0 {
                 return Err("no message completed".to_string());
             }
-            let key = |suffix: &str| -> &'static str { metric_key(m, suffix) };
+            let key = |suffix: &str| format!("{}.{suffix}", m.name());
             let rate = r.messages as f64 / r.window_s;
             match m {
                 Measurement::Bulk => results.record(
-                    key("rate"),
+                    &key("rate"),
                     t,
                     r.payload_bytes as f64 / r.window_s / (1 << 20) as f64,
                 ),
-                _ => results.record(key("rate"), t, rate),
+                _ => results.record(&key("rate"), t, rate),
             }
             if let Some(l) = &r.latency_us {
                 let scale = if m == Measurement::Churn { 1e-3 } else { 1.0 };
-                results.record(key("p50"), t, l.p50 * scale);
-                results.record(key("p99"), t, l.p99 * scale);
-                results.record(key("max"), t, l.max * scale);
+                results.record(&key("p50"), t, l.p50 * scale);
+                results.record(&key("p99"), t, l.p99 * scale);
+                results.record(&key("max"), t, l.max * scale);
             }
-            if let (Some(ticks), Some(wall)) = (run.cpu_ticks, run.window_wall_s) {
+            if let (Some(cpu), Some(wall)) = (run.cpu, run.window_wall_s) {
+                // Microseconds of CPU per message (per cycle for churn).
                 let per_op_us =
                     |ticks: u64| ticks as f64 / ctx.ticks_per_second * 1e6 / r.messages as f64;
-                let cpu_s = ticks.total() as f64 / ctx.ticks_per_second;
-                results.record(key("cpu"), t, per_op_us(ticks.total()));
-                results.record(key("cpu_kernel"), t, per_op_us(ticks.system));
-                results.record(key("cpu_pct"), t, cpu_s / wall * 100.0);
+                if proxy.is_some() {
+                    let cpu_s = cpu.proxy.total() as f64 / ctx.ticks_per_second;
+                    results.record(&key("cpu"), t, per_op_us(cpu.proxy.total()));
+                    results.record(&key("cpu_user"), t, per_op_us(cpu.proxy.user));
+                    results.record(&key("cpu_kernel"), t, per_op_us(cpu.proxy.system));
+                    results.record(&key("cpu_pct"), t, cpu_s / wall * 100.0);
+                }
+                results.record(&key("peers_cpu"), t, per_op_us(cpu.peers().total()));
+                results.record(&key("backend_cpu"), t, per_op_us(cpu.backend.total()));
+                results.record(&key("generator_cpu"), t, per_op_us(cpu.generator.total()));
             }
             if m == Measurement::Churn {
                 // Memory must not creep with connections that come and go: RSS at the
@@ -393,9 +403,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
             let limit =
                 Duration::from_secs(60) + Duration::from_millis(100) * a.release_count as u32;
             let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
-            if let Some(p) = proxy.as_mut() {
-                p.stop();
-            }
+            stop(&mut proxy, results, m, t);
             let r = &run.result;
             check_errors(results, m, t, r);
             if let Some(s) = &r.close_us {
@@ -436,9 +444,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
             ];
             let limit = Duration::from_secs(120) + Duration::from_millis(10) * n as u32;
             let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
-            if let Some(p) = proxy.as_mut() {
-                p.stop();
-            }
+            stop(&mut proxy, results, m, t);
             let r = &run.result;
             check_errors(results, m, t, r);
             if r.opened == 0 {
@@ -459,40 +465,6 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
 }
 
 /// The table's rows, in order; keys are `measurement.figure`.
-fn metric_key(m: Measurement, suffix: &str) -> &'static str {
-    match (m, suffix) {
-        (Measurement::Echo, "rate") => "echo.rate",
-        (Measurement::Echo, "p50") => "echo.p50",
-        (Measurement::Echo, "p99") => "echo.p99",
-        (Measurement::Echo, "max") => "echo.max",
-        (Measurement::Echo, "cpu") => "echo.cpu",
-        (Measurement::Echo, "cpu_kernel") => "echo.cpu_kernel",
-        (Measurement::Echo, "cpu_pct") => "echo.cpu_pct",
-        (Measurement::Bulk, "rate") => "bulk.rate",
-        (Measurement::Bulk, "p50") => "bulk.p50",
-        (Measurement::Bulk, "p99") => "bulk.p99",
-        (Measurement::Bulk, "max") => "bulk.max",
-        (Measurement::Bulk, "cpu") => "bulk.cpu",
-        (Measurement::Bulk, "cpu_kernel") => "bulk.cpu_kernel",
-        (Measurement::Bulk, "cpu_pct") => "bulk.cpu_pct",
-        (Measurement::Latency, "rate") => "latency.rate",
-        (Measurement::Latency, "p50") => "latency.p50",
-        (Measurement::Latency, "p99") => "latency.p99",
-        (Measurement::Latency, "max") => "latency.max",
-        (Measurement::Latency, "cpu") => "latency.cpu",
-        (Measurement::Latency, "cpu_kernel") => "latency.cpu_kernel",
-        (Measurement::Latency, "cpu_pct") => "latency.cpu_pct",
-        (Measurement::Churn, "rate") => "churn.rate",
-        (Measurement::Churn, "p50") => "churn.p50",
-        (Measurement::Churn, "p99") => "churn.p99",
-        (Measurement::Churn, "max") => "churn.max",
-        (Measurement::Churn, "cpu") => "churn.cpu",
-        (Measurement::Churn, "cpu_kernel") => "churn.cpu_kernel",
-        (Measurement::Churn, "cpu_pct") => "churn.cpu_pct",
-        _ => "other",
-    }
-}
-
 fn metrics(a: &RunArgs) -> Vec<Metric> {
     let row = |key, label: String, higher_is_better: bool| Metric {
         key,
@@ -530,11 +502,29 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
             "echo: proxy CPU per round trip (µs)".into(),
             false,
         ),
+        row(
+            "echo.cpu_user",
+            "echo: of that CPU, in user space (µs)".into(),
+            false,
+        ),
         info(
             "echo.cpu_kernel",
             "echo: of that CPU, in the kernel (µs)".into(),
         ),
         info("echo.cpu_pct", "echo: proxy CPU (% of one core)".into()),
+        row(
+            "echo.peers_cpu",
+            "echo: peers' CPU per round trip, echo backend + load generator (µs)".into(),
+            false,
+        ),
+        info(
+            "echo.backend_cpu",
+            "echo: of the peers' CPU, the echo backend's (µs)".into(),
+        ),
+        info(
+            "echo.generator_cpu",
+            "echo: of the peers' CPU, the load generator's (µs)".into(),
+        ),
         row(
             "bulk.rate",
             format!("bulk, 64 KiB, {b} conns: MiB/s echoed"),
@@ -567,9 +557,18 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         row("churn.p50", "churn: cycle p50 (ms)".into(), false),
         row("churn.p99", "churn: cycle p99 (ms)".into(), false),
         row("churn.cpu", "churn: proxy CPU per cycle (µs)".into(), false),
+        row(
+            "churn.cpu_user",
+            "churn: of that CPU, in user space (µs)".into(),
+            false,
+        ),
         info(
             "churn.cpu_kernel",
             "churn: of that CPU, in the kernel (µs)".into(),
+        ),
+        info(
+            "churn.peers_cpu",
+            "churn: peers' CPU per cycle, echo backend + load generator (µs)".into(),
         ),
         info("churn.cycles", "churn: cycles in the window".into()),
         absolute(
@@ -606,6 +605,37 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
     ]
 }
 
+/// Stops the proxy (if any) and notes what its stop found: failed scrapes of wsgate's
+/// `/metrics`, a proxy that had to be killed.
+fn stop(proxy: &mut Option<Proxy>, results: &mut Results, m: Measurement, t: Target) {
+    let Some(stopped) = proxy.as_mut().map(Proxy::stop) else {
+        return;
+    };
+    if let Some(s) = stopped.scrapes {
+        if s.failed > 0 {
+            results.problems.push(format!(
+                "{} via {}: {} of {} scrapes of /metrics failed (first: {})",
+                m.name(),
+                t.name(),
+                s.failed,
+                s.ok + s.failed,
+                s.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        let all = results.scrapes.entry(t).or_default();
+        all.ok += s.ok;
+        all.failed += s.failed;
+    }
+    if stopped.killed {
+        results.problems.push(format!(
+            "{} via {}: the proxy did not exit within {:?} of SIGTERM and was killed",
+            m.name(),
+            t.name(),
+            targets::STOP_TIMEOUT
+        ));
+    }
+}
+
 fn check_errors(results: &mut Results, m: Measurement, t: Target, r: &LoadResult) {
     if r.errors > 0 {
         results.problems.push(format!(
@@ -618,12 +648,48 @@ fn check_errors(results: &mut Results, m: Measurement, t: Target, r: &LoadResult
     }
 }
 
-/// What a load generator process reported, with the proxy's figures sampled at its
-/// markers.
+/// CPU time of the processes of a run, sampled together.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunCpu {
+    /// The proxy's processes (none for `direct`).
+    proxy: procfs::CpuTicks,
+    /// The echo backend.
+    backend: procfs::CpuTicks,
+    /// The load generator.
+    generator: procfs::CpuTicks,
+}
+
+impl RunCpu {
+    fn sample(proxy: &[u32], backend: u32, generator: u32) -> RunCpu {
+        RunCpu {
+            proxy: procfs::cpu_ticks(proxy),
+            backend: procfs::cpu_ticks(&[backend]),
+            generator: procfs::cpu_ticks(&[generator]),
+        }
+    }
+
+    fn since(self, earlier: RunCpu) -> RunCpu {
+        RunCpu {
+            proxy: self.proxy.since(earlier.proxy),
+            backend: self.backend.since(earlier.backend),
+            generator: self.generator.since(earlier.generator),
+        }
+    }
+
+    /// The peers of the proxy: the echo backend and the load generator together.
+    fn peers(self) -> procfs::CpuTicks {
+        procfs::CpuTicks {
+            user: self.backend.user + self.generator.user,
+            system: self.backend.system + self.generator.system,
+        }
+    }
+}
+
+/// What a load generator process reported, with the figures sampled at its markers.
 struct LoadRun {
     result: LoadResult,
-    /// Proxy CPU ticks between START and END.
-    cpu_ticks: Option<procfs::CpuTicks>,
+    /// CPU ticks between START and END.
+    cpu: Option<RunCpu>,
     window_wall_s: Option<f64>,
     /// Proxy RSS once every idle connection was open.
     rss_open_kib: Option<u64>,
@@ -668,31 +734,26 @@ fn run_load(
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut run = LoadRun {
         result: LoadResult::default(),
-        cpu_ticks: None,
+        cpu: None,
         window_wall_s: None,
         rss_open_kib: None,
         rss_window_kib: None,
     };
     let mut got_result = false;
-    let mut start: Option<(procfs::CpuTicks, u64, Instant)> = None;
+    let cpu = || RunCpu::sample(&pids, ctx.backend_pid, pid);
+    let mut start: Option<(RunCpu, u64, Instant)> = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
         match word {
-            "START" => {
-                start = Some((
-                    procfs::cpu_ticks(&pids),
-                    procfs::rss_kib(&pids),
-                    Instant::now(),
-                ));
-            }
+            "START" => start = Some((cpu(), procfs::rss_kib(&pids), Instant::now())),
             "END" => {
-                if let Some((ticks, rss, at)) = start
-                    && !pids.is_empty()
-                {
-                    run.cpu_ticks = Some(procfs::cpu_ticks(&pids).since(ticks));
+                if let Some((ticks, rss, at)) = start {
+                    run.cpu = Some(cpu().since(ticks));
                     run.window_wall_s = Some(at.elapsed().as_secs_f64());
-                    run.rss_window_kib = Some((rss, procfs::rss_kib(&pids)));
+                    if !pids.is_empty() {
+                        run.rss_window_kib = Some((rss, procfs::rss_kib(&pids)));
+                    }
                 }
             }
             "OPEN" => {
@@ -927,16 +988,26 @@ fn render(
         .collect();
     s.push_str(&format!("- load: {}\n", load.join(", ")));
     s.push_str(
-        "- proxies: wsgate with bench/wsgate.toml (pings off, admin off; `wsgate`: workers \
-         \"auto\", one thread per CPU; `wsgate 1 thread`: workers = 1), nginx with \
-         bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg (nbthread = CPUs)",
+        "- proxies: wsgate with bench/wsgate.toml, its defaults (liveness pings every 20 s, \
+         the admin listener on loopback with /metrics scraped once per second, INFO log with \
+         one line per connection to a file; `wsgate`: workers \"auto\", one thread per CPU; \
+         `wsgate 1 thread`: workers = 1)",
     );
+    if targets.contains(&Target::WsgateLean) {
+        s.push_str(&format!(
+            "; `{}`: the same with ping_interval \"0s\", no admin listener and RUST_LOG=warn",
+            Target::WsgateLean.name()
+        ));
+    }
     if targets.contains(&Target::WsgateBase) {
         s.push_str(
-            "; `wsgate base build`: the --wsgate-base binary with the same configuration \
-             (workers \"auto\")",
+            "; `wsgate base build`: the --wsgate-base binary with the configuration of `wsgate`",
         );
     }
+    s.push_str(
+        "; nginx with bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg \
+         (nbthread = CPUs); all three log one line per connection to a file",
+    );
     if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
         s.push_str(&format!(
             "; HAProxy maxconn {maxconn}, not 20000: it needs two descriptors per connection \
@@ -949,9 +1020,18 @@ fn render(
          (↑: higher is better, ↓: lower is better, ·: for information)\n\n",
     );
     s.push_str(&report::table(&metrics(a), targets, results));
-    if !results.observations.is_empty() {
+    let mut observed: Vec<String> = results.observations.iter().cloned().collect();
+    for (t, scrapes) in &results.scrapes {
+        observed.push(format!(
+            "{}: /metrics scraped {} times, once per second while it ran ({} failed)",
+            t.name(),
+            scrapes.ok + scrapes.failed,
+            scrapes.failed
+        ));
+    }
+    if !observed.is_empty() {
         s.push_str("\nObserved:\n");
-        for o in &results.observations {
+        for o in &observed {
             s.push_str(&format!("- {o}\n"));
         }
     }

@@ -9,6 +9,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use crate::procfs;
+use crate::scrape::{Scraper, Scrapes};
 
 const NGINX_TEMPLATE: &str = include_str!("../nginx.conf");
 const HAPROXY_TEMPLATE: &str = include_str!("../haproxy.cfg");
@@ -24,6 +25,10 @@ pub enum Target {
     /// CPU or less runs.
     #[value(name = "wsgate-1")]
     Wsgate1,
+    /// wsgate without what production adds: liveness pings off, admin listener off,
+    /// `RUST_LOG=warn` (no line per connection). An extra row for comparison.
+    #[value(name = "wsgate-lean")]
+    WsgateLean,
     /// Another wsgate build (`--wsgate-base`, e.g. the previous commit's) with the
     /// default configuration: a baseline, so the table gives each configuration's
     /// ratio to it, measured in the same run.
@@ -36,7 +41,19 @@ pub enum Target {
 impl Target {
     /// One of wsgate's configurations, as opposed to the baselines.
     pub fn is_wsgate(self) -> bool {
-        matches!(self, Target::Wsgate | Target::Wsgate1)
+        matches!(self, Target::Wsgate | Target::Wsgate1 | Target::WsgateLean)
+    }
+
+    /// Runs a wsgate binary (this build's or the base build's).
+    fn runs_wsgate(self) -> bool {
+        self.is_wsgate() || self == Target::WsgateBase
+    }
+
+    /// The name on the command line (`wsgate-lean`), for file names.
+    pub fn id(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_string())
     }
 
     pub fn name(self) -> &'static str {
@@ -44,6 +61,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Wsgate => "wsgate",
             Target::Wsgate1 => "wsgate 1 thread",
+            Target::WsgateLean => "wsgate lean (no pings, no log, no admin)",
             Target::WsgateBase => "wsgate base build",
             Target::Nginx => "nginx",
             Target::Haproxy => "HAProxy",
@@ -61,6 +79,8 @@ pub struct Tools {
     pub haproxy: Option<PathBuf>,
     /// HAProxy's maxconn, 20000 unless the open-file limit forbids it.
     pub haproxy_maxconn: u64,
+    /// The hard open-file limit, which every proxy gets.
+    pub nofile: u64,
 }
 
 /// Finds an executable on PATH or in the sbin directories (not always on PATH).
@@ -126,10 +146,24 @@ pub fn signal(pid: u32, signal: &str) {
         .status();
 }
 
+/// How long a proxy has to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running proxy. Stopped (SIGTERM, then SIGKILL to the whole tree) on drop.
 pub struct Proxy {
     pub listen: SocketAddr,
     child: Child,
+    /// Scraping wsgate's `/metrics` while it runs (no admin listener: `None`).
+    scraper: Option<Scraper>,
+}
+
+/// What stopping a proxy found.
+#[derive(Debug, Default)]
+pub struct Stopped {
+    /// How the scrapes of its `/metrics` went, if it was scraped.
+    pub scrapes: Option<Scrapes>,
+    /// It did not exit within [`STOP_TIMEOUT`] of SIGTERM and was killed.
+    pub killed: bool,
 }
 
 impl Proxy {
@@ -138,15 +172,22 @@ impl Proxy {
         procfs::tree(self.child.id())
     }
 
-    pub fn stop(&mut self) {
+    /// Stops the scraper, then the proxy. Once: later calls find nothing to stop.
+    pub fn stop(&mut self) -> Stopped {
+        let mut stopped = Stopped {
+            scrapes: self.scraper.take().map(Scraper::stop),
+            killed: false,
+        };
         if let Ok(Some(_)) = self.child.try_wait() {
-            return;
+            return stopped;
         }
         let pids = self.pids();
         signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        stopped.killed = true;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                stopped.killed = false;
                 break;
             }
             sleep(Duration::from_millis(10));
@@ -160,6 +201,7 @@ impl Proxy {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        stopped
     }
 }
 
@@ -175,30 +217,68 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// What `{{WORKERS}}` becomes in wsgate's configuration for `target`.
-fn workers_line(target: Target) -> &'static str {
-    if target == Target::Wsgate1 {
-        "workers = 1"
-    } else {
-        "# workers: the default, \"auto\""
-    }
+/// Replaces each `{{NAME}}` of `template` with its value.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    values
+        .iter()
+        .fold(template.to_string(), |text, (name, value)| {
+            text.replace(&format!("{{{{{name}}}}}"), value)
+        })
 }
 
-fn fill(
-    template: &str,
-    listen: SocketAddr,
-    backend: SocketAddr,
-    dir: &Path,
-    maxconn: u64,
-    workers: &str,
-) -> String {
-    template
-        .replace("{{WORKERS}}", workers)
-        .replace("{{LISTEN}}", &listen.to_string())
-        .replace("{{BACKEND}}", &backend.to_string())
-        .replace("{{DIR}}", &dir.display().to_string())
-        .replace("{{MAXCONN}}", &maxconn.to_string())
-        .replace("{{THREADS}}", &threads().to_string())
+/// What the wsgate template's `{{...}}` become for `target` (see the template's header:
+/// wsgate's defaults except what the machine forces; `wsgate-lean` without pings,
+/// admin listener and per-connection log lines).
+fn wsgate_values(
+    target: Target,
+    admin: Option<SocketAddr>,
+    nofile: u64,
+) -> Vec<(&'static str, String)> {
+    let defaults = wsgate::config::Config::default();
+    let workers = match target {
+        Target::Wsgate1 => 1,
+        _ => wsgate::config::Workers::Auto.count(),
+    };
+    // What wsgate itself computes at start (src/main.rs), with this build's reserve; an
+    // older base build may set aside a little less.
+    let fit = nofile.saturating_sub(wsgate::reserved_descriptors(workers) as u64) / 2;
+    let max_connections = if fit < defaults.max_connections as u64 {
+        format!("max_connections = {fit}")
+    } else {
+        format!(
+            "# max_connections: the default, {}",
+            defaults.max_connections
+        )
+    };
+    let workers = if target == Target::Wsgate1 {
+        "workers = 1".to_string()
+    } else {
+        "# workers: the default, \"auto\"".to_string()
+    };
+    let pings = match (target, defaults.websocket.ping_interval) {
+        (Target::WsgateLean, _) => "ping_interval = \"0s\"".to_string(),
+        (_, Some(every)) => format!(
+            "# ping_interval: the default, \"{}\"",
+            humantime::format_duration(every)
+        ),
+        (_, None) => "# ping_interval: the default, off".to_string(),
+    };
+    vec![
+        ("MAX_CONNECTIONS", max_connections),
+        ("WORKERS", workers),
+        ("PINGS", pings),
+        ("ADMIN", admin.map_or_else(String::new, |a| a.to_string())),
+    ]
+}
+
+/// A free loopback port other than those of `taken`.
+fn another_free_port(taken: &[SocketAddr]) -> SocketAddr {
+    loop {
+        let addr = free_port();
+        if !taken.contains(&addr) {
+            return addr;
+        }
+    }
 }
 
 /// Starts `target` in front of `backend` and waits until it accepts connections.
@@ -209,29 +289,32 @@ pub fn start(
     backend: SocketAddr,
     dir: &Path,
 ) -> Result<Option<Proxy>, String> {
-    let listen = free_port();
+    let listen = another_free_port(&[backend]);
+    // wsgate's admin listener, scraped while it runs; none for the lean variant (and
+    // the other proxies have no equivalent in their configuration here).
+    let admin = (target.runs_wsgate() && target != Target::WsgateLean)
+        .then(|| another_free_port(&[backend, listen]));
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let workers = workers_line(target);
+    let mut values = vec![
+        ("LISTEN", listen.to_string()),
+        ("BACKEND", backend.to_string()),
+        ("DIR", dir.display().to_string()),
+        ("MAXCONN", tools.haproxy_maxconn.to_string()),
+        ("THREADS", threads().to_string()),
+    ];
+    if target.runs_wsgate() {
+        values.extend(wsgate_values(target, admin, tools.nofile));
+    }
     let write = |name: &str, template: &str| -> Result<PathBuf, String> {
         let path = dir.join(name);
-        fs::write(
-            &path,
-            fill(
-                template,
-                listen,
-                backend,
-                dir,
-                tools.haproxy_maxconn,
-                workers,
-            ),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        fs::write(&path, fill(template, &values))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         Ok(path)
     };
     let log = dir.join("output.log");
     let mut command = match target {
         Target::Direct => return Ok(None),
-        Target::Wsgate | Target::Wsgate1 | Target::WsgateBase => {
+        Target::Wsgate | Target::Wsgate1 | Target::WsgateLean | Target::WsgateBase => {
             let config = write("wsgate.toml", WSGATE_TEMPLATE)?;
             let binary = match target {
                 Target::WsgateBase => tools
@@ -242,6 +325,12 @@ pub fn start(
             };
             let mut c = Command::new(binary);
             c.arg("--config").arg(config).env("NO_COLOR", "1");
+            // The default level, INFO (one line per connection), whatever the caller's
+            // RUST_LOG says; WARN for the lean variant.
+            match target {
+                Target::WsgateLean => c.env("RUST_LOG", "warn"),
+                _ => c.env_remove("RUST_LOG"),
+            };
             c
         }
         Target::Nginx => {
@@ -280,10 +369,13 @@ pub fn start(
         let _ = child.wait();
         return Err(e);
     }
-    let proxy = Proxy { listen, child };
     // Let worker processes and threads finish starting before anything is sampled.
     sleep(Duration::from_millis(300));
-    Ok(Some(proxy))
+    Ok(Some(Proxy {
+        listen,
+        child,
+        scraper: admin.map(Scraper::start),
+    }))
 }
 
 /// The version line of each program, for the report.
@@ -323,28 +415,89 @@ mod tests {
     use super::*;
     use wsgate::config::{Config, Workers};
 
+    /// wsgate's configuration file for `target`, as `start` writes it.
+    fn wsgate_file(target: Target, admin: Option<SocketAddr>, nofile: u64) -> String {
+        let mut values = vec![
+            ("LISTEN", "127.0.0.1:1".to_string()),
+            ("BACKEND", "127.0.0.1:2".to_string()),
+        ];
+        values.extend(wsgate_values(target, admin, nofile));
+        fill(WSGATE_TEMPLATE, &values)
+    }
+
     #[test]
-    fn each_wsgate_target_gets_a_valid_configuration_with_its_workers() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        for (target, workers) in [
-            (Target::Wsgate, Workers::Auto),
-            (Target::Wsgate1, Workers::Count(1)),
-            (Target::WsgateBase, Workers::Auto),
+    fn each_wsgate_target_gets_the_defaults_but_what_the_machine_forces() {
+        let defaults = Config::default();
+        let admin: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        for (target, workers, admin) in [
+            (Target::Wsgate, Workers::Auto, Some(admin)),
+            (Target::Wsgate1, Workers::Count(1), Some(admin)),
+            (Target::WsgateLean, Workers::Auto, None),
+            (Target::WsgateBase, Workers::Auto, Some(admin)),
         ] {
-            let text = fill(
-                WSGATE_TEMPLATE,
-                addr,
-                addr,
-                Path::new("/tmp"),
-                1,
-                workers_line(target),
-            );
-            let config = Config::parse(&text).unwrap();
+            let text = wsgate_file(target, admin, 1 << 20);
+            assert!(!text.contains("{{"), "{text}");
+            let mut config = Config::parse(&text).unwrap();
+            assert_eq!(config.listen, "127.0.0.1:1".parse().unwrap());
             assert_eq!(config.workers, workers, "{target:?}");
-            assert_eq!(config.websocket.ping_interval, None);
+            assert_eq!(config.admin.listen, admin, "{target:?}");
+            let pings = match target {
+                Target::WsgateLean => None,
+                _ => defaults.websocket.ping_interval,
+            };
+            assert_eq!(config.websocket.ping_interval, pings, "{target:?}");
+            // Everything else is the default.
+            config.listen = defaults.listen;
+            config.backend = defaults.backend.clone();
+            config.workers = defaults.workers;
+            config.admin.listen = defaults.admin.listen;
+            config.websocket.ping_interval = defaults.websocket.ping_interval;
+            assert_eq!(config, defaults, "{target:?}");
             // The base build may predate `workers`: its file must not name the key.
             if target == Target::WsgateBase {
                 assert!(!text.lines().any(|l| l.starts_with("workers")), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn max_connections_is_what_the_open_file_limit_allows_when_below_the_default() {
+        for (target, workers) in [
+            (Target::Wsgate, Workers::Auto.count()),
+            (Target::Wsgate1, 1),
+        ] {
+            let config = Config::parse(&wsgate_file(target, None, 20_000)).unwrap();
+            let fit = (20_000 - wsgate::reserved_descriptors(workers)) / 2;
+            assert_eq!(config.max_connections, fit, "{target:?}");
+        }
+    }
+
+    #[test]
+    fn wsgate_files_use_only_keys_an_older_build_knows() {
+        // The keys of commit 79f4792's configuration that the template may write: a
+        // build rejects keys it does not know, and `--wsgate-base` may be that old.
+        let known = [
+            "listen",
+            "backend",
+            "max_connections",
+            "workers",
+            "ping_interval",
+        ];
+        for target in [
+            Target::Wsgate,
+            Target::Wsgate1,
+            Target::WsgateLean,
+            Target::WsgateBase,
+        ] {
+            for nofile in [20_000, 1 << 20] {
+                let text = wsgate_file(target, Some("127.0.0.1:3".parse().unwrap()), nofile);
+                for line in text.lines().map(str::trim) {
+                    if line.starts_with('#') || line.starts_with('[') || line.is_empty() {
+                        continue;
+                    }
+                    let key = line.split('=').next().unwrap_or("").trim();
+                    assert!(known.contains(&key), "{target:?} writes {key}:\n{text}");
+                }
             }
         }
     }
