@@ -72,7 +72,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use error::Error;
-pub use listener::{Listeners, websocket_capacity};
+pub use listener::{Listeners, reserved_descriptors, websocket_capacity};
 pub use side::Side;
 
 /// Serves on pre-bound listeners until `shutdown` completes, then drains and returns.

@@ -239,16 +239,16 @@ fn wsgate_values(
         Target::Wsgate1 => 1,
         _ => wsgate::config::Workers::Auto.count(),
     };
-    // What wsgate itself computes at start (src/main.rs), with this build's reserve; an
-    // older base build may set aside a little less.
+    // What this build's "auto" resolves to under the same open-file limit (this process
+    // raised its own to the hard limit, as wsgate does), written out so that an older
+    // base build, whose default was a fixed 10000, runs with the same limit and no
+    // start-up warning.
+    let cap = wsgate::config::MaxConnections::AUTO_CAP as u64;
     let fit = nofile.saturating_sub(wsgate::reserved_descriptors(workers) as u64) / 2;
-    let max_connections = if fit < defaults.max_connections as u64 {
+    let max_connections = if fit < cap {
         format!("max_connections = {fit}")
     } else {
-        format!(
-            "# max_connections: the default, {}",
-            defaults.max_connections
-        )
+        format!("# max_connections: the default, \"auto\" ({cap} here)")
     };
     let workers = if target == Target::Wsgate1 {
         "workers = 1".to_string()
@@ -468,7 +468,11 @@ mod tests {
         ] {
             let config = Config::parse(&wsgate_file(target, None, 20_000)).unwrap();
             let fit = (20_000 - wsgate::reserved_descriptors(workers)) / 2;
-            assert_eq!(config.max_connections, fit, "{target:?}");
+            assert_eq!(
+                config.max_connections,
+                wsgate::config::MaxConnections::Count(fit),
+                "{target:?}"
+            );
         }
     }
 
