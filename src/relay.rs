@@ -72,35 +72,33 @@ pub fn spawn<F, G>(
         let Some(client) = client.await else {
             return;
         };
-        start(client, backend, negotiated, info, &live, metrics).await;
+        let handoff = Handoff {
+            client,
+            backend,
+            negotiated,
+            info,
+        };
+        start(handoff, &live, metrics).await;
         drop(guard);
     });
 }
 
-/// Relays one WebSocket whose client stream is at hand to its end, in the calling task,
-/// and records it.
-pub async fn run(handoff: Handoff<Leg<Stream>>, live: &LiveTable, metrics: &Arc<Metrics>) {
+/// Builds the relay of a WebSocket whose client stream is at hand, and returns the
+/// future that runs it to its end and records it. Building outside that future keeps
+/// it from also holding the streams, buffers and handshake state the relay was made
+/// from: a future stores its arguments for its whole life, and an idle WebSocket's task
+/// should be about the size of its relay.
+pub fn start(
+    handoff: Handoff<Leg<Stream>>,
+    live: &LiveTable,
+    metrics: Arc<Metrics>,
+) -> impl Future<Output = ()> + Send + use<> {
     let Handoff {
         client,
         backend,
         negotiated,
         info,
     } = handoff;
-    start(client, backend, negotiated, info, live, metrics.clone()).await;
-}
-
-/// Builds the relay now and returns the future that runs it and records its end.
-/// Building outside that future keeps it from also holding the streams, buffers and
-/// handshake state the relay was made from: a future stores its arguments for its
-/// whole life, and an idle WebSocket's task should be about the size of its relay.
-fn start(
-    client: Leg<Stream>,
-    backend: Leg<Stream>,
-    negotiated: Negotiated,
-    info: ConnectionInfo,
-    live: &LiveTable,
-    metrics: Arc<Metrics>,
-) -> impl Future<Output = ()> + Send + use<> {
     let registration = live.register(info);
     let mut relay = Relay::new(
         client,
@@ -257,7 +255,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             let config = table.config();
             self.session.set_timers(config.timers);
             self.drain_close_code = config.drain_close_code;
-            // A deadline may have moved earlier: `rearm` only ever moves the timer
+            // A deadline may have moved later: `rearm` only ever moves the timer
             // earlier, so let it start from nothing.
             self.armed = None;
         }
@@ -315,9 +313,10 @@ impl<C: Transport, B: Transport> Relay<C, B> {
 
     /// Sets the timer to the session's next deadline when that is earlier than the one
     /// armed. A later deadline is left to a harmless early wake-up, which saves resetting
-    /// the timer on every frame.
+    /// the timer on every frame; and after bytes arriving alone the session says there is
+    /// nothing earlier, which saves computing it on every frame.
     fn rearm(&mut self) {
-        let Some(next) = self.session.next_deadline().map(Instant::from_std) else {
+        let Some(next) = self.session.deadline_to_arm().map(Instant::from_std) else {
             return;
         };
         if self.armed.is_none_or(|armed| next < armed) {

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -317,7 +316,24 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
             let busy = Busy::new(conn.clone());
             match Box::pin(upgrade(&gate, &busy, request)).await {
                 Ok(accepted) => {
-                    relay_here(&gate, stream, rest, accepted).await;
+                    if let Err(e) = write_head(&mut stream, &accepted.response).await {
+                        // The client left. The relay still runs: it finds the client
+                        // gone at once and tells the backend with a Close, and the
+                        // connection is recorded as it ended.
+                        tracing::debug!(error = %e, "writing the 101 to the client failed");
+                    }
+                    let handoff = Handoff {
+                        client: Leg {
+                            stream,
+                            buffered: rest,
+                        },
+                        backend: accepted.backend,
+                        negotiated: accepted.negotiated,
+                        info: accepted.info,
+                    };
+                    // Awaited here, not wrapped in more futures: every message's wake-up
+                    // goes through each level of this task's state machine.
+                    relay::start(handoff, &gate.live, gate.metrics.clone()).await;
                     return;
                 }
                 // An answer of wsgate's or the backend's refusal: hyper writes it, with
@@ -337,33 +353,6 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
         first_response,
     ))
     .await;
-}
-
-/// A WebSocket upgrade carried out without hyper: writes the response head, then relays
-/// in this task. `rest` is what the client sent behind its request.
-async fn relay_here(gate: &Gate, mut stream: Stream, rest: Bytes, accepted: Accepted) {
-    let Accepted {
-        response,
-        backend,
-        negotiated,
-        info,
-    } = accepted;
-    if let Err(e) = write_head(&mut stream, &response).await {
-        // The client left. The relay still runs: it finds the client gone at once and
-        // tells the backend with a Close, and the connection is recorded as it ended.
-        tracing::debug!(error = %e, "writing the 101 to the client failed");
-    }
-    let client = Leg {
-        stream,
-        buffered: rest,
-    };
-    let handoff = Handoff {
-        client,
-        backend,
-        negotiated,
-        info,
-    };
-    relay::run(handoff, &gate.live, &gate.metrics).await;
 }
 
 /// Writes an HTTP/1.1 response head (a 101 has no body), as hyper would.

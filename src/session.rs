@@ -230,6 +230,9 @@ pub struct Session {
     pings: u64,
     /// The text of an operator's close, once one was asked for.
     operator_reason: Option<Arc<str>>,
+    /// Something happened that may have moved the next deadline earlier since the relay
+    /// last asked ([`Session::deadline_to_arm`]).
+    deadline_stale: bool,
 }
 
 /// Why a side failed while the connection was open.
@@ -251,6 +254,7 @@ impl Session {
             actions: VecDeque::new(),
             pings: 0,
             operator_reason: None,
+            deadline_stale: true,
         }
     }
 
@@ -308,11 +312,14 @@ impl Session {
         p.last_rx = now;
         if p.awaiting_since.is_some_and(|sent| now >= sent) {
             p.awaiting_since = None;
+            // The next Ping's deadline replaces the Pong's, and may come first.
+            self.deadline_stale = true;
         }
     }
 
     /// wsgate's liveness Ping toward `to` went on the wire.
     pub fn on_ping_sent(&mut self, to: Side, now: Instant) {
+        self.deadline_stale = true;
         let p = self.peer(to);
         if let Some(ping) = &mut p.ping {
             ping.written_at = Some(now);
@@ -323,6 +330,7 @@ impl Session {
     /// `from` sent a Pong whose payload is that of wsgate's Ping number `seq`: it is
     /// wsgate's if it answers the last Ping wsgate sent `from`.
     pub fn on_pong(&mut self, from: Side, seq: u64, now: Instant) -> Pong {
+        self.deadline_stale = true;
         let p = self.peer(from);
         match p.ping {
             Some(ping) if ping.seq == seq => {
@@ -339,11 +347,13 @@ impl Session {
 
     /// Writes toward `to` stopped making progress at `since` (`None`: they progress again).
     pub fn on_write_blocked(&mut self, to: Side, since: Option<Instant>) {
+        self.deadline_stale = true;
         self.peer(to).blocked_since = since;
     }
 
     /// `from` sent a Close frame with `code`.
     pub fn on_close_frame(&mut self, from: Side, code: Option<u16>, now: Instant) -> Verdict {
+        self.deadline_stale = true;
         if self.peers[from.idx()].close_received.is_some() {
             // A second Close breaks RFC 6455 §5.5.1; nobody is waiting for it.
             return Verdict::Consume;
@@ -370,6 +380,7 @@ impl Session {
 
     /// Everything queued toward `side` was written and its write side shut.
     pub fn on_write_shut(&mut self, side: Side, now: Instant) {
+        self.deadline_stale = true;
         let p = self.peer(side);
         if matches!(p.tcp, Tcp::Draining(_)) {
             // The server closes the TCP connection immediately after the closing
@@ -383,6 +394,7 @@ impl Session {
 
     /// `side` ended its stream (see [`Gone`]).
     pub fn on_gone(&mut self, side: Side, gone: Gone, now: Instant) {
+        self.deadline_stale = true;
         let (mid_frame, dead) = match gone {
             Gone::Fin { mid_frame } => (mid_frame, false),
             Gone::Failed { mid_frame } => (mid_frame, true),
@@ -414,6 +426,7 @@ impl Session {
 
     /// `from` sent invalid framing; `code` is 1002, or 1009 for an oversized frame.
     pub fn on_protocol_error(&mut self, from: Side, code: u16, now: Instant) {
+        self.deadline_stale = true;
         self.peer(from).broken = true;
         let first = self.begin(Outcome::ProtocolError, now);
         self.send_close(from, code, now);
@@ -427,6 +440,7 @@ impl Session {
     /// wsgate is draining: close the client with `client_code` (1012 "service restart"
     /// or 1001) and the backend with 1001.
     pub fn on_shutdown(&mut self, client_code: u16, now: Instant) {
+        self.deadline_stale = true;
         if self.begin(Outcome::Shutdown, now) {
             self.send_close(Side::Client, client_code, now);
             self.send_close(Side::Backend, GOING_AWAY, now);
@@ -437,11 +451,13 @@ impl Session {
     /// The configuration was reloaded: the timers apply from now on, to deadlines
     /// already under way too (a shorter `idle_timeout` counts from the last data frame).
     pub fn set_timers(&mut self, timers: Arc<Timers>) {
+        self.deadline_stale = true;
         self.timers = timers;
     }
 
     /// An operator asked to close the connection with `code` and `reason` on both sides.
     pub fn on_admin_close(&mut self, code: u16, reason: Arc<str>, now: Instant) {
+        self.deadline_stale = true;
         if self.begin(Outcome::AdminClose, now) {
             self.operator_reason = Some(reason);
             self.send_close(Side::Client, code, now);
@@ -452,6 +468,7 @@ impl Session {
 
     /// The drain deadline passed: abort whatever is still open.
     pub fn on_force_close(&mut self, now: Instant) {
+        self.deadline_stale = true;
         self.begin(Outcome::Shutdown, now);
         for side in [Side::Client, Side::Backend] {
             self.abort(side);
@@ -460,6 +477,7 @@ impl Session {
 
     /// Time passed: fire whatever timer is due.
     pub fn on_timer(&mut self, now: Instant) {
+        self.deadline_stale = true;
         let t = *self.timers;
         if self.outcome.is_none() {
             if t.max_lifetime.is_some_and(|d| now >= self.started + d) {
@@ -526,6 +544,17 @@ impl Session {
             }
         }
         self.advance(now);
+    }
+
+    /// [`Session::next_deadline`], when it may have moved earlier since the last call;
+    /// `None` when it cannot have. Every event may move it earlier except bytes
+    /// arriving, which only push the ping, pong and idle deadlines later (unless they
+    /// answer a liveness Ping): on the data path the relay need not look again.
+    pub fn deadline_to_arm(&mut self) -> Option<Instant> {
+        if !std::mem::take(&mut self.deadline_stale) {
+            return None;
+        }
+        self.next_deadline()
     }
 
     /// The earliest time [`Session::on_timer`] has something to do.
@@ -751,6 +780,28 @@ mod tests {
         // Each side got the other's Close.
         assert_eq!(h.s.close_to(Backend), Some(Some(1000)));
         assert_eq!(h.s.close_to(Client), Some(Some(1000)));
+    }
+
+    #[test]
+    fn bytes_arriving_never_call_for_an_earlier_deadline() {
+        let mut h = Harness::new(timers());
+        assert_eq!(h.s.deadline_to_arm(), Some(h.at(20_000)));
+        assert_eq!(h.s.deadline_to_arm(), None, "asked already");
+        for ms in [1_000, 2_000, 3_000] {
+            h.s.on_received(Client, true, h.at(ms));
+            h.s.on_received(Backend, true, h.at(ms));
+            assert_eq!(h.s.deadline_to_arm(), None);
+            // The timer armed for 20 s only wakes the relay early; then it looks again.
+            assert!(h.s.next_deadline() > Some(h.at(20_000)));
+        }
+        // A Ping answered by a byte: the next Ping's deadline, which may be earlier.
+        h.tick(23_000);
+        h.s.on_ping_sent(Client, h.at(23_000));
+        assert_eq!(h.s.deadline_to_arm(), h.s.next_deadline());
+        h.s.on_received(Client, false, h.at(23_001));
+        assert_eq!(h.s.deadline_to_arm(), h.s.next_deadline());
+        h.s.on_close_frame(Client, Some(1000), h.at(24_000));
+        assert_eq!(h.s.deadline_to_arm(), Some(h.at(29_000)));
     }
 
     #[test]
