@@ -1,12 +1,15 @@
 //! Logging: `tracing` to stderr, as text or JSON lines (`log.format`), filtered by
 //! `RUST_LOG` (default `info`). The format can change on a configuration reload.
 //!
-//! Lines do not go to stderr from the thread that logs them: each becomes one message
-//! to a writer thread, which writes whatever has queued up with one system call. A
-//! worker thread never waits on a slow log pipe, and a busy wsgate writes many lines
-//! per `write`. The queue is bounded ([`QUEUE`] lines): when the log cannot keep up,
-//! lines are dropped and counted (`wsgate_log_lines_dropped_total`) rather than
-//! stalling connections. [`Logging::flush`] ([`flush`]) empties it before the process exits.
+//! Lines do not go to stderr from the thread that logs it: they are appended to a
+//! buffer in memory, which a writer thread writes out every [`FLUSH_EVERY`] (or sooner
+//! once [`FLUSH_AT`] bytes are waiting) with one system call. A worker never waits on a
+//! slow log pipe, never makes a system call per line, and never wakes another thread
+//! per line (through a queue that would cost a futex wake and a context switch a line,
+//! more than the write it saves). The buffer is bounded ([`MAX_BUFFER`]): when the log
+//! cannot keep up, lines are dropped and counted (`wsgate_log_lines_dropped_total`)
+//! rather than stalling connections. [`flush`] writes what is waiting before the
+//! process exits.
 //!
 //! The one line per ended WebSocket is formatted by [`crate::report`] itself, straight
 //! into its bytes (in the same format as `tracing`'s), because through `tracing`'s
@@ -14,9 +17,9 @@
 //! short-lived connection.
 
 use std::io::{IsTerminal, Write};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -27,46 +30,64 @@ use crate::config::LogFormat;
 
 type Formatter = Box<dyn Layer<Registry> + Send + Sync>;
 
-/// Lines that may wait for the writer thread.
-pub const QUEUE: usize = 65_536;
-
-/// How long [`Logging::flush`] waits for the writer thread.
-const FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// How long a line may wait in memory before it is written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Bytes waiting that make the writer thread write at once.
+const FLUSH_AT: usize = 256 * 1024;
+/// Bytes that may wait at most; lines beyond are dropped.
+pub const MAX_BUFFER: usize = 8 * 1024 * 1024;
 
 /// The installed logger, whose format a reload may change.
 pub struct Logging {
     format: reload::Handle<Formatter, Registry>,
 }
 
-/// The process-wide queue to the writer thread, once [`Logging::init`] ran.
+/// The process-wide buffer and its writer thread, once [`Logging::init`] ran.
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 struct Sink {
-    queue: SyncSender<Message>,
-    /// Lines dropped because the queue was full.
+    /// Lines waiting to be written.
+    waiting: Mutex<Vec<u8>>,
+    /// Held while a batch is taken and written, so batches reach stderr in order.
+    writing: Mutex<()>,
+    writer: Thread,
+    /// Lines dropped because too much was waiting.
     dropped: AtomicU64,
     /// The format in force, for lines formatted outside `tracing`.
     format: AtomicU8,
 }
 
-enum Message {
-    Line(Vec<u8>),
-    /// Everything before it is written: answer.
-    Flush(SyncSender<()>),
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sink {
+    /// Takes what is waiting and writes it.
+    fn write_out(&self, out: &mut dyn Write, batch: &mut Vec<u8>) {
+        let _writing = lock(&self.writing);
+        std::mem::swap(&mut *lock(&self.waiting), batch);
+        if !batch.is_empty() {
+            // A log that cannot be written has nowhere to say so.
+            let _ = out.write_all(batch);
+            let _ = out.flush();
+            batch.clear();
+        }
+    }
 }
 
 impl Logging {
     /// Installs the process-wide logger and its writer thread. Call once, before
     /// anything logs.
     pub fn init(format: LogFormat) -> Logging {
-        let (queue, lines) = sync_channel(QUEUE);
         let ansi = std::io::stderr().is_terminal();
         let started = std::thread::Builder::new()
             .name("wsgate-log".into())
-            .spawn(move || write_lines(lines));
-        if started.is_ok() {
+            .spawn(write_lines);
+        if let Ok(thread) = started {
             let _ = SINK.set(Sink {
-                queue,
+                waiting: Mutex::new(Vec::with_capacity(FLUSH_AT)),
+                writing: Mutex::new(()),
+                writer: thread.thread().clone(),
                 dropped: AtomicU64::new(0),
                 format: AtomicU8::new(format as u8),
             });
@@ -91,14 +112,10 @@ impl Logging {
     }
 }
 
-/// Waits until every line logged so far is written (at exit).
+/// Writes every line logged so far (at exit).
 pub fn flush() {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
-    let (done, written) = sync_channel(1);
-    if sink.queue.send(Message::Flush(done)).is_ok() {
-        let _ = written.recv_timeout(FLUSH_WAIT);
+    if let Some(sink) = SINK.get() {
+        sink.write_out(&mut std::io::stderr().lock(), &mut Vec::new());
     }
 }
 
@@ -112,18 +129,25 @@ pub fn format() -> Option<LogFormat> {
     })
 }
 
-/// Queues a whole line (ending in `\n`) for the log; false if it was dropped.
-pub fn write_line(line: Vec<u8>) -> bool {
+/// Adds a whole line (ending in `\n`) to what the log writes next; false if it was
+/// dropped.
+pub fn write_line(line: &[u8]) -> bool {
     let Some(sink) = SINK.get() else {
         return false;
     };
-    match sink.queue.try_send(Message::Line(line)) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-            sink.dropped.fetch_add(1, Ordering::Relaxed);
-            false
-        }
+    let mut waiting = lock(&sink.waiting);
+    if waiting.len() + line.len() > MAX_BUFFER {
+        drop(waiting);
+        sink.dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
     }
+    waiting.extend_from_slice(line);
+    let full = waiting.len() >= FLUSH_AT;
+    drop(waiting);
+    if full {
+        sink.writer.unpark();
+    }
+    true
 }
 
 /// Lines dropped since start because the log could not keep up.
@@ -132,25 +156,14 @@ pub fn dropped() -> u64 {
         .map_or(0, |sink| sink.dropped.load(Ordering::Relaxed))
 }
 
-/// The writer thread: writes what has queued up, then waits for more.
-fn write_lines(lines: Receiver<Message>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let mut flushed = Vec::new();
-    while let Ok(first) = lines.recv() {
-        let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                // A log that cannot be written has nowhere to say so.
-                Message::Line(line) => {
-                    let _ = out.write_all(&line);
-                }
-                Message::Flush(done) => flushed.push(done),
-            }
-            next = lines.try_recv().ok();
-        }
-        let _ = out.flush();
-        for done in flushed.drain(..) {
-            let _ = done.send(());
+/// The writer thread: every [`FLUSH_EVERY`], or when woken, writes what is waiting.
+fn write_lines() {
+    let mut batch = Vec::with_capacity(FLUSH_AT);
+    let mut out = std::io::stderr();
+    loop {
+        std::thread::park_timeout(FLUSH_EVERY);
+        if let Some(sink) = SINK.get() {
+            sink.write_out(&mut out, &mut batch);
         }
     }
 }
@@ -176,7 +189,7 @@ impl Write for QueuedLine {
 impl Drop for QueuedLine {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            write_line(std::mem::take(&mut self.0));
+            write_line(&self.0);
         }
     }
 }

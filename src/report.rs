@@ -38,7 +38,7 @@ fn log_ended(r: &Record) {
     }
     match logging::format() {
         Some(format) => {
-            logging::write_line(line(r, format, SystemTime::now()));
+            logging::write_line(&line(r, format, SystemTime::now()));
         }
         None => event(r),
     }
