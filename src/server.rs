@@ -331,9 +331,15 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
                         negotiated: accepted.negotiated,
                         info: accepted.info,
                     };
-                    // Awaited here, not wrapped in more futures: every message's wake-up
-                    // goes through each level of this task's state machine.
-                    relay::start(handoff, &gate.live, gate.metrics.clone()).await;
+                    // A task of its own, the size of the relay (under 1 KiB), for the
+                    // WebSocket's whole life: this task's future, with every step before
+                    // the relay in it, is three times that. It keeps the connection busy
+                    // (and its slot taken) until it ends.
+                    let relay = relay::start(handoff, &gate.live, gate.metrics.clone());
+                    gate.tasks.tracker.spawn(async move {
+                        relay.await;
+                        drop(busy);
+                    });
                     return;
                 }
                 // An answer of wsgate's or the backend's refusal: hyper writes it, with
