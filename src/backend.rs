@@ -36,6 +36,8 @@ pub struct Connector(Arc<Target>);
 
 struct Target {
     backend: config::Backend,
+    /// The backend's host, when it is an IP address.
+    ip: Option<std::net::IpAddr>,
     /// TLS toward an `https://` backend.
     tls: Option<BackendTls>,
     connect_timeout: Duration,
@@ -50,6 +52,7 @@ impl Connector {
             None
         };
         Ok(Connector(Arc::new(Target {
+            ip: config.backend.host.parse().ok(),
             backend: config.backend.clone(),
             tls,
             connect_timeout: config.http.connect_timeout,
@@ -62,12 +65,16 @@ impl Connector {
         let t = &*self.0;
         let b = &t.backend;
         let connect = async {
-            let tcp = TcpStream::connect((b.host.as_str(), b.port))
-                .await
-                .map_err(|e| {
-                    tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
-                    ProxyError::BackendUnreachable
-                })?;
+            // An IP address (the sidecar's 127.0.0.1) needs no lookup; a name is
+            // resolved on each connect, so a changed DNS record is followed.
+            let tcp = match t.ip {
+                Some(ip) => TcpStream::connect((ip, b.port)).await,
+                None => Box::pin(TcpStream::connect((b.host.as_str(), b.port))).await,
+            };
+            let tcp = tcp.map_err(|e| {
+                tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
+                ProxyError::BackendUnreachable
+            })?;
             if b.loopback {
                 // A loopback peer cannot vanish silently: when its process dies the
                 // kernel closes its sockets. Keepalive and TCP_USER_TIMEOUT would only
@@ -79,9 +86,9 @@ impl Connector {
             let Some(tls) = &t.tls else {
                 return Ok(Stream::Plain(tcp));
             };
-            let tls = tls
-                .connector
-                .connect(tls.server_name.clone(), tcp)
+            // Boxed: a TLS session is large, and inline it would make every upgrade's
+            // future that large, TLS or not.
+            let tls = Box::pin(tls.connector.connect(tls.server_name.clone(), tcp))
                 .await
                 .map_err(|e| {
                     // An untrusted or misnamed certificate: worth a warning, it is a
