@@ -168,14 +168,13 @@ impl LiveConn {
         }
     }
 
-    /// Bytes arrived from `from` at `at`.
-    pub fn received(&self, from: Side, at: Instant) {
-        self.last_rx_ms[from.idx()].store(self.ms(at), Ordering::Relaxed);
-    }
-
-    /// Data-frame bytes arrived from `from` at `at` (besides [`LiveConn::received`]).
-    pub fn received_data(&self, from: Side, at: Instant) {
-        self.last_data_ms[from.idx()].store(self.ms(at), Ordering::Relaxed);
+    /// Bytes arrived from `from` at `at`; `data`: some of them were data-frame bytes.
+    pub fn received(&self, from: Side, at: Instant, data: bool) {
+        let ms = self.ms(at);
+        self.last_rx_ms[from.idx()].store(ms, Ordering::Relaxed);
+        if data {
+            self.last_data_ms[from.idx()].store(ms, Ordering::Relaxed);
+        }
     }
 
     /// wsgate's liveness Ping went out to `to` at `at`.
@@ -613,22 +612,20 @@ mod tests {
         let c = &reg.conn;
         let at = |ms: u64| c.started + Duration::from_millis(ms);
         let flags = |ms| c.snapshot(at(ms), Duration::from_secs(20)).flags;
-        c.received(Side::Client, at(2_000));
-        c.received_data(Side::Client, at(2_000));
-        c.received(Side::Backend, at(24_500));
-        c.received_data(Side::Backend, at(24_500));
+        c.received(Side::Client, at(2_000), true);
+        c.received(Side::Backend, at(24_500), true);
         c.ping_written(Side::Client, at(23_000));
         c.ping_written(Side::Backend, at(24_800));
         // The client has said nothing for 23 s while the backend streams, and has not
         // answered the Ping of 2 s ago; the backend's Ping is only 200 ms old.
         assert_eq!(flags(25_000), ["client_silent", "client_not_answering"]);
         // A Pong is any byte from the client: it answers; data does not come back.
-        c.received(Side::Client, at(25_100));
+        c.received(Side::Client, at(25_100), false);
         assert_eq!(flags(25_200), ["client_silent"]);
         // The backend never answered its Ping either...
         assert_eq!(flags(60_000), ["backend_not_answering"]);
         // ...until it does; with the backend quiet too, the client is not blamed.
-        c.received(Side::Backend, at(24_900));
+        c.received(Side::Backend, at(24_900), false);
         assert!(flags(60_000).is_empty());
         c.ending(Outcome::IdleTimeout);
         assert_eq!(flags(60_000), ["closing"]);

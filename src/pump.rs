@@ -318,11 +318,15 @@ impl Pump {
                 }
             }
 
-            // 4. Scan what was read, as far as it can go in one write.
-            match self.scan() {
-                Scanned::Progress => continue,
-                Scanned::Stop(event) => return Poll::Ready(event),
-                Scanned::NeedMore => {}
+            // 4. Scan what was read, as far as it can go in one write. (Everything
+            // scanned is written by now: `ready` is 0, and an empty buffer has nothing to
+            // scan, as on most passes here.)
+            if self.buf.len() > self.ready {
+                match self.scan() {
+                    Scanned::Progress => continue,
+                    Scanned::Stop(event) => return Poll::Ready(event),
+                    Scanned::NeedMore => {}
+                }
             }
 
             // 5. Read more.
@@ -341,10 +345,16 @@ impl Pump {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
-                if self.buf.capacity() == 0 {
-                    self.buf = spare_buffers::take();
+            if self.buf.capacity() == 0 {
+                // An idle pump holds no buffer, and the relay polls both pumps whenever
+                // either side wakes it: take one only when there is something to read.
+                // An error is left to the read to report.
+                if src.poll_read_ready(cx).is_pending() {
+                    return Poll::Pending;
                 }
+                self.buf = spare_buffers::take();
+            }
+            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
                 self.buf.reserve(self.read_size);
             }
             let spare = (self.buf.capacity() - self.buf.len()).min(self.read_size);
@@ -628,6 +638,10 @@ mod tests {
         fn plain_tcp(&self) -> Option<&tokio::net::TcpStream> {
             Some(self)
         }
+
+        fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            tokio::net::TcpStream::poll_read_ready(self, cx)
+        }
     }
 
     async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
@@ -820,6 +834,30 @@ mod tests {
                 "round {round}: idle pump kept a buffer"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_pump_with_nothing_to_read_takes_no_buffer() {
+        let (_src_peer, mut src) = tcp_pair().await;
+        let (mut dst, _dst_peer) = tcp_pair().await;
+        while spare_buffers::kept() > 0 {
+            drop(spare_buffers::take());
+        }
+        // A fresh socket counts as readable until a read says otherwise, as after the
+        // pump's first read.
+        let err = src.try_read(&mut [0u8; 4]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        let mut pump = Pump::new(Scanner::new(Side::Backend, 0, None), b"");
+        // The relay polls both pumps when either side wakes it; the quiet one must not
+        // take a buffer (which here would be a fresh allocation, left in the pool).
+        let mut polled =
+            std::pin::pin!(poll_fn(|cx| pump.poll(cx, Some(&mut src), Some(&mut dst))));
+        assert!(futures_poll_once(&mut polled).await.is_none());
+        assert_eq!(
+            spare_buffers::kept(),
+            0,
+            "a buffer was taken and given back"
+        );
     }
 
     #[tokio::test]

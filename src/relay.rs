@@ -134,6 +134,11 @@ pub struct Relay<C, B> {
     timer: Pin<Box<Sleep>>,
     /// The deadline the timer is set to, if any.
     armed: Option<Instant>,
+    /// The timer was polled since it was last set, so it holds this task's waker.
+    timer_polled: bool,
+    /// The time [`Relay::note_activity`] read in the current poll, which the wake's
+    /// handling reuses: the clock is read once per wake-up, not twice.
+    clock: Option<Instant>,
     /// Write-blocked state last reported to the session, per destination.
     blocked: [bool; 2],
     /// Which pump is polled first, alternated for fairness.
@@ -167,6 +172,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             session: Session::new(config.timers.clone(), now.into_std()),
             timer: Box::pin(tokio::time::sleep_until(now)),
             armed: None,
+            timer_polled: false,
+            clock: None,
             blocked: [false, false],
             client_first: true,
             started: now,
@@ -182,7 +189,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         self.rearm();
         loop {
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
-            let now = Instant::now();
+            let now = self.clock.take().unwrap_or_else(Instant::now);
             match wake {
                 Wake::Timer => self.session.on_timer(now.into_std()),
                 Wake::Requests(requests) => self.on_requests(requests, table, now),
@@ -211,6 +218,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
     }
 
     fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        // A time read in an earlier poll is stale by now.
+        self.clock = None;
         if let Poll::Ready(requests) = self.live.poll_requests(cx) {
             return Poll::Ready(Wake::Requests(requests));
         }
@@ -236,9 +245,15 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         }
         self.note_activity();
         self.rearm();
-        if self.armed.is_some() && self.timer.as_mut().poll(cx).is_ready() {
-            self.armed = None;
-            return Poll::Ready(Wake::Timer);
+        // Polling a timer that already holds this task's waker only to hear "not yet"
+        // costs as much as relaying a small frame; once polled, it is polled again only
+        // when it has fired.
+        if self.armed.is_some() && (!self.timer_polled || self.timer.is_elapsed()) {
+            self.timer_polled = true;
+            if self.timer.as_mut().poll(cx).is_ready() {
+                self.armed = None;
+                return Poll::Ready(Wake::Timer);
+            }
         }
         Poll::Pending
     }
@@ -276,22 +291,24 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         let c = self.c2b.take_activity();
         let b = self.b2c.take_activity();
         let blocked = [self.b2c.write_blocked(), self.c2b.write_blocked()];
-        if !(c.0 || b.0 || blocked != self.blocked) {
+        let received = c.0 || c.1 || b.0 || b.1;
+        if !received && blocked == self.blocked {
             return;
         }
-        let now = Instant::now().into_std();
-        if c.0 || b.0 {
+        let now = Instant::now();
+        self.clock = Some(now);
+        let now = now.into_std();
+        if received {
             // Plain stores to this connection's own atomics: the process-wide counters
             // are fed from these by the sweep every second, and at the end.
             self.publish_counters();
         }
         for (side, (any, data)) in [(Side::Client, c), (Side::Backend, b)] {
-            if any {
+            // Data can be scanned a poll after its bytes were read (behind a held
+            // control frame): it counts when it is scanned.
+            if any || data {
                 self.session.on_received(side, data, now);
-                self.live.received(side, now);
-            }
-            if data {
-                self.live.received_data(side, now);
+                self.live.received(side, now, data);
             }
         }
         for to in Side::BOTH {
@@ -321,6 +338,7 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         };
         if self.armed.is_none_or(|armed| next < armed) {
             self.timer.as_mut().reset(next);
+            self.timer_polled = false;
             self.armed = Some(next);
         }
     }

@@ -22,6 +22,14 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn plain_tcp(&self) -> Option<&TcpStream> {
         None
     }
+
+    /// Ready when a read may make progress; `Pending` (with `cx` registered for the
+    /// change) when a read certainly would not. Lets an idle pump wait without taking a
+    /// read buffer. Streams that cannot tell (TLS may hold decrypted bytes) say ready.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// One side's connection: TCP, with or without TLS, or one stream of an HTTP/2
@@ -127,6 +135,13 @@ impl Transport for Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Tls(_) | Stream::Http2(_) => None,
+        }
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(_) | Stream::Http2(_) => Poll::Ready(Ok(())),
         }
     }
 }
