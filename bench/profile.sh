@@ -13,8 +13,11 @@
 # Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and
 # perf, strace or valgrind (Debian: linux-perf, strace, valgrind). Output goes to stdout;
 # raw data stays in a temporary directory that is printed first. Environment:
-# CONNECTIONS (the load's connections), RUST_LOG (wsgate's log level, default warn),
-# WORKERS (wsgate's `workers`, default "auto").
+# CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
+# 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
+# `lean`: as `wsgate-lean` — pings off, no admin listener, RUST_LOG=warn), CONNECTIONS
+# (the load's connections), RUST_LOG (overrides the configuration's log level), WORKERS
+# (wsgate's `workers`, default "auto"). The admin listener is not scraped here.
 set -euo pipefail
 
 tool=${1:?TOOL: perf, strace or callgrind}
@@ -23,30 +26,46 @@ secs=${3:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release
 tmp=$(mktemp -d)
-echo "profile: $tool under $mode for ${secs}s; data in $tmp"
+echo "profile: $tool under $mode for ${secs}s, ${CONFIG:-default} configuration; data in $tmp"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend_port=$(free_port)
 listen_port=$(free_port)
+config=${CONFIG:-default}
+case $config in
+default)
+    admin_listen="127.0.0.1:$(free_port)"
+    ping_interval="20s"
+    level=info
+    ;;
+lean)
+    admin_listen=""
+    ping_interval="0s"
+    level=warn
+    ;;
+*)
+    echo "unknown CONFIG $config: default or lean" >&2
+    exit 2
+    ;;
+esac
 
 "$bin/wsgate-bench" echo --listen "127.0.0.1:$backend_port" 2>"$tmp/echo.log" &
 echo_pid=$!
 cat >"$tmp/wsgate.toml" <<EOF
 listen = "127.0.0.1:$listen_port"
 backend = "http://127.0.0.1:$backend_port"
-max_connections = 9950
 workers = ${WORKERS:-\"auto\"}
 [websocket]
-ping_interval = "0s"
+ping_interval = "$ping_interval"
 [admin]
-listen = ""
+listen = "$admin_listen"
 EOF
 
 wrap=()
 if [ "$tool" = callgrind ]; then
     wrap=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$tmp/callgrind.out")
 fi
-RUST_LOG=${RUST_LOG:-warn} "${wrap[@]}" "$bin/wsgate" --config "$tmp/wsgate.toml" 2>"$tmp/wsgate.log" &
+RUST_LOG=${RUST_LOG:-$level} "${wrap[@]}" "$bin/wsgate" --config "$tmp/wsgate.toml" 2>"$tmp/wsgate.log" &
 wsgate_pid=$!
 cleanup() { kill "$wsgate_pid" "$echo_pid" 2>/dev/null || true; }
 trap cleanup EXIT
