@@ -102,7 +102,7 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
         (&Method::GET, ["livez"]) => text(StatusCode::OK, "ok"),
         (&Method::GET, ["readyz"]) if gate.is_ready() => text(StatusCode::OK, "ready"),
         (&Method::GET, ["readyz"]) => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (&Method::GET, ["connections"]) => json(StatusCode::OK, &gate.live.snapshot()),
+        (&Method::GET, ["connections"]) => connections(gate, req.uri().query()),
         (&Method::GET, ["connections", "recent"]) => recent(gate, req.uri().query()),
         (&Method::GET, ["summary"]) => json(StatusCode::OK, &summary(gate, peer)),
         (&Method::POST, ["connections", id, "close"]) => close(gate, id, req).await,
@@ -118,6 +118,27 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
             "not found: try /, /metrics, /livez, /readyz, /connections, /connections/recent, /summary or /drain",
         ),
     }
+}
+
+/// `GET /connections[?limit=N]`: the open WebSockets; with a limit, at most N of them,
+/// flagged first, then the oldest (the admin page asks for a screenful, not for all ten
+/// thousand every second).
+fn connections(gate: &Gate, query: Option<&str>) -> Response<Body> {
+    let wanted = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("limit="));
+    let limit = match wanted.map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "limit: expected a whole number of connections, e.g. ?limit=200",
+            );
+        }
+    };
+    json(StatusCode::OK, &gate.live.snapshot(limit))
 }
 
 /// `GET /connections/recent[?outcome=LABEL]`: the last connections that ended, newest

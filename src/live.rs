@@ -514,7 +514,11 @@ impl LiveTable {
     }
 
     /// Every open connection as `/connections` shows it.
-    pub fn snapshot(&self) -> Vec<ConnSnapshot> {
+    ///
+    /// With a `limit`, at most that many: the flagged ones first (what an operator looks
+    /// for), then the oldest. A page refreshing every second must not serialize ten
+    /// thousand connections each time to show the first screenful.
+    pub fn snapshot(&self, limit: Option<usize>) -> Vec<ConnSnapshot> {
         let now = Instant::now();
         let (conns, ping_interval) = {
             let table = self.lock();
@@ -522,7 +526,14 @@ impl LiveTable {
             (conns, table.config.timers.ping_interval)
         };
         let silence = ping_interval.unwrap_or(DEFAULT_SILENCE);
-        conns.iter().map(|c| c.snapshot(now, silence)).collect()
+        let mut all: Vec<ConnSnapshot> = conns.iter().map(|c| c.snapshot(now, silence)).collect();
+        if let Some(limit) = limit {
+            // The table is ordered by id, so a stable sort on "has flags" keeps the
+            // oldest first within each group.
+            all.sort_by_key(|c| c.flags.is_empty());
+            all.truncate(limit);
+        }
+        all
     }
 
     /// Every open connection, for a pass over all of them without holding the lock.
@@ -602,7 +613,10 @@ mod tests {
             Some(Duration::from_micros(250))
         );
         assert_eq!(reg.conn.take_unrecorded_rtt(Side::Backend), None);
-        assert_eq!(table.snapshot()[0].backend_ping_rtt_seconds, Some(0.00025));
+        assert_eq!(
+            table.snapshot(None)[0].backend_ping_rtt_seconds,
+            Some(0.00025)
+        );
     }
 
     #[test]
@@ -642,15 +656,33 @@ mod tests {
                 bytes: 30,
             },
         );
-        let snap = table.snapshot();
+        let snap = table.snapshot(None);
         assert_eq!(snap.len(), 1);
         assert_eq!((snap[0].id, snap[0].state), (7, "open"));
         assert_eq!(snap[0].client_to_backend.bytes, 30);
         assert_eq!(snap[0].client_to_backend.seconds_since_last_frame, None);
         reg.conn.ending(Outcome::ClientGone);
-        assert_eq!(table.snapshot()[0].outcome, Some("client_gone"));
+        assert_eq!(table.snapshot(None)[0].outcome, Some("client_gone"));
         drop(reg);
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn a_limited_snapshot_shows_flagged_connections_first_then_the_oldest() {
+        let table = table();
+        let regs: Vec<_> = (1..=5).map(|id| table.register(info(id, "/ws"))).collect();
+        regs[3].conn.ending(Outcome::IdleTimeout); // id 4: flagged "closing"
+        let ids = |limit| {
+            table
+                .snapshot(limit)
+                .iter()
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Some(3)), [4, 1, 2]);
+        assert_eq!(ids(Some(0)), Vec::<u64>::new());
+        assert_eq!(ids(Some(100)), [4, 1, 2, 3, 5]);
+        assert_eq!(ids(None), [1, 2, 3, 4, 5]);
     }
 
     fn requests(conn: &LiveConn) -> Option<Requests> {

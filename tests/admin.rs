@@ -193,6 +193,37 @@ async fn a_query_nobody_reads_is_flagged() {
 }
 
 #[tokio::test]
+async fn the_page_asks_for_a_screenful_of_open_connections_oldest_first() {
+    let (gate, backend_l) = gate_with(|_| {}).await;
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        peers.push(pair(&gate, &backend_l).await);
+    }
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_u64().unwrap())
+            .collect()
+    };
+    let all = ids(&get_json(&gate, "/connections").await);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    // None is flagged: the two oldest (lowest ids) of the three.
+    let two = ids(&get_json(&gate, "/connections?limit=2").await);
+    assert_eq!(two, sorted[..2]);
+    assert_eq!(
+        ids(&get_json(&gate, "/connections?limit=0").await),
+        Vec::<u64>::new()
+    );
+    let (status, body) = http_get(gate.admin, "/connections?limit=lots").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit"), "{body}");
+    drop(peers);
+}
+
+#[tokio::test]
 async fn the_admin_api_is_not_served_on_the_proxy_port() {
     let (gate, backend_l) = gate_with(|_| {}).await;
     for path in ["/", "/summary", "/connections/recent", "/metrics"] {

@@ -54,6 +54,8 @@ function age(s) {
 const secsAgo = (s) => (s == null ? "never" : s < 10 ? s.toFixed(1) + " s ago" : age(s) + " ago");
 const hms = (d) => [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
 
+/** Open WebSockets drawn per refresh; wsgate sends the flagged ones first, then the oldest. */
+const OPEN_ROWS = 200;
 let paused = false, timer = null, summary = null, filter = "", busy = false, updated = null;
 try { filter = localStorage.getItem("wsgate-outcome") || ""; } catch { /* storage off */ }
 
@@ -68,7 +70,7 @@ async function refresh() {
   if (busy) return;
   busy = true;
   const recentUrl = "connections/recent" + (filter ? "?outcome=" + encodeURIComponent(filter) : "");
-  const got = await Promise.allSettled([getJSON("summary"), getJSON("connections"), getJSON(recentUrl)]);
+  const got = await Promise.allSettled([getJSON("summary"), getJSON("connections?limit=" + OPEN_ROWS), getJSON(recentUrl)]);
   busy = false;
   const errors = got.filter((r) => r.status === "rejected").map((r) => r.reason.message || String(r.reason));
   const draw = [drawSummary, drawOpen, drawRecent];
@@ -169,7 +171,9 @@ function drawOpen(conns) {
   if (!rows.length) rows.push(empty(9, "No open WebSockets."));
   $("open").tBodies[0].replaceChildren(...rows);
   const n = conns.filter((c) => c.flags && c.flags.length).length;
-  $("open-note").textContent = "· " + conns.length + (n ? ", " + n + " flagged" : "");
+  const total = summary ? Math.max(summary.open_websockets, conns.length) : conns.length;
+  const shown = total > conns.length ? num(conns.length) + " of " + num(total) + " shown, flagged first, then the oldest" : num(conns.length);
+  $("open-note").textContent = "· " + shown + (n ? ", " + n + " flagged" : "");
 }
 
 function empty(span, text) {
