@@ -78,6 +78,6 @@ for m in modules:
     if m not in index:
         visit(m)
 for c in circles:
-    print("circle:", " <-> ".join(c))
+    print("circle:", " <-> ".join(c), file=sys.stderr)
 print(f"{len(modules)} modules, {sum(len(d) for d in deps.values())} edges, {len(circles)} circles")
 sys.exit(1 if circles else 0)

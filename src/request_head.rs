@@ -7,7 +7,7 @@
 //! WebSocket upgrade in a narrow, unambiguous shape ([`classify`]), the upgrade goes on
 //! in the same task and the relay runs there too; anything else — any other request,
 //! any doubt — goes to hyper with the bytes already read replayed in front of the
-//! stream ([`Replayed`]), so hyper sees the connection as if nobody had touched it.
+//! stream ([`crate::stream::Replayed`]), so hyper sees the connection as if nobody had touched it.
 //!
 //! The shape accepted is stricter than hyper: `GET` of an origin-form target in
 //! HTTP/1.1, lines ending in CRLF, one `Host`, no `Content-Length` and no
@@ -15,15 +15,12 @@
 //! upgrade headers present. What does not fit is hyper's to judge; a test holds the
 //! fast path to accepting only requests hyper accepts the same way.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri, Version};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncRead;
 
 use crate::upgrade;
 
@@ -164,72 +161,6 @@ where
         .unwrap_or(FirstRequest::Gone)
 }
 
-/// A stream whose first bytes were already read: reads return those first, then the
-/// stream's own. Writes go to the stream.
-#[derive(Debug)]
-pub struct Replayed<S> {
-    read: Bytes,
-    stream: S,
-}
-
-impl<S> Replayed<S> {
-    pub fn new(read: Bytes, stream: S) -> Self {
-        Replayed { read, stream }
-    }
-
-    /// The stream, and what of the replayed bytes was not read yet.
-    pub fn into_parts(self) -> (S, Bytes) {
-        (self.stream, self.read)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read.is_empty() {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        }
-        let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..n]);
-        this.read.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -273,19 +204,6 @@ mod tests {
                 "{other:?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn a_replayed_stream_reads_its_prefix_first() {
-        let (mut near, far) = tokio::io::duplex(64);
-        let mut replayed = Replayed::new(Bytes::from_static(b"first "), far);
-        near.write_all(b"then").await.unwrap();
-        drop(near);
-        let mut all = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut replayed, &mut all)
-            .await
-            .unwrap();
-        assert_eq!(all, "first then");
     }
 
     /// The request hyper's HTTP/1.1 server makes of `bytes`, if it accepts them.

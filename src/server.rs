@@ -27,8 +27,8 @@ use crate::proxy::{self, Body};
 use crate::record::ConnectionInfo;
 use crate::relay::{self, Handoff, Leg};
 use crate::report;
-use crate::request_head::{self, FirstRequest, Replayed};
-use crate::stream::Stream;
+use crate::request_head::{self, FirstRequest};
+use crate::stream::{Replayed, Stream};
 use crate::upgrade::{self, Upgrade};
 
 /// How long to wait after the forced close for tasks to notice it.

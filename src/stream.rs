@@ -1,11 +1,13 @@
 //! The byte streams wsgate relays — plain TCP or TLS over TCP on either side, and the
 //! stream of a WebSocket carried by an HTTP/2 request (RFC 8441) — and what the relay
-//! needs of each ([`Transport`]).
+//! needs of each ([`Transport`]); and a stream with bytes already read in front of it
+//! ([`Replayed`]), for a connection whose first request wsgate looked at before hyper.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -143,5 +145,91 @@ impl Transport for Stream {
             Stream::Plain(s) => s.poll_read_ready(cx),
             Stream::Tls(_) | Stream::Http2(_) => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// A stream whose first bytes were already read: reads return those first, then the
+/// stream's own. Writes go to the stream.
+#[derive(Debug)]
+pub struct Replayed<S> {
+    read: Bytes,
+    stream: S,
+}
+
+impl<S> Replayed<S> {
+    pub fn new(read: Bytes, stream: S) -> Self {
+        Replayed { read, stream }
+    }
+
+    /// The stream, and what of the replayed bytes was not read yet.
+    pub fn into_parts(self) -> (S, Bytes) {
+        (self.stream, self.read)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..n]);
+        this.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replayed_stream_reads_its_prefix_first() {
+        let (mut near, far) = tokio::io::duplex(64);
+        let mut replayed = Replayed::new(Bytes::from_static(b"first "), far);
+        near.write_all(b"then").await.unwrap();
+        drop(near);
+        let mut all = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut replayed, &mut all)
+            .await
+            .unwrap();
+        assert_eq!(all, "first then");
     }
 }

@@ -23,8 +23,7 @@ use crate::gate::{Settings, Tasks};
 use crate::handshake;
 use crate::proxy::{self, Body, Scheme};
 use crate::relay::Leg;
-use crate::request_head::Replayed;
-use crate::stream::Stream;
+use crate::stream::{Replayed, Stream};
 
 /// An upgrade wsgate could not carry out, and why (for the response body).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
