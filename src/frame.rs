@@ -70,7 +70,8 @@ impl Opcode {
         })
     }
 
-    fn bits(self) -> u8 {
+    /// The opcode's value on the wire.
+    pub fn bits(self) -> u8 {
         match self {
             Opcode::Continuation => 0x0,
             Opcode::Text => 0x1,

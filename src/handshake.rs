@@ -18,6 +18,8 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::stream::Replayed;
+
 /// Header lines accepted in a response head (hyper's client accepts 100).
 const MAX_HEADERS: usize = 100;
 
@@ -166,8 +168,7 @@ fn parse(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, Handshake
 /// went out. This lets hyper's client read a refused handshake's response, body
 /// framing and all, as if it had sent the request itself.
 pub struct Replay<S> {
-    read: Bytes,
-    stream: S,
+    stream: Replayed<S>,
     /// Nothing is readable before the request is "written": an HTTP client treats bytes
     /// that arrive while no request is in flight as an error.
     requested: bool,
@@ -178,8 +179,7 @@ pub struct Replay<S> {
 impl<S> Replay<S> {
     pub fn new(read: Bytes, stream: S) -> Self {
         Replay {
-            read,
-            stream,
+            stream: Replayed::new(read, stream),
             requested: false,
             reader: None,
         }
@@ -197,13 +197,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
             this.reader = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if this.read.is_empty() {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        }
-        let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..n]);
-        this.read.advance(n);
-        Poll::Ready(Ok(()))
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 

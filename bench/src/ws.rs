@@ -51,23 +51,11 @@ pub fn parse_header(b: &[u8]) -> io::Result<Option<(Header, usize)>> {
     Ok(Some((h, total)))
 }
 
-/// The opcode's value on the wire (RFC 6455 §5.2); wsgate keeps its own mapping private.
-fn opcode_bits(opcode: Opcode) -> u8 {
-    match opcode {
-        Opcode::Continuation => 0x0,
-        Opcode::Text => 0x1,
-        Opcode::Binary => 0x2,
-        Opcode::Close => 0x8,
-        Opcode::Ping => 0x9,
-        Opcode::Pong => 0xA,
-    }
-}
-
 /// Appends a frame header for a payload of `len` bytes, masked with `mask` if given.
 /// wsgate's `frame::encode` writes whole frames of at most 125 bytes (its own control
 /// frames); data frames of any size need this.
 pub fn put_header(out: &mut Vec<u8>, fin: bool, opcode: Opcode, len: usize, mask: Option<[u8; 4]>) {
-    out.push(if fin { 0x80 } else { 0 } | opcode_bits(opcode));
+    out.push(if fin { 0x80 } else { 0 } | opcode.bits());
     let m = if mask.is_some() { 0x80 } else { 0 };
     if len < 126 {
         out.push(m | len as u8);
