@@ -7,6 +7,7 @@
 //! metrics, so nothing process-wide is contended per message.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::config::LogFormat;
@@ -79,7 +80,7 @@ fn line(r: &Record, format: LogFormat, at: SystemTime) -> Vec<u8> {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut l = Line::new(format, at);
     l.uint("id", r.info.id);
-    l.display("client", &r.info.client);
+    l.addr("client", r.info.client);
     l.uint("worker", r.info.worker as u64);
     l.display("path", &r.info.path);
     l.str("outcome", r.outcome.as_str());
@@ -174,6 +175,31 @@ impl Line {
             let _ = serde_json::to_writer(&mut self.out, value);
         } else {
             let _ = write!(self.out, "{value:?}");
+        }
+    }
+
+    /// The client's address, as `display` would write it. An IPv4 address is written
+    /// octet by octet: `Display` of an address was a tenth of the whole line's cost.
+    fn addr(&mut self, name: &str, addr: SocketAddr) {
+        let SocketAddr::V4(v4) = addr else {
+            return self.display(name, &addr);
+        };
+        self.name(name);
+        if self.json {
+            self.out.push(b'"');
+        }
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            self.out.extend_from_slice(digits.format(octet).as_bytes());
+        }
+        self.out.push(b':');
+        self.out
+            .extend_from_slice(digits.format(v4.port()).as_bytes());
+        if self.json {
+            self.out.push(b'"');
         }
     }
 
@@ -273,6 +299,14 @@ mod tests {
         }
     }
 
+    /// With and without round trips; IPv4 addresses (written by hand) and IPv6 ones.
+    const CASES: [(bool, &str); 4] = [
+        (false, "[2001:db8::1]:4000"),
+        (true, "192.0.2.255:65535"),
+        (false, "10.0.0.1:0"),
+        (true, "[fe80::1%2]:80"),
+    ];
+
     /// What `tracing`'s own formatter writes for [`event`], without the timestamp.
     fn through_tracing(r: &Record, format: LogFormat) -> String {
         let out = Captured::default();
@@ -295,8 +329,9 @@ mod tests {
 
     #[test]
     fn the_direct_text_line_is_tracings_line() {
-        for rtt in [false, true] {
-            let r = record(rtt);
+        for (rtt, client) in CASES {
+            let mut r = record(rtt);
+            r.info.client = client.parse().unwrap();
             let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
             let direct = String::from_utf8(line(&r, LogFormat::Text, at)).unwrap();
             let stamp = "2025-12-05T10:20:00.123456Z ";
@@ -308,8 +343,9 @@ mod tests {
 
     #[test]
     fn the_direct_json_line_is_tracings_line() {
-        for rtt in [false, true] {
-            let r = record(rtt);
+        for (rtt, client) in CASES {
+            let mut r = record(rtt);
+            r.info.client = client.parse().unwrap();
             let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
             let direct = String::from_utf8(line(&r, LogFormat::Json, at)).unwrap();
             let mut direct: serde_json::Value = serde_json::from_str(&direct).unwrap();
