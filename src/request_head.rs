@@ -47,8 +47,9 @@ pub enum Classified {
     Other,
 }
 
-/// Looks at the bytes a connection started with.
-pub fn classify(buf: &[u8]) -> Classified {
+/// Looks at the bytes a connection started with. The request it makes shares `buf`:
+/// its target and header values are slices of it, not copies.
+pub fn classify(buf: &Bytes) -> Classified {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
     let head_len = match parsed.parse(buf) {
@@ -56,14 +57,19 @@ pub fn classify(buf: &[u8]) -> Classified {
         Ok(httparse::Status::Partial) => return Classified::Incomplete,
         Err(_) => return Classified::Other,
     };
-    match upgrade_request(&parsed, &buf[..head_len]) {
+    match upgrade_request(&parsed, buf, head_len) {
         Some(request) => Classified::Upgrade { request, head_len },
         None => Classified::Other,
     }
 }
 
 /// The request, if it is a WebSocket upgrade in the shape the fast path takes.
-fn upgrade_request(parsed: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Request<()>> {
+fn upgrade_request(
+    parsed: &httparse::Request<'_, '_>,
+    buf: &Bytes,
+    head_len: usize,
+) -> Option<Request<()>> {
+    let head = &buf[..head_len];
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return None;
     }
@@ -81,12 +87,12 @@ fn upgrade_request(parsed: &httparse::Request<'_, '_>, head: &[u8]) -> Option<Re
     let mut request = Request::new(());
     *request.method_mut() = Method::GET;
     *request.version_mut() = Version::HTTP_11;
-    *request.uri_mut() = target.parse::<Uri>().ok()?;
+    *request.uri_mut() = Uri::from_maybe_shared(buf.slice_ref(target.as_bytes())).ok()?;
     let headers = request.headers_mut();
     headers.reserve(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(h.value).ok()?;
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(h.value)).ok()?;
         headers.append(name, value);
     }
     // A body has no place in an upgrade request, and its framing headers are where
@@ -136,19 +142,26 @@ where
                 Ok(_) => {}
                 Err(_) => return FirstRequest::Gone,
             }
-            match classify(&buf) {
-                Classified::Incomplete if buf.len() <= max_head => continue,
+            // Frozen to be looked at, so that the request can share the bytes; thawed
+            // again (no copy: nothing else holds them) when the head is incomplete.
+            let mut read = buf.freeze();
+            match classify(&read) {
+                Classified::Incomplete if read.len() <= max_head => {
+                    buf = read
+                        .try_into_mut()
+                        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                }
                 Classified::Incomplete | Classified::Other => {
-                    return FirstRequest::Other(buf.freeze());
+                    return FirstRequest::Other(read);
                 }
                 Classified::Upgrade { head_len, .. } if head_len > max_head => {
-                    return FirstRequest::Other(buf.freeze());
+                    return FirstRequest::Other(read);
                 }
                 Classified::Upgrade { request, head_len } => {
-                    let rest = buf.split_off(head_len).freeze();
+                    let rest = read.split_off(head_len);
                     return FirstRequest::Upgrade {
                         request,
-                        head: buf.freeze(),
+                        head: read,
                         rest,
                     };
                 }
@@ -179,13 +192,17 @@ mod tests {
     fn a_plain_upgrade_is_taken_with_what_follows_it_and_the_rest_is_not() {
         let mut bytes = UPGRADE.as_bytes().to_vec();
         bytes.extend_from_slice(b"\x81\x80frame");
+        let bytes = Bytes::from(bytes);
         let Classified::Upgrade { request, head_len } = classify(&bytes) else {
             panic!("not taken")
         };
         assert_eq!(head_len, UPGRADE.len());
         assert_eq!(request.uri(), "/ws?q=1");
         assert_eq!(request.headers()["host"], "dash.example");
-        assert!(matches!(classify(&bytes[..40]), Classified::Incomplete));
+        assert!(matches!(
+            classify(&bytes.slice(..40)),
+            Classified::Incomplete
+        ));
         for other in [
             UPGRADE.replace("GET", "POST"),
             UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
@@ -200,10 +217,43 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_string(),
         ] {
             assert!(
-                matches!(classify(other.as_bytes()), Classified::Other),
+                matches!(classify(&Bytes::from(other.clone())), Classified::Other),
                 "{other:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_head_arriving_in_pieces_is_read_until_it_is_complete() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let sent = [UPGRADE.as_bytes(), b"\x81\x80frame"].concat();
+        let (first, second) = sent.split_at(50);
+        client.write_all(first).await.unwrap();
+        let mut read = std::pin::pin!(read_first(&mut server, 8192, Duration::from_secs(5)));
+        // Polled once: the first piece is read, found incomplete, and more is awaited.
+        let waiting = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(read.as_mut(), cx).is_pending())
+        });
+        assert!(waiting.await);
+        client.write_all(second).await.unwrap();
+        let first_request = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap();
+        let FirstRequest::Upgrade {
+            request,
+            head,
+            rest,
+        } = first_request
+        else {
+            panic!("not taken as an upgrade")
+        };
+        assert_eq!(&head[..], UPGRADE.as_bytes());
+        assert_eq!(&rest[..], b"\x81\x80frame");
+        assert_eq!(request.uri(), "/ws?q=1");
+        assert_eq!(
+            request.headers()["sec-websocket-key"],
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
     }
 
     /// The request hyper's HTTP/1.1 server makes of `bytes`, if it accepts them.
@@ -339,7 +389,7 @@ mod tests {
         /// the request hyper would have read, as an upgrade hyper would have seen too.
         #[test]
         fn the_fast_path_takes_only_what_hyper_takes_the_same_way(bytes in request_bytes()) {
-            if let Classified::Upgrade { request, head_len } = classify(&bytes) {
+            if let Classified::Upgrade { request, head_len } = classify(&Bytes::from(bytes.clone())) {
                 let head = &bytes[..head_len];
                 // None of the smuggling shapes got through.
                 let text = String::from_utf8_lossy(head).to_ascii_lowercase();
@@ -367,7 +417,7 @@ mod tests {
         let taken = (0..2000)
             .filter(|_| {
                 let bytes = strategy.new_tree(&mut runner).unwrap().current();
-                matches!(classify(&bytes), Classified::Upgrade { .. })
+                matches!(classify(&Bytes::from(bytes)), Classified::Upgrade { .. })
             })
             .count();
         println!("{taken} of 2000 generated requests taken by the fast path");
