@@ -47,7 +47,6 @@ fn log_ended(r: &Record) {
 
 /// The connection's line as a `tracing` event.
 fn event(r: &Record) {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::info!(
         target: "wsgate::connection",
         id = r.info.id,
@@ -73,11 +72,16 @@ fn event(r: &Record) {
     );
 }
 
+/// A duration in milliseconds to the microsecond, as the line shows it: `0.151`, not
+/// the `0.15119100000000002` that nanoseconds in binary floating point would print.
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
 /// The connection's line in `format`, logged at `at`, exactly as `tracing`'s text or
 /// flattened JSON formatter would write [`event`] (same fields, order and number
 /// formatting), ending in a newline.
 fn line(r: &Record, format: LogFormat, at: SystemTime) -> Vec<u8> {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut l = Line::new(format, at);
     l.uint("id", r.info.id);
     l.addr("client", r.info.client);
@@ -338,6 +342,17 @@ mod tests {
             assert!(direct.starts_with(stamp), "{direct}");
             // `without_time` leaves the level's padding where the timestamp was.
             assert_eq!(&direct[stamp.len()..], through_tracing(&r, LogFormat::Text));
+            // Milliseconds to the microsecond, without binary floating-point tails.
+            assert!(
+                direct.contains(" duration_ms=4712.345 release_ms=0.45 "),
+                "{direct}"
+            );
+            if rtt {
+                assert!(
+                    direct.ends_with(" client_rtt_ms=0.25 backend_rtt_ms=0.033\n"),
+                    "{direct}"
+                );
+            }
         }
     }
 
