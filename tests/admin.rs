@@ -197,7 +197,12 @@ async fn the_page_asks_for_a_screenful_of_open_connections_oldest_first() {
     let (gate, backend_l) = gate_with(|_| {}).await;
     let mut peers = Vec::new();
     for _ in 0..3 {
-        peers.push(pair(&gate, &backend_l).await);
+        let (mut c, mut b) = pair(&gate, &backend_l).await;
+        // A frame relayed end to end: the relay is running, so it is in the live table
+        // (the client has its 101 a moment before the relay registers).
+        c.send(TEXT, b"hi").await;
+        b.recv().await;
+        peers.push((c, b));
     }
     let ids = |v: &Value| -> Vec<u64> {
         v.as_array()

@@ -24,6 +24,16 @@ async fn connections_spread_over_the_workers_and_the_drain_closes_them_all() {
     for _ in 0..60 {
         pairs.push(pair(&gate, &backend_l).await);
     }
+    // Every WebSocket relays both ways, so every relay runs and is in the live table
+    // (a client has its 101 a moment before its relay registers).
+    for (i, (client, backend)) in pairs.iter_mut().enumerate() {
+        let msg = format!("message {i}");
+        client.send(TEXT, msg.as_bytes()).await;
+        assert_eq!(backend.recv().await.payload, msg.as_bytes());
+        backend.send(TEXT, msg.as_bytes()).await;
+        assert_eq!(client.recv().await.payload, msg.as_bytes());
+    }
+
     let (status, body) = http_get(gate.admin, "/connections").await;
     assert_eq!(status, 200);
     let table: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -34,14 +44,6 @@ async fn connections_spread_over_the_workers_and_the_drain_closes_them_all() {
         .map(|c| c["worker"].as_u64().unwrap())
         .collect();
     assert_eq!(workers, BTreeSet::from([0, 1, 2]), "{body}");
-
-    for (i, (client, backend)) in pairs.iter_mut().enumerate() {
-        let msg = format!("message {i}");
-        client.send(TEXT, msg.as_bytes()).await;
-        assert_eq!(backend.recv().await.payload, msg.as_bytes());
-        backend.send(TEXT, msg.as_bytes()).await;
-        assert_eq!(client.recv().await.payload, msg.as_bytes());
-    }
 
     let done = gate.begin_shutdown();
     for (client, backend) in &mut pairs {
