@@ -335,11 +335,8 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
                     // WebSocket's whole life: this task's future, with every step before
                     // the relay in it, is three times that. It keeps the connection busy
                     // (and its slot taken) until it ends.
-                    let relay = relay::start(handoff, &gate.live, gate.metrics.clone());
-                    gate.tasks.tracker.spawn(async move {
-                        relay.await;
-                        drop(busy);
-                    });
+                    let relay = relay::start(handoff, &gate.live, gate.metrics.clone(), busy);
+                    gate.tasks.tracker.spawn(relay);
                     return;
                 }
                 // An answer of wsgate's or the backend's refusal: hyper writes it, with
