@@ -47,9 +47,11 @@ pub struct Handoff<C> {
 }
 
 /// Spawns the relay of one WebSocket on `tasks`: it waits for the client's stream,
-/// registers in `live`, relays until both sockets are closed, records the connection in
-/// `metrics` and the log, and drops `guard` (what the client connection holds for as
-/// long as its WebSocket lasts).
+/// then runs [`start`]'s future as a task of its own, which registers in `live`, relays
+/// until both sockets are closed, records the connection in `metrics` and the log, and
+/// drops `guard` (what the client connection holds for as long as its WebSocket lasts).
+/// The waiting task ends there: kept for the WebSocket's life, it would hold what it
+/// captured (the upgrade future, the backend stream's old place) beside the relay.
 pub fn spawn<F, G>(
     tasks: &TaskTracker,
     handoff: Handoff<F>,
@@ -68,6 +70,7 @@ pub fn spawn<F, G>(
     } = handoff;
     let live = live.clone();
     let metrics = metrics.clone();
+    let relays = tasks.clone();
     tasks.spawn(async move {
         let Some(client) = client.await else {
             return;
@@ -78,7 +81,7 @@ pub fn spawn<F, G>(
             negotiated,
             info,
         };
-        start(handoff, &live, metrics, guard).await;
+        relays.spawn(start(handoff, &live, metrics, guard));
     });
 }
 
