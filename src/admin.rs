@@ -120,15 +120,19 @@ async fn route(gate: &Gate, peer: SocketAddr, req: Request<Incoming>) -> Respons
     }
 }
 
+/// The raw value of `name` in a query string (`a=1&name=value`), if present. The admin
+/// API's parameters are plain words and numbers: nothing to percent-decode.
+fn param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
 /// `GET /connections[?limit=N]`: the open WebSockets; with a limit, at most N of them,
 /// flagged first, then the oldest (the admin page asks for a screenful, not for all ten
 /// thousand every second).
 fn connections(gate: &Gate, query: Option<&str>) -> Response<Body> {
-    let wanted = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("limit="));
-    let limit = match wanted.map(str::parse::<usize>) {
+    let limit = match param(query, "limit").map(str::parse::<usize>) {
         None => None,
         Some(Ok(n)) => Some(n),
         Some(Err(_)) => {
@@ -144,11 +148,7 @@ fn connections(gate: &Gate, query: Option<&str>) -> Response<Body> {
 /// `GET /connections/recent[?outcome=LABEL]`: the last connections that ended, newest
 /// first.
 fn recent(gate: &Gate, query: Option<&str>) -> Response<Body> {
-    let wanted = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("outcome="));
-    let outcome = match wanted {
+    let outcome = match param(query, "outcome") {
         None | Some("") | Some("all") => None,
         Some(label) => match Outcome::ALL.iter().find(|o| o.as_str() == label) {
             Some(o) => Some(*o),
@@ -336,6 +336,17 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_parameter_is_found_by_its_whole_name() {
+        assert_eq!(
+            param(Some("outcome=client_gone&limit=20"), "limit"),
+            Some("20")
+        );
+        assert_eq!(param(Some("limit="), "limit"), Some(""));
+        assert_eq!(param(Some("limits=3&xlimit=4"), "limit"), None);
+        assert_eq!(param(None, "limit"), None);
+    }
 
     #[test]
     fn a_page_of_another_origin_may_not_change_state() {
