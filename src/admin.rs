@@ -31,7 +31,7 @@ use crate::gate::Gate;
 use crate::history::Releases;
 use crate::live::CloseError;
 use crate::proxy::{Body, full};
-use crate::record::Outcome;
+use crate::record::{Kind, Outcome};
 use crate::report;
 
 /// Bound on reading an admin request's header.
@@ -145,13 +145,13 @@ fn connections(gate: &Gate, query: Option<&str>) -> Response<Body> {
     json(StatusCode::OK, &gate.live.snapshot(limit))
 }
 
-/// `GET /connections/recent[?outcome=LABEL]`: the last connections that ended, newest
-/// first.
+/// `GET /connections/recent[?kind=websocket|http][&outcome=LABEL]`: the last exchanges
+/// that ended, newest first.
 fn recent(gate: &Gate, query: Option<&str>) -> Response<Body> {
     let outcome = match param(query, "outcome") {
         None | Some("") | Some("all") => None,
-        Some(label) => match Outcome::ALL.iter().find(|o| o.as_str() == label) {
-            Some(o) => Some(*o),
+        Some(label) => match Outcome::from_label(label) {
+            Some(o) => Some(o),
             None => {
                 return text(
                     StatusCode::BAD_REQUEST,
@@ -160,7 +160,19 @@ fn recent(gate: &Gate, query: Option<&str>) -> Response<Body> {
             }
         },
     };
-    json(StatusCode::OK, &gate.live.recent(outcome))
+    let kind = match param(query, "kind") {
+        None | Some("") | Some("all") => None,
+        Some(label) => match Kind::BOTH.into_iter().find(|k| k.as_str() == label) {
+            Some(k) => Some(k),
+            None => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown kind {label:?}: use websocket or http"),
+                );
+            }
+        },
+    };
+    json(StatusCode::OK, &gate.live.recent(kind, outcome))
 }
 
 /// `GET /summary`: what the admin page shows above its tables.
@@ -170,11 +182,18 @@ struct Summary {
     uptime_seconds: f64,
     draining: bool,
     open_websockets: usize,
+    /// HTTP streams open (in `/connections`).
+    open_http_streams: usize,
     max_connections: usize,
     ping_interval_seconds: Option<f64>,
-    /// Every outcome, ended since start.
+    /// WebSockets ended since start, by every WebSocket outcome.
     ended_by_outcome: BTreeMap<&'static str, u64>,
+    /// HTTP streams and cut-short exchanges ended since start, by every HTTP outcome
+    /// (`completed` counts streams only: a short request that completed is counted in
+    /// the metrics, not here).
+    http_ended_by_outcome: BTreeMap<&'static str, u64>,
     release_seconds: Releases,
+    http_release_seconds: Releases,
     /// `admin.allow_close` is on and the viewer is on loopback: the page offers a
     /// Close button per connection.
     viewer_may_close: bool,
@@ -185,20 +204,26 @@ struct Summary {
 fn summary(gate: &Gate, viewer: SocketAddr) -> Summary {
     let settings = gate.settings();
     let config = &settings.config;
-    let ended = gate.live.ended();
+    let by_outcome = |kind: Kind| {
+        let ended = gate.live.ended(kind);
+        kind.outcomes()
+            .iter()
+            .map(|o| (o.as_str(), ended[o.idx()]))
+            .collect()
+    };
     let on_loopback = may_change_state(viewer.ip());
     Summary {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: gate.started.elapsed().as_secs_f64(),
         draining: gate.drain.is_begun(),
-        open_websockets: gate.live.len(),
+        open_websockets: gate.live.count(Kind::WebSocket),
+        open_http_streams: gate.live.count(Kind::Http),
         max_connections: settings.max_connections,
         ping_interval_seconds: config.websocket.ping_interval.map(|d| d.as_secs_f64()),
-        ended_by_outcome: Outcome::ALL
-            .iter()
-            .map(|o| (o.as_str(), ended[o.idx()]))
-            .collect(),
-        release_seconds: gate.live.releases(),
+        ended_by_outcome: by_outcome(Kind::WebSocket),
+        http_ended_by_outcome: by_outcome(Kind::Http),
+        release_seconds: gate.live.releases(Kind::WebSocket),
+        http_release_seconds: gate.live.releases(Kind::Http),
         viewer_may_close: config.admin.allow_close && on_loopback,
         viewer_may_drain: on_loopback,
     }
@@ -234,13 +259,19 @@ fn may_change_state(peer: IpAddr) -> bool {
     }
 }
 
-/// The body of `POST /connections/{id}/close`.
+/// The body of `POST /connections/{id}/close`. An HTTP stream has no Close frame: its
+/// code and reason are ignored (and may be left out).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloseBody {
+    #[serde(default = "normal_closure")]
     code: u16,
     #[serde(default)]
     reason: String,
+}
+
+fn normal_closure() -> u16 {
+    1000
 }
 
 async fn close(gate: &Gate, id: &str, req: Request<Incoming>) -> Response<Body> {
@@ -264,6 +295,11 @@ async fn close(gate: &Gate, id: &str, req: Request<Incoming>) -> Response<Body> 
                 "the body is too large or unreadable",
             );
         }
+    };
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        bytes::Bytes::from_static(b"{}")
+    } else {
+        body
     };
     let request: CloseBody = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -1,41 +1,35 @@
 //! The way to the backend: one connect policy — TCP, socket options, TLS for an
 //! `https://` backend, all within `http.connect_timeout` — used by both paths. A
-//! WebSocket gets a dedicated connection from [`Backend::connect`]; plain HTTP requests
-//! go through [`Backend::client`], a keep-alive pool per worker whose connections come
-//! from the same [`Connector`].
+//! WebSocket gets a dedicated connection from [`Backend::connect`]; an HTTP exchange
+//! borrows an HTTP/1.1 connection ([`Lease`]) from its worker's [`Pool`] of idle ones,
+//! or a new one from the same [`Connector`], drives it in its own task and gives it back
+//! when its response has ended.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper::Uri;
-use hyper::body::Incoming;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::body::RequestBody;
 use crate::config::{self, Config};
 use crate::error::{ProxyError, TlsError};
 use crate::stream::Stream;
 use crate::tls::BackendTls;
 
-/// How long an idle pooled backend connection is kept.
+/// How long an idle backend connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The pooled HTTP client for plain requests.
-pub type HttpClient = Client<Connector, Incoming>;
 
 /// How wsgate connects to the backend. Cheap to clone (one pointer).
 #[derive(Clone)]
 pub struct Connector(Arc<Target>);
 
 struct Target {
-    backend: config::Backend,
+    backend: config::BackendUrl,
     /// The backend's host, when it is an IP address.
     ip: Option<std::net::IpAddr>,
     /// TLS toward an `https://` backend.
@@ -108,27 +102,20 @@ impl Connector {
     }
 }
 
-/// The backend as the server uses it: the connector, and one keep-alive pool per
-/// worker (a worker's requests use backend connections driven by its own thread).
+/// The backend as the server uses it: the connector, and one pool of idle HTTP/1.1
+/// connections per worker (a worker's exchanges use backend connections on its own
+/// thread).
 pub struct Backend {
     connector: Connector,
-    clients: Vec<HttpClient>,
+    pools: Vec<Pool>,
 }
 
 impl Backend {
     /// For `workers` workers. Fails when TLS material toward the backend does not load.
     pub fn new(config: &Config, workers: usize) -> Result<Backend, TlsError> {
         let connector = Connector::new(config)?;
-        let clients = (0..workers.max(1))
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector.clone())
-            })
-            .collect();
-        Ok(Backend { connector, clients })
+        let pools = (0..workers.max(1)).map(|_| Pool::default()).collect();
+        Ok(Backend { connector, pools })
     }
 
     /// A dedicated connection, for a WebSocket.
@@ -136,80 +123,294 @@ impl Backend {
         self.connector.connect().await
     }
 
-    /// The pooled HTTP client of `worker`.
-    pub fn client(&self, worker: usize) -> &HttpClient {
-        &self.clients[worker % self.clients.len()]
-    }
-}
-
-/// hyper's pool asks the connector for a connection per `Uri`; wsgate has one backend,
-/// so the URI only keys the pool.
-impl tower_service::Service<Uri> for Connector {
-    type Response = PooledConn;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<PooledConn>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    /// An idle HTTP/1.1 connection of `worker`'s pool that is still open, polled with
+    /// `cx` (the exchange's task takes over its wake-ups); `None`: make a
+    /// [`Backend::fresh`] one.
+    pub fn take(&self, worker: usize, cx: &mut Context<'_>) -> Option<Lease> {
+        self.pool(worker).take(cx)
     }
 
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let connector = self.clone();
-        Box::pin(async move {
-            connector
-                .connect()
-                .await
-                .map(|s| PooledConn(TokioIo::new(s)))
-                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.message()))
+    /// Gives a connection back to `worker`'s pool after a completed response, if it
+    /// can carry another request to this backend (a reload may have changed it);
+    /// else closes it.
+    pub fn put(&self, worker: usize, lease: Lease) {
+        if Arc::ptr_eq(&lease.origin.0, &self.connector.0) {
+            self.pool(worker).put(lease);
+        }
+    }
+
+    /// A new HTTP/1.1 connection.
+    pub async fn fresh(&self) -> Result<Lease, ProxyError> {
+        let stream = self.connector.connect().await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "backend HTTP/1.1 handshake failed");
+                ProxyError::BackendFailed
+            })?;
+        Ok(Lease {
+            sender,
+            conn: Box::pin(conn),
+            finished: false,
+            reused: false,
+            origin: self.connector.clone(),
         })
     }
-}
 
-/// A pooled backend connection, in the I/O traits hyper's client speaks.
-pub struct PooledConn(TokioIo<Stream>);
+    fn pool(&self, worker: usize) -> &Pool {
+        &self.pools[worker % self.pools.len()]
+    }
 
-impl Connection for PooledConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
+    /// Closes the idle connections that expired or that the backend closed.
+    pub fn sweep(&self) {
+        for pool in &self.pools {
+            pool.sweep();
+        }
     }
 }
 
-impl Read for PooledConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+/// The request sender of a backend connection.
+pub type Sender = http1::SendRequest<RequestBody>;
+
+/// A backend connection lent to one exchange, which drives it in its own task: the
+/// request goes out and the response comes in as the exchange polls it, with no other
+/// task and no channel between them. Dropping it closes the connection.
+pub struct Lease {
+    pub sender: Sender,
+    conn: Pin<Box<http1::Connection<TokioIo<Stream>, RequestBody>>>,
+    /// The connection future completed: the connection is closed or failed.
+    finished: bool,
+    /// It served an exchange before this one.
+    reused: bool,
+    /// The connector that made it: a reload that changes the backend makes another.
+    origin: Connector,
+}
+
+impl Lease {
+    /// Does the connection's I/O that can be done now; ready once it has ended (closed
+    /// by the backend, failed, or done with a response that closes it).
+    pub fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.finished {
+            return Poll::Ready(());
+        }
+        match self.conn.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "backend connection ended");
+                }
+                self.finished = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// It served an exchange before this one, so a request it cannot take is no sign
+    /// that the backend is down.
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    /// It can carry another request: open, and done with the last one.
+    pub fn is_reusable(&self) -> bool {
+        !self.finished && self.sender.is_ready()
     }
 }
 
-impl Write for PooledConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+/// Idle HTTP/1.1 connections of one worker, most recently used first out: a client's
+/// requests, one after the other, keep using the same connection, and a client with
+/// nothing in flight holds none. An idle connection is not polled; a connection the
+/// backend closed meanwhile is found when it is taken (polled once then) or by the
+/// sweep every second.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    lease: Lease,
+    since: Instant,
+}
+
+impl Pool {
+    /// An idle connection that is still open, polled with `cx` (the exchange's task
+    /// takes over its wake-ups).
+    fn take(&self, cx: &mut Context<'_>) -> Option<Lease> {
+        loop {
+            let idle = lock(&self.idle).pop()?;
+            if idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
+                continue;
+            }
+            let mut lease = idle.lease;
+            if lease.drive(cx).is_pending() && lease.is_reusable() {
+                lease.reused = true;
+                return Some(lease);
+            }
+        }
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    /// Takes `lease` back if it can carry another request; else closes it.
+    fn put(&self, mut lease: Lease) {
+        let waker = std::task::Waker::noop();
+        // The response just ended: one poll lets the connection see whether it stays
+        // open (a `Connection: close` answer ends it here).
+        if lease.drive(&mut Context::from_waker(waker)).is_ready() || !lease.is_reusable() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() >= MAX_IDLE_PER_WORKER {
+            // The oldest goes: drop it outside the lock.
+            let oldest = idle.remove(0);
+            idle.push(Idle {
+                lease,
+                since: Instant::now(),
+            });
+            drop(idle);
+            drop(oldest);
+            return;
+        }
+        idle.push(Idle {
+            lease,
+            since: Instant::now(),
+        });
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+    /// Closes the connections idle for longer than [`POOL_IDLE_TIMEOUT`] and those the
+    /// backend closed.
+    fn sweep(&self) {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut gone = Vec::new();
+        {
+            let mut idle = lock(&self.idle);
+            let mut i = 0;
+            while i < idle.len() {
+                let expired = idle[i].since.elapsed() >= POOL_IDLE_TIMEOUT;
+                if expired || idle[i].lease.drive(&mut cx).is_ready() {
+                    gone.push(idle.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            // Most recently used last again (swap_remove moved some).
+            idle.sort_by_key(|i| i.since);
+        }
+        drop(gone);
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    /// Idle connections held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.idle).len()
+    }
+}
+
+/// At most this many idle connections per worker: enough for the concurrency of a
+/// busy sidecar, few enough that a burst does not leave hundreds open.
+const MAX_IDLE_PER_WORKER: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hyper::Request;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A backend on loopback that answers every request on a connection with "ok" and
+    /// hands each accepted socket's server end to the test through `accepted`.
+    async fn backend() -> (Backend, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = Config::default();
+        config.backend =
+            config::BackendUrl::parse(&format!("http://{}", l.local_addr().unwrap())).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let _ = tx.send(s);
+            }
+        });
+        (Backend::new(&config, 1).unwrap(), rx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    /// Sends one GET on `lease` with an empty body, answered by the test through
+    /// `server`; drives the connection until the response has ended.
+    async fn exchange(lease: &mut Lease, server: &mut TcpStream) {
+        let (parts, body) = hyper_body().into_parts();
+        let mut sent = std::pin::pin!(
+            lease
+                .sender
+                .try_send_request(Request::from_parts(parts, body))
+        );
+        let mut head = [0u8; 1024];
+        let answer = async {
+            let n = server.read(&mut head).await.unwrap();
+            assert!(head[..n].starts_with(b"GET / HTTP/1.1"));
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+        };
+        let response = std::future::poll_fn(|cx| {
+            let _ = lease.drive(cx);
+            sent.as_mut().poll(cx)
+        });
+        let (resp, ()) = tokio::join!(response, answer);
+        let mut body = resp.ok().unwrap().into_body();
+        use hyper::body::Body as _;
+        let collected = std::future::poll_fn(|cx| {
+            let _ = lease.drive(cx);
+            std::pin::Pin::new(&mut body).poll_frame(cx)
+        });
+        let frame = collected.await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ok");
+        // The end of the body.
+        let end = std::future::poll_fn(|cx| {
+            let _ = lease.drive(cx);
+            std::pin::Pin::new(&mut body).poll_frame(cx)
+        });
+        assert!(end.await.is_none());
+    }
+
+    /// A GET without a body.
+    fn hyper_body() -> Request<RequestBody> {
+        Request::get("/").body(RequestBody::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_to_the_pool_and_is_swept_when_the_backend_closes_it() {
+        let (backend, mut accepted) = backend().await;
+        let mut lease = backend.fresh().await.unwrap();
+        assert!(!lease.is_reused());
+        let mut server = accepted.recv().await.unwrap();
+        exchange(&mut lease, &mut server).await;
+        backend.put(0, lease);
+        assert_eq!(backend.pool(0).len(), 1);
+        // Taken again: the same connection, reused.
+        let taken = std::future::poll_fn(|cx| Poll::Ready(backend.take(0, cx))).await;
+        let mut lease = taken.expect("the idle connection");
+        assert!(lease.is_reused());
+        exchange(&mut lease, &mut server).await;
+        backend.put(0, lease);
+        // The backend closes it: the sweep finds it and lets it go.
+        drop(server);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while backend.pool(0).len() > 0 {
+                backend.sweep();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            accepted.try_recv().is_err(),
+            "no second connection was made"
+        );
     }
 }

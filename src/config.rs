@@ -21,7 +21,7 @@ pub struct Config {
     /// Where clients connect. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
     /// The one backend everything is forwarded to. Default `http://127.0.0.1:5080`.
-    pub backend: Backend,
+    pub backend: BackendUrl,
     /// Client TCP connections (HTTP and WebSocket) served at once; the next one gets a
     /// 503. Each WebSocket also holds a backend socket, so the file descriptors used are
     /// about twice this. Default [`MaxConnections::Auto`].
@@ -131,6 +131,26 @@ pub struct HttpConfig {
     pub max_header_size: usize,
     /// Accept HTTP/2 with prior knowledge (h2c) on a plain listener. Default false.
     pub h2c: bool,
+    /// A response body the client takes nothing of for this long ends the exchange
+    /// (`client_stalled`): the backend is released, the client's connection (HTTP/1.1)
+    /// or stream (HTTP/2) is cut. Also bounds a client connection whose socket accepts
+    /// no bytes at all. `None` ("0s") disables it. Default 30s, as for WebSockets.
+    pub write_timeout: Option<Duration>,
+    /// A response body still open this long after its head makes the exchange a
+    /// stream: listed on the admin page and in `/connections`, logged and recorded
+    /// when it ends, whatever its outcome. (A `text/event-stream` response is a stream
+    /// from its head.) Default 1s.
+    pub stream_after: Duration,
+    /// No body bytes either way for this long ends a streaming response
+    /// (`stream_idle_timeout`; the client sees a truncation). `None` ("0s", the
+    /// default) disables it.
+    pub stream_idle_timeout: Option<Duration>,
+    /// An event stream (`text/event-stream`, not compressed) quiet toward its client
+    /// for this long gets an SSE comment line (`:` and a blank line) at an event
+    /// boundary, which keeps idle-cutting load balancers in front of wsgate from
+    /// closing it and finds a vanished HTTP/1.1 client by the failing write. `None`
+    /// ("0s", the default) disables it.
+    pub sse_heartbeat: Option<Duration>,
 }
 
 /// `[websocket]`: how relayed WebSocket connections are kept alive and ended.
@@ -214,6 +234,20 @@ pub const MAX_RECENT_ENDINGS: usize = 10_000;
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// Which HTTP exchanges get a line when they end. Default [`HttpLog::Streams`].
+    pub http: HttpLog,
+}
+
+/// Which HTTP exchanges are logged (`log.http`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpLog {
+    /// Streams (event streams, bodies open past `http.stream_after`) and every exchange
+    /// that did not complete: the ones the admin page lists.
+    Streams,
+    /// Every exchange: an access log.
+    All,
+    /// None.
+    Off,
 }
 
 /// Log line format.
@@ -227,7 +261,7 @@ pub enum LogFormat {
 
 /// The backend, from a URL such as `http://127.0.0.1:5080`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backend {
+pub struct BackendUrl {
     /// `https://`: connect with TLS.
     pub tls: bool,
     /// Host name or IP address (IPv6 without brackets).
@@ -240,15 +274,9 @@ pub struct Backend {
     pub loopback: bool,
 }
 
-impl Backend {
-    pub fn scheme(&self) -> &'static str {
-        if self.tls { "https" } else { "http" }
-    }
-}
-
-impl Backend {
+impl BackendUrl {
     /// Parses `http://host[:port][/]` or `https://host[:port][/]`.
-    pub fn parse(url: &str) -> Result<Backend, String> {
+    pub fn parse(url: &str) -> Result<BackendUrl, String> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -287,7 +315,7 @@ impl Backend {
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
-        Ok(Backend {
+        Ok(BackendUrl {
             tls,
             host: host.to_string(),
             port,
@@ -301,7 +329,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            backend: Backend {
+            backend: BackendUrl {
                 tls: false,
                 host: "127.0.0.1".into(),
                 port: 5080,
@@ -317,6 +345,10 @@ impl Default for Config {
                 response_timeout: Some(Duration::from_secs(60)),
                 max_header_size: 64 * 1024,
                 h2c: false,
+                write_timeout: Some(Duration::from_secs(30)),
+                stream_after: Duration::from_secs(1),
+                stream_idle_timeout: None,
+                sse_heartbeat: None,
             },
             websocket: WebSocketConfig {
                 ping_interval: Some(Duration::from_secs(20)),
@@ -340,6 +372,7 @@ impl Default for Config {
             },
             log: LogConfig {
                 format: LogFormat::Text,
+                http: HttpLog::Streams,
             },
             tls: None,
             backend_tls: BackendTlsConfig::default(),
@@ -432,7 +465,7 @@ impl Source {
             }
         }
         if let Some(url) = &self.backend {
-            match Backend::parse(url) {
+            match BackendUrl::parse(url) {
                 Ok(backend) => config.backend = backend,
                 Err(e) => flag("--backend", e),
             }
@@ -529,6 +562,12 @@ impl Config {
         if self.http.header_read_timeout.is_zero() {
             problem("http.header_read_timeout", "must be above 0s");
         }
+        if self.http.stream_after.is_zero() {
+            problem(
+                "http.stream_after",
+                "must be above 0s: it is how long a body stays open before it counts as a stream",
+            );
+        }
 
         if self.admin.recent_endings > MAX_RECENT_ENDINGS {
             problem(
@@ -562,7 +601,7 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
     let d = Config::default();
     let mut top = Section::new(root, "", problems);
     let listen = top.parsed("listen", d.listen, parse_addr);
-    let backend = top.parsed("backend", d.backend, Backend::parse);
+    let backend = top.parsed("backend", d.backend, BackendUrl::parse);
     let max_connections = top.max_connections("max_connections", d.max_connections);
     let workers = top.workers("workers", d.workers);
     let reload_interval = top.optional_duration("reload_interval", d.reload_interval);
@@ -583,6 +622,10 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
         response_timeout: s.optional_duration("response_timeout", d.http.response_timeout),
         max_header_size: s.integer("max_header_size", d.http.max_header_size as u64) as usize,
         h2c: s.boolean("h2c", d.http.h2c),
+        write_timeout: s.optional_duration("write_timeout", d.http.write_timeout),
+        stream_after: s.duration("stream_after", d.http.stream_after),
+        stream_idle_timeout: s.optional_duration("stream_idle_timeout", d.http.stream_idle_timeout),
+        sse_heartbeat: s.optional_duration("sse_heartbeat", d.http.sse_heartbeat),
     };
     s.finish();
 
@@ -642,6 +685,14 @@ fn read(root: &Table, problems: &mut Vec<Problem>) -> Config {
             "json" => Ok(LogFormat::Json),
             _ => Err(format!(
                 "{v:?} is not a log format: use \"text\" or \"json\""
+            )),
+        }),
+        http: s.parsed("http", d.log.http, |v| match v {
+            "streams" => Ok(HttpLog::Streams),
+            "all" => Ok(HttpLog::All),
+            "off" => Ok(HttpLog::Off),
+            _ => Err(format!(
+                "{v:?} is not an HTTP log setting: use \"streams\", \"all\" or \"off\""
             )),
         }),
     };
@@ -1159,22 +1210,22 @@ mod tests {
     #[test]
     fn backend_urls() {
         assert_eq!(
-            Backend::parse("http://backend.default.svc:8080")
+            BackendUrl::parse("http://backend.default.svc:8080")
                 .unwrap()
                 .authority,
             "backend.default.svc:8080"
         );
-        assert_eq!(Backend::parse("http://localhost").unwrap().port, 80);
-        assert!(Backend::parse("http://x/api").is_err());
-        let tls = Backend::parse("https://x").unwrap();
-        assert_eq!((tls.tls, tls.port, tls.scheme()), (true, 443, "https"));
-        assert!(Backend::parse("ws://x").is_err());
-        assert!(Backend::parse("127.0.0.1:80").is_err());
+        assert_eq!(BackendUrl::parse("http://localhost").unwrap().port, 80);
+        assert!(BackendUrl::parse("http://x/api").is_err());
+        let tls = BackendUrl::parse("https://x").unwrap();
+        assert_eq!((tls.tls, tls.port), (true, 443));
+        assert!(BackendUrl::parse("ws://x").is_err());
+        assert!(BackendUrl::parse("127.0.0.1:80").is_err());
     }
 
     #[test]
     fn loopback_backends_are_recognised() {
-        let lo = |url| Backend::parse(url).unwrap().loopback;
+        let lo = |url| BackendUrl::parse(url).unwrap().loopback;
         assert!(lo("http://localhost:5080"));
         assert!(lo("http://127.0.0.1:5080"));
         assert!(lo("http://127.8.9.10"));

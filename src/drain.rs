@@ -8,7 +8,10 @@
 //! - every open WebSocket gets its closing handshake — `shutdown.client_close_code`
 //!   (1012 "service restart") to the client, 1001 to the backend — at a moment drawn at
 //!   random within `shutdown.spread`, so that clients reconnect to other pods a few at a
-//!   time rather than all at once;
+//!   time rather than all at once; each open event stream (`text/event-stream`) ends
+//!   cleanly at its next event boundary at such a moment (EventSource reconnects by
+//!   itself); other HTTP streams run on until the deadline, since ending them early
+//!   would cut their result;
 //! - the process exits on SIGTERM once nothing is left open, or at the drain deadline
 //!   (`shutdown.drain_timeout` after the start), when what is left is aborted.
 //!
@@ -25,8 +28,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::live::{LiveConn, LiveTable};
-use crate::record::Outcome;
+use crate::live::{LiveExchange, LiveTable};
+use crate::record::{Kind, Outcome};
 
 /// A drain's state: not begun, or begun at a known moment.
 #[derive(Debug, Default)]
@@ -44,8 +47,8 @@ struct Begun {
     deadline: Instant,
     spread: Duration,
     client_close_code: u16,
-    /// Connections ended before it, by outcome, to tell what it ended.
-    ended_before: [u64; Outcome::ALL.len()],
+    /// Exchanges ended before it, by kind and outcome, to tell what it ended.
+    ended_before: [[u64; Outcome::ALL.len()]; 2],
 }
 
 /// How the drain is to go, from the configuration in force when it begins.
@@ -87,7 +90,7 @@ impl Drain {
             deadline: at + plan.drain_timeout,
             spread: plan.spread,
             client_close_code: plan.client_close_code,
-            ended_before: live.ended(),
+            ended_before: Kind::BOTH.map(|k| live.ended(k)),
         };
         if self.state.set(begun).is_err() {
             return false;
@@ -96,11 +99,11 @@ impl Drain {
         let open = live.begin_drain();
         tracing::info!(
             trigger,
-            websockets = open.len(),
+            open_exchanges = open.len(),
             spread = ?plan.spread,
             client_close_code = plan.client_close_code,
             drain_timeout = ?plan.drain_timeout,
-            "draining: closing WebSockets, refusing new ones"
+            "draining: closing WebSockets and event streams, refusing new WebSockets"
         );
         tasks.spawn(close_over(open, plan.spread));
         true
@@ -108,23 +111,28 @@ impl Drain {
 
     /// Where the drain stands, for `GET /drain`.
     pub fn status(&self, live: &LiveTable) -> Status {
-        let open_websockets = live.len();
+        let open_websockets = live.count(Kind::WebSocket);
+        let open_http_streams = live.count(Kind::Http);
         let Some(b) = self.state.get() else {
             return Status {
                 draining: false,
                 open_websockets,
+                open_http_streams,
                 ..Status::default()
             };
         };
         let now = Instant::now();
-        let ended = live.ended();
-        let ended_since_start = Outcome::ALL
-            .iter()
-            .filter_map(|o| {
-                let n = ended[o.idx()].saturating_sub(b.ended_before[o.idx()]);
-                (n > 0).then(|| (o.as_str().to_string(), n))
-            })
-            .collect();
+        let since_start = |kind: Kind| {
+            let ended = live.ended(kind);
+            let before = &b.ended_before[kind.idx()];
+            kind.outcomes()
+                .iter()
+                .filter_map(|o| {
+                    let n = ended[o.idx()].saturating_sub(before[o.idx()]);
+                    (n > 0).then(|| (o.as_str().to_string(), n))
+                })
+                .collect()
+        };
         Status {
             draining: true,
             trigger: Some(b.trigger.to_string()),
@@ -133,7 +141,9 @@ impl Drain {
             spread_seconds: Some(b.spread.as_secs_f64()),
             client_close_code: Some(b.client_close_code),
             open_websockets,
-            ended_since_start,
+            open_http_streams,
+            ended_since_start: since_start(Kind::WebSocket),
+            http_ended_since_start: since_start(Kind::Http),
         }
     }
 }
@@ -150,8 +160,16 @@ pub struct Status {
     pub spread_seconds: Option<f64>,
     pub client_close_code: Option<u16>,
     pub open_websockets: usize,
+    /// HTTP streams open (event streams end at an event boundary within the spread;
+    /// other streams run until the deadline).
+    #[serde(default)]
+    pub open_http_streams: usize,
     /// WebSockets that ended since the drain began, by outcome.
     pub ended_since_start: BTreeMap<String, u64>,
+    /// HTTP streams (and cut-short exchanges) that ended since the drain began, by
+    /// outcome.
+    #[serde(default)]
+    pub http_ended_since_start: BTreeMap<String, u64>,
 }
 
 /// The moments, counted from the start of the drain, at which `n` connections get their
@@ -165,7 +183,7 @@ pub fn schedule(n: usize, spread: Duration, rng: &mut impl Rng) -> Vec<Duration>
 }
 
 /// Asks each of `conns` to close at its moment of a [`schedule`] over `spread`.
-async fn close_over(mut conns: Vec<Arc<LiveConn>>, spread: Duration) {
+async fn close_over(mut conns: Vec<Arc<LiveExchange>>, spread: Duration) {
     let start = tokio::time::Instant::now();
     let moments = schedule(conns.len(), spread, &mut rand::rng());
     // Which connection gets which moment is random too: the table lists them by id,
@@ -173,7 +191,7 @@ async fn close_over(mut conns: Vec<Arc<LiveConn>>, spread: Duration) {
     rand::seq::SliceRandom::shuffle(&mut conns[..], &mut rand::rng());
     for (conn, at) in conns.iter().zip(moments) {
         tokio::time::sleep_until(start + at).await;
-        conn.request_shutdown();
+        conn.drain_now();
     }
 }
 
@@ -207,36 +225,50 @@ pub fn request(admin: SocketAddr, wait: bool) -> Result<String, String> {
         let status: Status = serde_json::from_str(&body)
             .map_err(|e| format!("GET /drain on {admin}: unexpected answer ({e})"))?;
         let deadline_passed = status.seconds_to_deadline.is_some_and(|s| s <= 0.0);
-        if status.open_websockets == 0 || deadline_passed {
+        if status.open_websockets + status.open_http_streams == 0 || deadline_passed {
             return Ok(summary(&status));
         }
         std::thread::sleep(POLL);
     }
 }
 
-/// "drained in 4.8 s: 50 WebSockets ended (shutdown 48, client_close 2)".
+/// "drained in 4.8 s: 50 WebSocket(s) ended (client_close 2, shutdown 48)", and the HTTP
+/// streams' line when any ended.
 pub fn summary(status: &Status) -> String {
+    let how = |ended: &BTreeMap<String, u64>| {
+        ended
+            .iter()
+            .map(|(outcome, n)| format!("{outcome} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let ended: u64 = status.ended_since_start.values().sum();
-    let how = status
-        .ended_since_start
-        .iter()
-        .map(|(outcome, n)| format!("{outcome} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let streams: u64 = status.http_ended_since_start.values().sum();
     let took = status.seconds_since_start.unwrap_or(0.0);
-    let head = if status.open_websockets == 0 {
+    let open = status.open_websockets + status.open_http_streams;
+    let head = if open == 0 {
         format!("drained in {took:.1} s")
     } else {
         format!(
-            "drain deadline reached after {took:.1} s with {} WebSocket(s) still open",
-            status.open_websockets
+            "drain deadline reached after {took:.1} s with {} WebSocket(s) and {} HTTP stream(s) still open",
+            status.open_websockets, status.open_http_streams
         )
     };
-    if ended == 0 {
+    let mut line = if ended == 0 {
         format!("{head}: no WebSocket ended")
     } else {
-        format!("{head}: {ended} WebSocket(s) ended ({how})")
+        format!(
+            "{head}: {ended} WebSocket(s) ended ({})",
+            how(&status.ended_since_start)
+        )
+    };
+    if streams > 0 {
+        line.push_str(&format!(
+            "; {streams} HTTP stream(s) ended ({})",
+            how(&status.http_ended_since_start)
+        ));
     }
+    line
 }
 
 /// One HTTP/1.1 request to the admin listener; the status code and body.

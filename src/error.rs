@@ -58,10 +58,12 @@ pub enum ProxyError {
 }
 
 /// The values of the `result` label of `wsgate_websocket_upgrades_total`: `ok`, a
-/// refusal by the backend, then what [`ProxyError::upgrade_label`] gives.
-pub const UPGRADE_RESULTS: [&str; 8] = [
+/// refusal by the backend, a client that left before the backend answered, then what
+/// [`ProxyError::upgrade_label`] gives.
+pub const UPGRADE_RESULTS: [&str; 9] = [
     "ok",
     "backend_refused",
+    "client_gone",
     "backend_unreachable",
     "backend_error",
     "bad_request",
@@ -210,7 +212,7 @@ mod tests {
     #[test]
     fn every_error_counts_under_a_known_upgrade_result_and_is_a_proxy_made_error() {
         for e in ALL {
-            assert!(UPGRADE_RESULTS[2..].contains(&e.upgrade_label()), "{e:?}");
+            assert!(UPGRADE_RESULTS[3..].contains(&e.upgrade_label()), "{e:?}");
             assert!(e.status().is_client_error() || e.status().is_server_error());
             // Backend failures are gateway errors; the client's are 4xx.
             match e.fault() {

@@ -6,7 +6,7 @@
 //!   reload ([`Gate::reload`]);
 //! - [`Tasks`]: every task serving a client, and the signals that end them; the
 //!   [`Drain`];
-//! - the live WebSocket table (which also holds the relays' configuration) and the
+//! - the live table of exchanges (which also holds their configuration) and the
 //!   metrics;
 //! - the connection limit.
 
@@ -22,11 +22,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::config::HttpLog;
 use crate::drain::{Drain, Plan};
 use crate::error::TlsError;
-use crate::live::{LiveTable, RelayConfig};
+use crate::live::{ExchangeConfig, HttpTimers, LiveTable};
 use crate::logging::Logging;
 use crate::metrics::Metrics;
+use crate::report;
 use crate::tls::ServerTls;
 
 /// Over-capacity connections answered with 503 at once; past this they are closed
@@ -42,8 +44,8 @@ pub struct Gate {
     workers: usize,
     pub tasks: Tasks,
     pub drain: Drain,
-    /// Live WebSocket connections: the admin API's view, the drain's and the reload's
-    /// reach.
+    /// Open WebSockets and HTTP streams: the admin API's view, the drain's and the
+    /// reload's reach.
     pub live: LiveTable,
     pub metrics: Arc<Metrics>,
     /// Client connections open, against `max_connections`.
@@ -68,7 +70,7 @@ impl Gate {
         let config = &settings.config;
         Ok(Gate {
             started: std::time::Instant::now(),
-            live: LiveTable::new(relay_config(config), config.admin.recent_endings),
+            live: LiveTable::new(exchange_config(config), config.admin.recent_endings),
             settings: ArcSwap::from_pointee(settings),
             workers,
             tasks: Tasks::default(),
@@ -87,7 +89,17 @@ impl Gate {
         self.settings.load()
     }
 
-    /// A process-unique connection id.
+    /// The settings in force, to hold across an await (a new backend connection).
+    pub fn settings_full(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// Which HTTP exchanges get a log line (`log.http`).
+    pub fn log_http(&self) -> HttpLog {
+        self.settings().config.log.http
+    }
+
+    /// A process-unique id, for a client connection or an exchange.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -152,19 +164,41 @@ impl Gate {
             .connections_max
             .set(settings.max_connections as f64);
         self.live
-            .reconfigure(relay_config(new), new.admin.recent_endings);
+            .reconfigure(exchange_config(new), new.admin.recent_endings);
         drop(running);
         self.settings.store(Arc::new(settings));
         Ok(())
     }
 }
 
-/// What relays run with, from the configuration.
-fn relay_config(config: &Config) -> RelayConfig {
-    RelayConfig {
+/// Every [`report::SWEEP_INTERVAL`], until aborted: adds open exchanges' traffic to the
+/// process-wide counters and folds histogram samples into their buckets, ends the HTTP
+/// streams whose client stopped reading, and closes the idle backend connections that
+/// expired or that the backend closed.
+pub async fn housekeeping(gate: Arc<Gate>) {
+    let mut every = tokio::time::interval(report::SWEEP_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        report::sweep(&gate.live, &gate.metrics);
+        gate.live.end_stalled(std::time::Instant::now());
+        gate.settings().backend.sweep();
+    }
+}
+
+/// What exchanges run with, from the configuration.
+fn exchange_config(config: &Config) -> ExchangeConfig {
+    let http = &config.http;
+    ExchangeConfig {
         timers: Arc::new(config.websocket.timers()),
         max_frame_size: config.websocket.max_frame_size,
         drain_close_code: config.shutdown.client_close_code,
+        http: HttpTimers {
+            write_timeout: http.write_timeout,
+            stream_idle_timeout: http.stream_idle_timeout,
+            sse_heartbeat: http.sse_heartbeat,
+            stream_after: http.stream_after,
+        },
     }
 }
 

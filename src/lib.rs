@@ -36,13 +36,18 @@
 
 mod admin;
 mod backend;
+mod body;
+mod client;
 pub mod config;
 pub mod demo;
 pub mod drain;
 mod error;
+mod exchange;
+mod exit;
 pub mod frame;
 mod gate;
 mod handshake;
+mod headers;
 mod history;
 mod listener;
 mod live;
@@ -54,11 +59,13 @@ mod record;
 mod relay;
 mod report;
 mod request_head;
+mod route;
 mod server;
 mod session;
 pub mod side;
 mod signals;
 mod splice;
+pub mod sse;
 mod stream;
 mod tls;
 pub mod upgrade;
@@ -158,7 +165,7 @@ async fn serve_with(
     let workers = worker::Workers::start(&gate, proxy.collect()).await?;
     // No helper task holds connections: all are stopped once the drain is over.
     let helpers = [
-        Some(tokio::spawn(server::housekeeping(gate.clone()))),
+        Some(tokio::spawn(gate::housekeeping(gate.clone()))),
         admin_listener.map(|l| tokio::spawn(admin::serve(l, gate.clone()))),
         Some(tokio::spawn(signals::watch(
             gate.clone(),

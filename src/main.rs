@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use wsgate::config::{Backend, Config, MaxConnections, Source};
+use wsgate::config::{BackendUrl, Config, MaxConnections, Source};
 use wsgate::demo::{DemoBackend, Links};
 use wsgate::logging::Logging;
 use wsgate::{Listeners, Process};
@@ -156,7 +156,7 @@ fn demo(mut config: Config, mut source: Source, content: Vec<u8>) -> ExitCode {
     let url = format!("http://{}", backend.addr());
     // A reload of the file keeps the demo backend, as the command line keeps its own.
     source.backend = Some(url.clone());
-    config.backend = match Backend::parse(&url) {
+    config.backend = match BackendUrl::parse(&url) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "the demo backend's address");

@@ -20,7 +20,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::error::{ProxyError, UPGRADE_RESULTS};
-use crate::record::{Counters, Outcome, Record};
+use crate::record::{Counters, Details, Kind, Outcome, Record};
 use crate::side::Side;
 
 const METADATA: Metadata<'static> =
@@ -112,18 +112,46 @@ fn status_class(s: StatusCode) -> usize {
     usize::from((s.as_u16() / 100).clamp(1, 5) - 1)
 }
 
+/// One handle per outcome of a kind, indexed by [`Outcome::idx`]: the outcomes of
+/// other kinds have none, so each metric's label set is its kind's.
+struct ByOutcome<T>(Vec<Option<T>>);
+
+impl<T> ByOutcome<T> {
+    fn new(kind: Kind, make: impl Fn(Outcome) -> T) -> Self {
+        ByOutcome(
+            Outcome::ALL
+                .iter()
+                .map(|o| kind.outcomes().contains(o).then(|| make(*o)))
+                .collect(),
+        )
+    }
+
+    fn get(&self, outcome: Outcome) -> Option<&T> {
+        self.0.get(outcome.idx()).and_then(Option::as_ref)
+    }
+}
+
 /// The server's metrics.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     /// Open WebSocket relays.
     pub websockets_active: Gauge,
+    /// Open HTTP streams (those in the live table).
+    pub http_streams_active: Gauge,
     /// Open client TCP connections (HTTP and WebSocket).
     pub connections_active: Gauge,
     upgrades: Vec<Counter>,
-    ended: Vec<Counter>,
-    duration: Vec<Histogram>,
-    release: Vec<Histogram>,
+    ended: ByOutcome<Counter>,
+    duration: ByOutcome<Histogram>,
+    release: ByOutcome<Histogram>,
+    http_ended: ByOutcome<Counter>,
+    http_stream_duration: ByOutcome<Histogram>,
+    http_release: ByOutcome<Histogram>,
+    /// Body bytes of HTTP streams, by the side that sent them.
+    http_stream_bytes: [Counter; 2],
+    /// SSE comment lines wsgate wrote into quiet event streams.
+    pub sse_heartbeats: Counter,
     /// [sender][code label]
     close_frames: Vec<Vec<Counter>>,
     /// Indexed by the side that sent them: client (client_to_backend), backend.
@@ -156,6 +184,8 @@ impl Metrics {
             ("wsgate_websocket_release_seconds", RELEASE_BUCKETS),
             ("wsgate_websocket_ping_rtt_seconds", LATENCY_BUCKETS),
             ("wsgate_http_request_duration_seconds", LATENCY_BUCKETS),
+            ("wsgate_http_stream_duration_seconds", DURATION_BUCKETS),
+            ("wsgate_http_release_seconds", RELEASE_BUCKETS),
         ]
         .into_iter()
         .fold(PrometheusBuilder::new(), |b, (name, buckets)| {
@@ -286,13 +316,41 @@ impl Metrics {
         );
         describe_histogram(
             "wsgate_http_request_duration_seconds",
-            "Time from a plain HTTP request to its response head, by status class.",
+            "Time from a plain HTTP request to its response head (time to head, not the stream's lifetime), by status class.",
+        );
+        describe_counter(
+            "wsgate_http_exchanges_ended_total",
+            None,
+            "HTTP exchanges ended, by outcome: completed, or how the response was cut short.",
+        );
+        describe_gauge(
+            "wsgate_http_streams_active",
+            "HTTP streams open: event streams, and responses still open http.stream_after after their head.",
+        );
+        describe_histogram(
+            "wsgate_http_stream_duration_seconds",
+            "Lifetime of HTTP streams from the request to the response's end or abort, by outcome.",
+        );
+        describe_histogram(
+            "wsgate_http_release_seconds",
+            "Time from wsgate learning that an HTTP stream or cut-short exchange ended to the backend's connection released, by outcome.",
+        );
+        describe_counter(
+            "wsgate_http_stream_bytes_total",
+            Some(Unit::Bytes),
+            "Body bytes of HTTP streams, by direction (open streams' bytes are added every second).",
+        );
+        describe_counter(
+            "wsgate_http_sse_heartbeats_total",
+            None,
+            "SSE comment lines wsgate wrote into quiet event streams (http.sse_heartbeat).",
         );
 
         let outcome_label = |o: Outcome| vec![Label::new("outcome", o.as_str())];
         let direction = |from: Side| vec![Label::new("direction", from.direction_from())];
         Metrics {
             websockets_active: gauge("wsgate_websocket_connections_active"),
+            http_streams_active: gauge("wsgate_http_streams_active"),
             connections_active: gauge("wsgate_connections_active"),
             connections_rejected: counter("wsgate_connections_rejected_total", vec![]),
             connections_max,
@@ -313,28 +371,30 @@ impl Metrics {
                     )
                 })
                 .collect(),
-            ended: Outcome::ALL
-                .iter()
-                .map(|o| {
-                    counter(
-                        "wsgate_websocket_connections_ended_total",
-                        outcome_label(*o),
-                    )
-                })
-                .collect(),
-            duration: Outcome::ALL
-                .iter()
-                .map(|o| {
-                    histogram(
-                        "wsgate_websocket_connection_duration_seconds",
-                        outcome_label(*o),
-                    )
-                })
-                .collect(),
-            release: Outcome::ALL
-                .iter()
-                .map(|o| histogram("wsgate_websocket_release_seconds", outcome_label(*o)))
-                .collect(),
+            ended: ByOutcome::new(Kind::WebSocket, |o| {
+                counter("wsgate_websocket_connections_ended_total", outcome_label(o))
+            }),
+            duration: ByOutcome::new(Kind::WebSocket, |o| {
+                histogram(
+                    "wsgate_websocket_connection_duration_seconds",
+                    outcome_label(o),
+                )
+            }),
+            release: ByOutcome::new(Kind::WebSocket, |o| {
+                histogram("wsgate_websocket_release_seconds", outcome_label(o))
+            }),
+            http_ended: ByOutcome::new(Kind::Http, |o| {
+                counter("wsgate_http_exchanges_ended_total", outcome_label(o))
+            }),
+            http_stream_duration: ByOutcome::new(Kind::Http, |o| {
+                histogram("wsgate_http_stream_duration_seconds", outcome_label(o))
+            }),
+            http_release: ByOutcome::new(Kind::Http, |o| {
+                histogram("wsgate_http_release_seconds", outcome_label(o))
+            }),
+            http_stream_bytes: Side::BOTH
+                .map(|from| counter("wsgate_http_stream_bytes_total", direction(from))),
+            sse_heartbeats: counter("wsgate_http_sse_heartbeats_total", vec![]),
             close_frames: CloseSender::ALL
                 .iter()
                 .map(|s| {
@@ -396,6 +456,11 @@ impl Metrics {
         self.upgrade("backend_refused");
     }
 
+    /// The client left before the backend answered its upgrade.
+    pub fn upgrade_client_gone(&self) {
+        self.upgrade("client_gone");
+    }
+
     /// wsgate answered an upgrade with `error`.
     pub fn upgrade_failed(&self, error: ProxyError) {
         self.upgrade(error.upgrade_label());
@@ -407,23 +472,51 @@ impl Metrics {
         }
     }
 
-    /// Records a relayed connection's end: its outcome, duration, release time and the
-    /// Close frames of both handshakes. Called once per connection, by
-    /// [`crate::report`].
-    pub fn connection_ended(&self, r: &Record) {
-        let o = r.outcome.idx();
-        self.ended[o].increment(1);
-        self.duration[o].record(r.duration.as_secs_f64());
-        self.release[o].record(r.release.as_secs_f64());
-        let closes = [
-            (CloseSender::Client, r.client_close),
-            (CloseSender::Backend, r.backend_close),
-            (CloseSender::Wsgate, r.wsgate_to_client_close.map(Some)),
-            (CloseSender::Wsgate, r.wsgate_to_backend_close.map(Some)),
-        ];
-        for (sender, close) in closes {
-            if let Some(code) = close {
-                self.close_frames[sender as usize][code_label_index(code)].increment(1);
+    /// Records an exchange's end. Called once per exchange, by [`crate::report`]:
+    /// - a WebSocket: its outcome, duration, release time and the Close frames of both
+    ///   handshakes;
+    /// - an HTTP exchange: its outcome; its lifetime if it was a stream; its release
+    ///   time if it was a stream or did not complete (`listed`: what the live table and
+    ///   the history show). A short request that completed adds one counter.
+    pub fn exchange_ended(&self, r: &Record, listed: bool) {
+        let o = r.outcome;
+        // The `_ended_total` counter last: a scrape that sees the ending counted sees
+        // all of it.
+        match &r.details {
+            Details::WebSocket(w) => {
+                if let Some(h) = self.duration.get(o) {
+                    h.record(r.duration.as_secs_f64());
+                }
+                if let Some(h) = self.release.get(o) {
+                    h.record(r.release.as_secs_f64());
+                }
+                let closes = [
+                    (CloseSender::Client, w.client_close),
+                    (CloseSender::Backend, w.backend_close),
+                    (CloseSender::Wsgate, w.wsgate_to_client_close.map(Some)),
+                    (CloseSender::Wsgate, w.wsgate_to_backend_close.map(Some)),
+                ];
+                for (sender, close) in closes {
+                    if let Some(code) = close {
+                        self.close_frames[sender as usize][code_label_index(code)].increment(1);
+                    }
+                }
+                if let Some(c) = self.ended.get(o) {
+                    c.increment(1);
+                }
+            }
+            Details::Http(h) => {
+                if h.stream
+                    && let Some(hist) = self.http_stream_duration.get(o)
+                {
+                    hist.record(r.duration.as_secs_f64());
+                }
+                if listed && let Some(hist) = self.http_release.get(o) {
+                    hist.record(r.release.as_secs_f64());
+                }
+                if let Some(c) = self.http_ended.get(o) {
+                    c.increment(1);
+                }
             }
         }
     }
@@ -439,10 +532,15 @@ impl Metrics {
         self.reloads[1].increment(1);
     }
 
-    /// Adds traffic read from `from` to the process-wide byte and frame counters.
-    pub fn add_traffic(&self, from: Side, traffic: Counters) {
+    /// Adds traffic of an exchange of `kind` read from `from` to the process-wide
+    /// counters: a WebSocket's bytes and frames, an HTTP stream's body bytes.
+    pub fn add_traffic(&self, kind: Kind, from: Side, traffic: Counters) {
+        let bytes = match kind {
+            Kind::WebSocket => &self.bytes[from.idx()],
+            Kind::Http => &self.http_stream_bytes[from.idx()],
+        };
         if traffic.bytes > 0 {
-            self.bytes[from.idx()].increment(traffic.bytes);
+            bytes.increment(traffic.bytes);
         }
         if traffic.frames > 0 {
             self.frames[from.idx()].increment(traffic.frames);
@@ -454,6 +552,14 @@ impl Metrics {
         self.ping_rtt[side.idx()].record(rtt.as_secs_f64());
     }
 
+    /// A short HTTP exchange completed (the common case, with no record written).
+    pub fn http_completed(&self) {
+        if let Some(c) = self.http_ended.get(Outcome::Completed) {
+            c.increment(1);
+        }
+    }
+
+    /// A response head went to the client, `elapsed` after the request.
     pub fn http_request(&self, method: &Method, status: StatusCode, elapsed: Duration) {
         let class = status_class(status);
         self.http_requests[class][method_group(method)].increment(1);

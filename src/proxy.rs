@@ -1,24 +1,87 @@
 //! HTTP forwarding: every request that is not a WebSocket upgrade goes to the backend
-//! through a keep-alive pool, and the response streams back. Also the header rules both
-//! forwarding and [`crate::upgrade`] share — hop-by-hop removal (RFC 9110 §7.6.1),
-//! `X-Forwarded-*` — and the responses wsgate makes itself for a [`ProxyError`].
+//! as one [`Exchange`], and the response streams back. Also the body type of every
+//! response wsgate returns, and the responses it makes itself for a [`ProxyError`].
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, Uri, Version};
 
-use crate::backend::HttpClient;
-use crate::config::Config;
+use crate::client::Busy;
 use crate::error::ProxyError;
+use crate::exchange::{self, Exchange, ForwardedBody};
+use crate::gate::Gate;
+use crate::headers::{Scheme, prepare_request_headers};
 
-/// The body of every response wsgate returns to clients.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Any error a response body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response wsgate returns to clients: one type, without a box for
+/// the two that matter most (a forwarded body, a small one of wsgate's own).
+// A forwarded body is moved a few times per response (into hyper's dispatcher); a box
+// per response would cost more than those copies.
+#[allow(clippy::large_enum_variant)]
+pub enum Body {
+    /// Complete bytes (taken when sent), or nothing.
+    Full(Option<Bytes>),
+    /// A forwarded response's body, with its exchange.
+    Forwarded(ForwardedBody),
+    /// Anything else (a refused upgrade's body, read from the backend).
+    Boxed(BoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body::Full(None)
+    }
+
+    /// Any body, boxed.
+    pub fn boxed<B>(body: B) -> Body
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Body::Boxed(body.map_err(Into::into).boxed())
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Forwarded(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Body::Boxed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(bytes) => bytes.is_none(),
+            Body::Forwarded(body) => body.is_end_stream(),
+            Body::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Forwarded(body) => body.size_hint(),
+            Body::Boxed(body) => body.size_hint(),
+        }
+    }
+}
 
 /// The header that marks a response made by wsgate rather than the backend, so that
 /// operators can tell a 502 from wsgate from a 502 the backend sent.
@@ -53,18 +116,21 @@ pub fn error_response(error: ProxyError, detail: &str) -> Response<Body> {
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+    Body::Full(Some(bytes.into()))
 }
 
-/// Forwards a plain HTTP request and streams the backend's response back.
-pub async fn forward(
-    client: &HttpClient,
-    config: &Config,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
+/// Forwards a plain HTTP request from `busy`'s connection as one exchange, and returns
+/// the response: the backend's, streaming, or wsgate's own when the backend cannot
+/// answer.
+pub async fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Response<Body> {
+    let (scheme, limit) = {
+        let settings = gate.settings();
+        let config = &settings.config;
+        (Scheme::of(config), config.http.response_timeout)
+    };
+    let peer = busy.peer;
+    let mut ex = Exchange::begin(gate, busy, &req);
+    let client_version = req.version();
     let (mut parts, body) = req.into_parts();
     // HTTP/2 requests carry the host in `:authority`; the backend speaks HTTP/1.1.
     if !parts.headers.contains_key(header::HOST)
@@ -75,186 +141,31 @@ pub async fn forward(
     {
         parts.headers.insert(header::HOST, host);
     }
-    prepare_request_headers(&mut parts.headers, peer, Scheme::of(config));
-    parts.uri = backend_uri(
-        config.backend.scheme(),
-        &config.backend.authority,
-        &parts.uri,
-    );
-    parts.version = hyper::Version::HTTP_11;
-    let sent = client.request(Request::from_parts(parts, body));
-    let result = match config.http.response_timeout {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => result,
-            Err(_) => return Err(ProxyError::BackendTimeout),
-        },
-        None => sent.await,
-    };
-    let resp = result.map_err(|e| {
-        tracing::debug!(error = %e, "backend request failed");
-        if e.is_connect() {
-            ProxyError::BackendUnreachable
-        } else {
-            ProxyError::BackendFailed
-        }
-    })?;
-    let (mut parts, body) = resp.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body.boxed()))
-}
-
-/// The absolute URI of `uri`'s path and query on the backend.
-pub fn backend_uri(scheme: &str, authority: &str, uri: &Uri) -> Uri {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        // Both parts were valid URI components already.
-        .unwrap_or_else(|_| Uri::from_static("/"))
-}
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), so a proxy
-/// must not forward them. `Proxy-Connection` is a pre-standard variant clients still send.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// The comma-separated tokens of every `name` header (`Connection: keep-alive, Upgrade`
-/// gives `keep-alive`, `Upgrade`), trimmed; values that are not text are skipped.
-pub fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(name)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-}
-
-/// The hop-by-hop headers of one message: the fixed list, and whatever its `Connection`
-/// header names (RFC 9110 §7.6.1).
-pub struct HopByHop<'a> {
-    /// Names from `Connection` outside the fixed list. Rare (`keep-alive, Upgrade` is
-    /// the usual value), and an empty Vec does not allocate.
-    named: Vec<&'a str>,
-}
-
-impl<'a> HopByHop<'a> {
-    pub fn of(headers: &'a HeaderMap) -> Self {
-        let named = header_tokens(headers, header::CONNECTION)
-            .filter(|t| {
-                !t.is_empty()
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(t))
-            })
-            .collect();
-        HopByHop { named }
-    }
-
-    pub fn contains(&self, name: &HeaderName) -> bool {
-        HOP_BY_HOP.contains(name)
-            || self
-                .named
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_str()))
-    }
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-///
-/// Runs for every forwarded request and response, so it allocates nothing in the usual
-/// case: a lookup per fixed name, and a name is made only for the rare others that
-/// `Connection` lists.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = HopByHop::of(headers)
-        .named
-        .iter()
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
-    }
-}
-
-/// How the client reached wsgate, for `X-Forwarded-Proto`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
-    Http,
-    /// Over TLS that wsgate terminated.
-    Https,
-}
-
-impl Scheme {
-    /// The scheme of wsgate's own listener.
-    pub fn of(config: &Config) -> Scheme {
-        if config.tls.is_some() {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scheme::Http => "http",
-            Scheme::Https => "https",
+    prepare_request_headers(&mut parts.headers, peer, scheme);
+    parts.uri = origin_form(parts.uri);
+    parts.version = Version::HTTP_11;
+    let body = ex.request_body(body);
+    let deadline = exchange::deadline(limit);
+    match ex.send(Request::from_parts(parts, body), deadline).await {
+        Ok(resp) => ex
+            .respond(resp, client_version)
+            .map(|body| body.map_or_else(Body::empty, Body::Forwarded)),
+        Err(e) => {
+            ex.refuse(e);
+            error_response(e, e.message())
         }
     }
 }
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// The `X-Forwarded-*` headers a request from `peer` carries to the backend: the
-/// client's address appended to `X-Forwarded-For` (after every value a proxy in front
-/// already put there), and `X-Forwarded-Proto` and `X-Forwarded-Host` unless such a
-/// proxy (an ingress terminating TLS, say) already set them. `host` is the request's
-/// `Host`; the caller replaces any `X-Forwarded-For` it has with the one returned.
-pub fn forwarded_headers(
-    headers: &HeaderMap,
-    host: Option<&HeaderValue>,
-    peer: SocketAddr,
-    client: Scheme,
-) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
-    let mut chain = String::with_capacity(64);
-    for prior in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(prior) = prior.to_str()
-            && !prior.trim().is_empty()
-        {
-            chain.push_str(prior.trim());
-            chain.push_str(", ");
-        }
+/// The request target as the backend gets it: origin-form (path and query), which is
+/// what an HTTP/1.1 client sent already; an HTTP/2 request's absolute URI loses its
+/// scheme and authority (the authority went into `Host`).
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
     }
-    let _ = write!(chain, "{}", peer.ip());
-    // Printable ASCII from valid header values and an address: always a valid value.
-    let xff = HeaderValue::from_maybe_shared(Bytes::from(chain))
-        .ok()
-        .map(|v| (X_FORWARDED_FOR, v));
-    let proto = (!headers.contains_key(X_FORWARDED_PROTO))
-        .then(|| (X_FORWARDED_PROTO, HeaderValue::from_static(client.as_str())));
-    let fwd_host = host
-        .filter(|_| !headers.contains_key(X_FORWARDED_HOST))
-        .map(|h| (X_FORWARDED_HOST, h.clone()));
-    [xff, proto, fwd_host].into_iter().flatten()
-}
-
-/// Applies the request header rules to a request forwarded as it is: hop-by-hop
-/// headers removed, the [`forwarded_headers`] set. `Host` is left as the client sent
-/// it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client: Scheme) {
-    remove_hop_by_hop(headers);
-    let added = forwarded_headers(headers, headers.get(header::HOST), peer, client);
-    for (name, value) in added {
-        headers.insert(name, value);
-    }
+    uri.path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()))
 }
 
 #[cfg(test)]
@@ -262,56 +173,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Trace"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-trace", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::COOKIE, HeaderValue::from_static("a=b"));
-        remove_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h[header::COOKIE], "a=b");
-    }
-
-    #[test]
-    fn forwarded_headers_append_and_respect_prior_proxies() {
-        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("dash.example"));
-        prepare_request_headers(&mut h, peer, Scheme::Http);
-        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "dash.example");
-        assert_eq!(h[header::HOST], "dash.example");
-
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append(
-            "x-forwarded-for",
-            HeaderValue::from_static(" 2.2.2.2, 3.3.3.3 "),
-        );
-        h.append("x-forwarded-for", HeaderValue::from_static(""));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request_headers(&mut h, peer, Scheme::Https);
-        let chain: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
-        assert_eq!(chain, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert!(
-            !h.contains_key("x-forwarded-host"),
-            "no Host, no X-Forwarded-Host"
-        );
-    }
-
-    #[test]
-    fn backend_uri_keeps_path_and_query() {
-        let uri: Uri = "/api/v1/search?q=a%20b".parse().unwrap();
-        assert_eq!(
-            backend_uri("http", "127.0.0.1:5080", &uri).to_string(),
-            "http://127.0.0.1:5080/api/v1/search?q=a%20b"
-        );
+    fn the_backend_gets_the_path_and_query_in_origin_form() {
+        let origin: Uri = "/api/v1/search?q=a%20b".parse().unwrap();
+        assert_eq!(origin_form(origin.clone()), origin);
+        let absolute: Uri = "https://dash.example:8443/api/v1/search?q=a%20b"
+            .parse()
+            .unwrap();
+        assert_eq!(origin_form(absolute), origin);
+        let bare: Uri = "https://dash.example".parse().unwrap();
+        assert_eq!(origin_form(bare), "/");
     }
 }

@@ -18,11 +18,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, Negotiated, Opcode, Scanner};
-use crate::live::{LiveConn, LiveTable, RelayConfig, Requests};
+use crate::live::{ExchangeConfig, LiveDetail, LiveExchange, LiveTable, Requests};
 use crate::metrics::Metrics;
 use crate::pump::{Injected, Pump, PumpEvent};
-use crate::record::{ConnectionInfo, Outcome, Record};
-use crate::report;
+use crate::record::{Details, ExchangeInfo, Outcome, Record, WebSocketDetails};
+use crate::report::{self, Written};
 use crate::session::{Action, Gone, Pong, Session, Verdict};
 use crate::side::Side;
 use crate::stream::{Stream, Transport};
@@ -43,7 +43,7 @@ pub struct Handoff<C> {
     pub client: C,
     pub backend: Leg<Stream>,
     pub negotiated: Negotiated,
-    pub info: ConnectionInfo,
+    pub info: ExchangeInfo,
 }
 
 /// Spawns the relay of one WebSocket on `tasks`: it waits for the client's stream,
@@ -104,20 +104,24 @@ pub fn start<G: Send + 'static>(
         negotiated,
         info,
     } = handoff;
-    let registration = live.register(info);
+    let registration = live.register(info, LiveDetail::WebSocket(Default::default()));
     let mut relay = Relay::new(
         client,
         backend,
         negotiated,
         &registration.config,
-        registration.conn.clone(),
+        registration.entry.clone(),
     );
     let live = live.clone();
     async move {
         // `run` takes the relay by reference: moving it into its own future would keep
         // a second copy alive for the connection's whole life.
         let record = relay.run(&live).await;
-        report::connection_ended(&metrics, registration, &record);
+        let written = Written {
+            listed: true,
+            logged: true,
+        };
+        report::exchange_ended(&metrics, &live, Some(registration), &record, written);
         drop(guard);
     }
 }
@@ -151,7 +155,7 @@ pub struct Relay<C, B> {
     client_first: bool,
     started: Instant,
     /// This connection's entry in the live table: its published counters and mailbox.
-    live: Arc<LiveConn>,
+    live: Arc<LiveExchange>,
     /// The Close code a drain sends the client.
     drain_close_code: u16,
     /// The outcome was published to `live`.
@@ -165,8 +169,8 @@ impl<C: Transport, B: Transport> Relay<C, B> {
         client: Leg<C>,
         backend: Leg<B>,
         negotiated: Negotiated,
-        config: &RelayConfig,
-        live: Arc<LiveConn>,
+        config: &ExchangeConfig,
+        live: Arc<LiveExchange>,
     ) -> Self {
         let now = Instant::now();
         let scanner = |sender| Scanner::new(sender, negotiated.rsv_allowed, config.max_frame_size);
@@ -460,14 +464,16 @@ impl<C: Transport, B: Transport> Relay<C, B> {
             release: now.saturating_duration_since(ended),
             client_to_backend: self.c2b.counters(),
             backend_to_client: self.b2c.counters(),
-            client_close: s.close_from(Side::Client),
-            backend_close: s.close_from(Side::Backend),
-            client_received_close: s.close_to(Side::Client),
-            backend_received_close: s.close_to(Side::Backend),
-            wsgate_to_client_close: s.wsgate_code_to(Side::Client),
-            wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
-            client_rtt: s.rtt(Side::Client),
-            backend_rtt: s.rtt(Side::Backend),
+            details: Details::WebSocket(WebSocketDetails {
+                client_close: s.close_from(Side::Client),
+                backend_close: s.close_from(Side::Backend),
+                client_received_close: s.close_to(Side::Client),
+                backend_received_close: s.close_to(Side::Backend),
+                wsgate_to_client_close: s.wsgate_code_to(Side::Client),
+                wsgate_to_backend_close: s.wsgate_code_to(Side::Backend),
+                client_rtt: s.rtt(Side::Client),
+                backend_rtt: s.rtt(Side::Backend),
+            }),
         }
     }
 }

@@ -1,38 +1,64 @@
-//! The one writer of what wsgate records about WebSockets: when a connection ends, its
-//! [`Record`] becomes one structured log line and every per-connection metric; while
-//! connections are open, a sweep every second adds their traffic and ping round trips
-//! to the process-wide metrics; and a scrape reads the number open from the live table.
+//! The one writer of what wsgate records about exchanges: when a WebSocket or an HTTP
+//! exchange ends, its [`Record`] becomes one structured log line, every per-exchange
+//! metric and an entry of the history; while exchanges are open, a sweep every second
+//! adds their traffic and ping round trips to the process-wide metrics; and a scrape
+//! reads the number open from the live table.
 //!
-//! Relays only write their own connection's atomics in [`crate::live`], never the shared
-//! metrics, so nothing process-wide is contended per message.
+//! Exchanges only write their own atomics in [`crate::live`], never the shared metrics,
+//! so nothing process-wide is contended per message.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::config::LogFormat;
-use crate::live::{LiveConn, LiveTable, Registration};
+use crate::live::{LiveExchange, LiveTable, Registration};
 use crate::logging;
 use crate::metrics::Metrics;
-use crate::record::Record;
+use crate::record::{Details, HttpDetails, Kind, Record, WebSocketDetails};
 use crate::side::Side;
 
-/// How often open WebSockets' traffic reaches the process-wide counters.
+/// How often open exchanges' traffic reaches the process-wide counters.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Records a connection's end. Called exactly once per relayed connection, after its
-/// relay published its last counters to its live entry, which it then leaves.
-pub fn connection_ended(metrics: &Metrics, registration: Registration, r: &Record) {
-    add_live_counters(metrics, &registration.conn);
-    registration.ended(r);
-    metrics.connection_ended(r);
-    log_ended(r);
+/// What is written of an ended exchange besides its metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// It goes into the history (`/connections/recent`) and its release time into the
+    /// release histogram: a WebSocket, an HTTP stream, an HTTP exchange that did not
+    /// complete.
+    pub listed: bool,
+    /// It gets a log line (`log.http` decides for HTTP; a WebSocket always does).
+    pub logged: bool,
 }
 
-/// The log line of an ended connection (target `wsgate::connection`, INFO). Where
-/// wsgate installed its logger the line is formatted here, directly into bytes in the
-/// logger's format; otherwise (in-process tests) it is an ordinary `tracing` event,
-/// which [`event`] writes and the tests below hold the direct format to.
+/// Records an exchange's end. Called exactly once per recorded exchange, after it
+/// published its last counters to its live entry (if it had one), which it then leaves.
+pub fn exchange_ended(
+    metrics: &Metrics,
+    live: &LiveTable,
+    registration: Option<Registration>,
+    r: &Record,
+    written: Written,
+) {
+    match registration {
+        Some(registration) => {
+            add_live_counters(metrics, &registration.entry);
+            registration.ended(r);
+        }
+        None if written.listed => live.ended_unlisted(r),
+        None => {}
+    }
+    metrics.exchange_ended(r, written.listed);
+    if written.logged {
+        log_ended(r);
+    }
+}
+
+/// The log line of an ended exchange (target `wsgate::connection`, INFO). Where wsgate
+/// installed its logger the line is formatted here, directly into bytes in the logger's
+/// format; otherwise (in-process tests) it is an ordinary `tracing` event, which
+/// [`event`] writes and the tests below hold the direct format to.
 fn log_ended(r: &Record) {
     if !tracing::enabled!(target: "wsgate::connection", tracing::Level::INFO) {
         return;
@@ -45,11 +71,20 @@ fn log_ended(r: &Record) {
     }
 }
 
-/// The connection's line as a `tracing` event.
+/// The exchange's line as a `tracing` event.
 fn event(r: &Record) {
+    match &r.details {
+        Details::WebSocket(w) => websocket_event(r, w),
+        Details::Http(h) => http_event(r, h),
+    }
+}
+
+fn websocket_event(r: &Record, w: &WebSocketDetails) {
     tracing::info!(
         target: "wsgate::connection",
         id = r.info.id,
+        kind = "websocket",
+        connection = r.info.connection,
         client = %r.info.client,
         worker = r.info.worker,
         path = %r.info.path,
@@ -60,15 +95,40 @@ fn event(r: &Record) {
         client_to_backend_frames = r.client_to_backend.frames,
         backend_to_client_bytes = r.backend_to_client.bytes,
         backend_to_client_frames = r.backend_to_client.frames,
-        client_close_code = r.client_close.flatten(),
-        backend_close_code = r.backend_close.flatten(),
-        client_received_code = r.client_received_close.flatten(),
-        backend_received_code = r.backend_received_close.flatten(),
-        wsgate_to_client_code = r.wsgate_to_client_close,
-        wsgate_to_backend_code = r.wsgate_to_backend_close,
-        client_rtt_ms = r.client_rtt.map(ms),
-        backend_rtt_ms = r.backend_rtt.map(ms),
+        client_close_code = w.client_close.flatten(),
+        backend_close_code = w.backend_close.flatten(),
+        client_received_code = w.client_received_close.flatten(),
+        backend_received_code = w.backend_received_close.flatten(),
+        wsgate_to_client_code = w.wsgate_to_client_close,
+        wsgate_to_backend_code = w.wsgate_to_backend_close,
+        client_rtt_ms = w.client_rtt.map(ms),
+        backend_rtt_ms = w.backend_rtt.map(ms),
         "websocket connection ended"
+    );
+}
+
+fn http_event(r: &Record, h: &HttpDetails) {
+    tracing::info!(
+        target: "wsgate::connection",
+        id = r.info.id,
+        kind = "http",
+        connection = r.info.connection,
+        client = %r.info.client,
+        worker = r.info.worker,
+        method = %h.method,
+        path = %r.info.path,
+        status = h.status,
+        framing = h.framing.as_str(),
+        event_stream = h.event_stream,
+        stream = h.stream,
+        outcome = r.outcome.as_str(),
+        duration_ms = ms(r.duration),
+        time_to_head_ms = h.time_to_head.map(ms),
+        release_ms = ms(r.release),
+        client_to_backend_bytes = r.client_to_backend.bytes,
+        backend_to_client_bytes = r.backend_to_client.bytes,
+        heartbeats = h.heartbeats,
+        "http exchange ended"
     );
 }
 
@@ -78,41 +138,71 @@ fn ms(d: Duration) -> f64 {
     d.as_micros() as f64 / 1e3
 }
 
-/// The connection's line in `format`, logged at `at`, exactly as `tracing`'s text or
+/// The exchange's line in `format`, logged at `at`, exactly as `tracing`'s text or
 /// flattened JSON formatter would write [`event`] (same fields, order and number
 /// formatting), ending in a newline.
 fn line(r: &Record, format: LogFormat, at: SystemTime) -> Vec<u8> {
-    let mut l = Line::new(format, at);
+    let kind = r.kind();
+    let message = match kind {
+        Kind::WebSocket => "websocket connection ended",
+        Kind::Http => "http exchange ended",
+    };
+    let mut l = Line::new(format, at, message);
     l.uint("id", r.info.id);
+    l.str("kind", kind.as_str());
+    l.uint("connection", r.info.connection);
     l.addr("client", r.info.client);
     l.uint("worker", r.info.worker as u64);
-    l.display("path", &r.info.path);
-    l.str("outcome", r.outcome.as_str());
-    l.float("duration_ms", ms(r.duration));
-    l.float("release_ms", ms(r.release));
-    l.uint("client_to_backend_bytes", r.client_to_backend.bytes);
-    l.uint("client_to_backend_frames", r.client_to_backend.frames);
-    l.uint("backend_to_client_bytes", r.backend_to_client.bytes);
-    l.uint("backend_to_client_frames", r.backend_to_client.frames);
-    let codes = [
-        ("client_close_code", r.client_close.flatten()),
-        ("backend_close_code", r.backend_close.flatten()),
-        ("client_received_code", r.client_received_close.flatten()),
-        ("backend_received_code", r.backend_received_close.flatten()),
-        ("wsgate_to_client_code", r.wsgate_to_client_close),
-        ("wsgate_to_backend_code", r.wsgate_to_backend_close),
-    ];
-    for (name, code) in codes {
-        if let Some(code) = code {
-            l.uint(name, code.into());
+    match &r.details {
+        Details::WebSocket(w) => {
+            l.display("path", &r.info.path);
+            l.str("outcome", r.outcome.as_str());
+            l.float("duration_ms", ms(r.duration));
+            l.float("release_ms", ms(r.release));
+            l.uint("client_to_backend_bytes", r.client_to_backend.bytes);
+            l.uint("client_to_backend_frames", r.client_to_backend.frames);
+            l.uint("backend_to_client_bytes", r.backend_to_client.bytes);
+            l.uint("backend_to_client_frames", r.backend_to_client.frames);
+            let codes = [
+                ("client_close_code", w.client_close.flatten()),
+                ("backend_close_code", w.backend_close.flatten()),
+                ("client_received_code", w.client_received_close.flatten()),
+                ("backend_received_code", w.backend_received_close.flatten()),
+                ("wsgate_to_client_code", w.wsgate_to_client_close),
+                ("wsgate_to_backend_code", w.wsgate_to_backend_close),
+            ];
+            for (name, code) in codes {
+                if let Some(code) = code {
+                    l.uint(name, code.into());
+                }
+            }
+            for (name, rtt) in [
+                ("client_rtt_ms", w.client_rtt),
+                ("backend_rtt_ms", w.backend_rtt),
+            ] {
+                if let Some(rtt) = rtt {
+                    l.float(name, ms(rtt));
+                }
+            }
         }
-    }
-    for (name, rtt) in [
-        ("client_rtt_ms", r.client_rtt),
-        ("backend_rtt_ms", r.backend_rtt),
-    ] {
-        if let Some(rtt) = rtt {
-            l.float(name, ms(rtt));
+        Details::Http(h) => {
+            l.display("method", &h.method);
+            l.display("path", &r.info.path);
+            if let Some(status) = h.status {
+                l.uint("status", status.into());
+            }
+            l.str("framing", h.framing.as_str());
+            l.bool("event_stream", h.event_stream);
+            l.bool("stream", h.stream);
+            l.str("outcome", r.outcome.as_str());
+            l.float("duration_ms", ms(r.duration));
+            if let Some(t) = h.time_to_head {
+                l.float("time_to_head_ms", ms(t));
+            }
+            l.float("release_ms", ms(r.release));
+            l.uint("client_to_backend_bytes", r.client_to_backend.bytes);
+            l.uint("backend_to_client_bytes", r.backend_to_client.bytes);
+            l.uint("heartbeats", h.heartbeats);
         }
     }
     l.finish()
@@ -125,23 +215,27 @@ struct Line {
 }
 
 impl Line {
-    const MESSAGE: &str = "websocket connection ended";
     const TARGET: &str = "wsgate::connection";
 
-    fn new(format: LogFormat, at: SystemTime) -> Line {
+    fn new(format: LogFormat, at: SystemTime, message: &str) -> Line {
         let mut out = Vec::with_capacity(512);
         let at = humantime::format_rfc3339_micros(at);
         let json = format == LogFormat::Json;
         if json {
             let _ = write!(
                 out,
-                "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"{}\"",
-                Self::MESSAGE
+                "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"{message}\""
             );
         } else {
-            let _ = write!(out, "{at}  INFO {}: {}", Self::TARGET, Self::MESSAGE);
+            let _ = write!(out, "{at}  INFO {}: {message}", Self::TARGET);
         }
         Line { out, json }
+    }
+
+    fn bool(&mut self, name: &str, value: bool) {
+        self.name(name);
+        self.out
+            .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
     fn name(&mut self, name: &str) {
@@ -226,26 +320,32 @@ impl Line {
     }
 }
 
-/// Adds the traffic and ping round trips of every open connection since the last sweep
+/// Adds the traffic and ping round trips of every open exchange since the last sweep
 /// to the process-wide metrics, and folds histogram samples into their buckets.
 pub fn sweep(live: &LiveTable, metrics: &Metrics) {
-    for conn in live.conns() {
-        add_live_counters(metrics, &conn);
+    for entry in live.entries() {
+        add_live_counters(metrics, &entry);
     }
     metrics.run_upkeep();
 }
 
-/// The Prometheus exposition, with the number of open WebSockets read from the table
-/// at this moment.
+/// The Prometheus exposition, with the number of open WebSockets and HTTP streams read
+/// from the table at this moment.
 pub fn render(live: &LiveTable, metrics: &Metrics) -> String {
-    metrics.websockets_active.set(live.len() as f64);
+    metrics
+        .websockets_active
+        .set(live.count(Kind::WebSocket) as f64);
+    metrics
+        .http_streams_active
+        .set(live.count(Kind::Http) as f64);
     metrics.render()
 }
 
-fn add_live_counters(metrics: &Metrics, conn: &LiveConn) {
+fn add_live_counters(metrics: &Metrics, entry: &LiveExchange) {
+    let kind = entry.kind();
     for side in Side::BOTH {
-        metrics.add_traffic(side, conn.take_uncounted(side));
-        if let Some(rtt) = conn.take_unrecorded_rtt(side) {
+        metrics.add_traffic(kind, side, entry.take_uncounted(side));
+        if let Some(rtt) = entry.take_unrecorded_rtt(side) {
             metrics.ping_rtt(side, rtt);
         }
     }
@@ -257,7 +357,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::record::{ConnectionInfo, Counters, Outcome};
+    use crate::record::{Counters, ExchangeInfo, Framing, Outcome};
 
     /// Collects what a test subscriber writes.
     #[derive(Clone, Default)]
@@ -275,8 +375,9 @@ mod tests {
 
     fn record(rtt: bool) -> Record {
         Record {
-            info: ConnectionInfo {
+            info: ExchangeInfo {
                 id: 42,
+                connection: 41,
                 client: "[2001:db8::1]:4000".parse().unwrap(),
                 worker: 1,
                 path: "/live query".into(),
@@ -292,15 +393,51 @@ mod tests {
                 frames: 7,
                 bytes: 1_000_000_000_000,
             },
-            client_close: None,
-            backend_close: Some(Some(1001)),
-            client_received_close: None,
-            backend_received_close: Some(Some(1001)),
-            wsgate_to_client_close: None,
-            wsgate_to_backend_close: Some(1001),
-            client_rtt: rtt.then(|| Duration::from_micros(250)),
-            backend_rtt: rtt.then(|| Duration::from_nanos(33_333)),
+            details: Details::WebSocket(WebSocketDetails {
+                client_close: None,
+                backend_close: Some(Some(1001)),
+                client_received_close: None,
+                backend_received_close: Some(Some(1001)),
+                wsgate_to_client_close: None,
+                wsgate_to_backend_close: Some(1001),
+                client_rtt: rtt.then(|| Duration::from_micros(250)),
+                backend_rtt: rtt.then(|| Duration::from_nanos(33_333)),
+            }),
         }
+    }
+
+    /// An HTTP exchange's record: a stream cut by its client, or (`head` false) a
+    /// request the client left before its head.
+    fn http_record(head: bool) -> Record {
+        let mut r = record(false);
+        r.outcome = Outcome::ClientAborted;
+        r.client_to_backend.frames = 0;
+        r.backend_to_client.frames = 0;
+        r.details = Details::Http(HttpDetails {
+            method: hyper::Method::from_bytes(b"PROPFIND").unwrap(),
+            status: head.then_some(200),
+            framing: if head {
+                Framing::Chunked
+            } else {
+                Framing::None
+            },
+            event_stream: head,
+            stream: head,
+            time_to_head: head.then(|| Duration::from_micros(2_500)),
+            heartbeats: 3,
+        });
+        r
+    }
+
+    /// Every shape of line: WebSockets with and without round trips, HTTP exchanges
+    /// with and without a head.
+    fn records() -> [Record; 4] {
+        [
+            record(false),
+            record(true),
+            http_record(true),
+            http_record(false),
+        ]
     }
 
     /// With and without round trips; IPv4 addresses (written by hand) and IPv6 ones.
@@ -333,8 +470,7 @@ mod tests {
 
     #[test]
     fn the_direct_text_line_is_tracings_line() {
-        for (rtt, client) in CASES {
-            let mut r = record(rtt);
+        for ((rtt, client), mut r) in CASES.into_iter().zip(records()) {
             r.info.client = client.parse().unwrap();
             let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
             let direct = String::from_utf8(line(&r, LogFormat::Text, at)).unwrap();
@@ -343,11 +479,9 @@ mod tests {
             // `without_time` leaves the level's padding where the timestamp was.
             assert_eq!(&direct[stamp.len()..], through_tracing(&r, LogFormat::Text));
             // Milliseconds to the microsecond, without binary floating-point tails.
-            assert!(
-                direct.contains(" duration_ms=4712.345 release_ms=0.45 "),
-                "{direct}"
-            );
-            if rtt {
+            assert!(direct.contains(" duration_ms=4712.345 "), "{direct}");
+            assert!(direct.contains(" release_ms=0.45 "), "{direct}");
+            if rtt && r.kind() == Kind::WebSocket {
                 assert!(
                     direct.ends_with(" client_rtt_ms=0.25 backend_rtt_ms=0.033\n"),
                     "{direct}"
@@ -358,8 +492,7 @@ mod tests {
 
     #[test]
     fn the_direct_json_line_is_tracings_line() {
-        for (rtt, client) in CASES {
-            let mut r = record(rtt);
+        for ((_, client), mut r) in CASES.into_iter().zip(records()) {
             r.info.client = client.parse().unwrap();
             let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_930_000_123_456);
             let direct = String::from_utf8(line(&r, LogFormat::Json, at)).unwrap();

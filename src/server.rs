@@ -1,127 +1,59 @@
 //! The client-facing listener: accepts TCP connections, enforces `max_connections`,
-//! serves HTTP/1.1 or HTTP/2 on each with hyper, and routes every request either to
-//! [`crate::proxy`] (plain HTTP) or to [`crate::upgrade`] and then [`crate::relay`]
-//! (WebSocket). Also the drain sequence of a graceful shutdown.
+//! terminates TLS, serves HTTP/1.1 or HTTP/2 on each with hyper and hands every request
+//! to [`crate::route`]. The plain WebSocket upgrade that opens an HTTP/1.1 connection is
+//! read and carried out here, before hyper (see [`crate::request_head`]), watching the
+//! client while the backend answers. Every task serving clients can be ended from
+//! outside: at the exit, when the drain begins, and by an exchange's [`Abort`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::client::{Busy, ClientConn, ClientIo};
 use crate::error::ProxyError;
-use crate::frame::Negotiated;
-use crate::gate::{Gate, Slot, Tasks};
+use crate::gate::{Gate, Tasks};
+use crate::live::Abort;
 use crate::proxy::{self, Body};
-use crate::record::ConnectionInfo;
 use crate::relay::{self, Handoff, Leg};
-use crate::report;
 use crate::request_head::{self, FirstRequest};
+use crate::route::{self, PendingUpgrade};
 use crate::stream::{Replayed, Stream};
-use crate::upgrade::{self, Upgrade};
+use crate::upgrade;
 
-/// How long to wait after the forced close for tasks to notice it.
-const FORCE_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error such as EMFILE, so a full descriptor table does not
 /// turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// One accepted client connection. It holds a `max_connections` slot until it drops,
-/// which for a WebSocket is when its relay ends.
-struct Connection {
-    /// Process-unique id, in log lines.
-    id: u64,
-    peer: std::net::SocketAddr,
-    /// The worker serving it (0 is the thread that started the server).
-    worker: usize,
-    /// It came while wsgate was draining: it is served one request, then closed.
-    /// Connections from before the drain close gracefully when it begins.
-    accepted_draining: bool,
-    _slot: Slot,
-    /// `wsgate_connections_active`, decremented on drop.
-    active: metrics::Gauge,
-    /// Requests in flight and WebSockets relayed on this connection ([`Busy`] guards).
-    busy: AtomicUsize,
-    /// When `busy` last dropped to 0 (or the connection was accepted).
-    idle_since: Mutex<std::time::Instant>,
-}
+/// HTTP/2 PING interval when WebSocket pings are off.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
-impl Connection {
-    /// Completes once the connection has had nothing in flight for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        loop {
-            let since = (self.busy.load(Ordering::SeqCst) == 0)
-                .then(|| *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()));
-            match since {
-                Some(t) if t.elapsed() >= limit => return,
-                Some(t) => tokio::time::sleep_until((t + limit).into()).await,
-                None => tokio::time::sleep(limit).await,
-            }
-        }
-    }
-}
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Keeps its connection busy while alive: one per request in flight, and one per
-/// WebSocket relay for its whole life. It also holds the connection's
-/// `max_connections` slot.
-struct Busy(Arc<Connection>);
-
-impl Busy {
-    fn new(conn: Arc<Connection>) -> Busy {
-        conn.busy.fetch_add(1, Ordering::SeqCst);
-        Busy(conn)
-    }
-}
-
-impl std::ops::Deref for Busy {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.0
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) =
-                std::time::Instant::now();
-        }
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.active.decrement(1.0);
-    }
-}
-
-/// Every [`report::SWEEP_INTERVAL`], until aborted: adds open WebSockets' traffic to
-/// the process-wide counters and folds histogram samples into their buckets.
-pub async fn housekeeping(gate: Arc<Gate>) {
-    let mut every = tokio::time::interval(report::SWEEP_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        report::sweep(&gate.live, &gate.metrics);
-    }
-}
+/// Bytes a client may send behind its upgrade request before the backend answered
+/// (RFC 6455 says it must wait; what it sends anyway is kept for the relay). Past this
+/// wsgate stops reading it until the relay starts.
+const MAX_EARLY_BYTES: usize = 64 * 1024;
 
 /// Accepts clients on worker 0's listener until `stop` completes (SIGTERM, SIGINT),
-/// then exits (DESIGN §5): the drain begins if it has not (`POST /drain` may have begun
-/// it), and once no WebSocket is left the listeners close and in-flight HTTP requests
-/// finish; at the drain deadline what is left is aborted. `abort` completing (polled only
-/// from the stop on: a second signal) aborts at once.
+/// then exits: the drain begins if it has not (`POST /drain` may have begun it), and
+/// [`crate::exit`] follows. `abort` completing (polled only from the stop on: a second
+/// signal) aborts at once.
 pub async fn serve(
     gate: Arc<Gate>,
     listener: TcpListener,
@@ -131,7 +63,7 @@ pub async fn serve(
     gate.tasks.tracker.spawn(accept(gate.clone(), 0, listener));
     stop.await;
     gate.begin_drain("signal");
-    exit(&gate, abort).await;
+    crate::exit::exit(&gate, abort).await;
 }
 
 /// One worker's accept loop, run as a task of its own: a task woken by its listener is
@@ -160,17 +92,14 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
         crate::listener::tune_socket(socket2::SockRef::from(&stream));
         match gate.slots.try_take() {
             Some(slot) => {
-                gate.metrics.connections_active.increment(1.0);
-                let conn = Arc::new(Connection {
-                    id: gate.next_id(),
+                let conn = Arc::new(ClientConn::new(
+                    gate.next_id(),
                     peer,
                     worker,
-                    accepted_draining: gate.drain.is_begun(),
-                    _slot: slot,
-                    active: gate.metrics.connections_active.clone(),
-                    busy: AtomicUsize::new(0),
-                    idle_since: Mutex::new(std::time::Instant::now()),
-                });
+                    gate.drain.is_begun(),
+                    slot,
+                    gate.metrics.connections_active.clone(),
+                ));
                 gate.tasks
                     .tracker
                     .spawn(serve_client(gate.clone(), stream, conn));
@@ -191,86 +120,7 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
     }
 }
 
-/// The end of the process, once the drain has begun: WebSockets first (the port keeps
-/// accepting, and refusing upgrades, while they close), then the listeners and what is
-/// in flight, all by the drain deadline.
-async fn exit(gate: &Gate, abort: impl Future<Output = ()>) {
-    let tasks = &gate.tasks;
-    let deadline = gate
-        .drain
-        .deadline()
-        .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
-    tracing::info!(
-        websockets = gate.live.len(),
-        open_tasks = tasks.tracker.len(),
-        "stopping: waiting for the drain"
-    );
-    let finished = async {
-        gate.live.emptied().await;
-        tasks.stop.cancel();
-        tasks.tracker.close();
-        tasks.tracker.wait().await;
-    };
-    let drained = tokio::select! {
-        waited = tokio::time::timeout_at(deadline, finished) => {
-            if waited.is_err() {
-                tracing::warn!(
-                    websockets = gate.live.len(),
-                    open_tasks = tasks.tracker.len(),
-                    "drain deadline reached: aborting the rest"
-                );
-            }
-            waited.is_ok()
-        }
-        () = abort => {
-            tracing::warn!(
-                websockets = gate.live.len(),
-                open_tasks = tasks.tracker.len(),
-                "second stop signal: aborting the rest"
-            );
-            false
-        }
-    };
-    if !drained {
-        tasks.stop.cancel();
-        tasks.tracker.close();
-        tasks.force.cancel();
-        gate.live.force_all();
-        if tokio::time::timeout(FORCE_GRACE, tasks.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::error!(
-                open_tasks = tasks.tracker.len(),
-                "tasks still running at exit"
-            );
-        }
-    }
-    tracing::info!("shutdown complete");
-}
-
-/// HTTP/2 PING interval when WebSocket pings are off.
-const H2_KEEPALIVE: Duration = Duration::from_secs(20);
-
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Spawns hyper's HTTP/2 stream tasks on the server's tracker, so shutdown waits for
-/// them like for everything else.
-#[derive(Clone)]
-struct TrackedExecutor(TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for TrackedExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        self.0.spawn(fut);
-    }
-}
-
-async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
+async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
     let settings = gate.settings();
     let mut stream = match &settings.tls {
         None => Stream::Plain(tcp),
@@ -314,9 +164,26 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
             rest,
         } => {
             let busy = Busy::new(conn.clone());
-            match Box::pin(upgrade(&gate, &busy, request)).await {
+            let mut pending = PendingUpgrade::new(&gate, &conn, &request);
+            let mut early = BytesMut::from(&rest[..]);
+            // The client is watched while the backend answers: one that leaves (a
+            // query cancelled right after it started) has its backend connection
+            // closed at once, not when the backend finally answers.
+            let upgraded = tokio::select! {
+                upgraded = Box::pin(route::upgrade(&gate, &conn, request, &mut pending)) => upgraded,
+                () = client_leaves(&mut stream, &mut early) => {
+                    tracing::debug!(peer = %conn.peer, "client left before the backend answered its upgrade");
+                    // Closes the backend's connection and records the ending.
+                    drop(pending);
+                    return;
+                }
+            };
+            drop(pending);
+            match upgraded {
                 Ok(accepted) => {
-                    if let Err(e) = write_head(&mut stream, &accepted.response).await {
+                    let head = response_head(&accepted.response);
+                    drop(accepted.response);
+                    if let Err(e) = write_all(&mut stream, &head).await {
                         // The client left. The relay still runs: it finds the client
                         // gone at once and tells the backend with a Close, and the
                         // connection is recorded as it ended.
@@ -325,7 +192,7 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
                     let handoff = Handoff {
                         client: Leg {
                             stream,
-                            buffered: rest,
+                            buffered: early.freeze(),
                         },
                         backend: accepted.backend,
                         negotiated: accepted.negotiated,
@@ -342,8 +209,8 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
                 // An answer of wsgate's or the backend's refusal: hyper writes it, with
                 // everything HTTP/1.1 asks of a response, and serves what follows.
                 Err(response) => {
-                    let mut read = bytes::BytesMut::from(&head[..]);
-                    read.extend_from_slice(&rest);
+                    let mut read = BytesMut::from(&head[..]);
+                    read.extend_from_slice(&early);
                     (read.freeze(), Some(response))
                 }
             }
@@ -358,9 +225,22 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<Connection>) {
     .await;
 }
 
-/// Writes an HTTP/1.1 response head (a 101 has no body), as hyper would.
-async fn write_head(stream: &mut Stream, response: &Response<Body>) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
+/// Reads what a client sends while it waits for its upgrade's answer into `early`;
+/// completes when the client closes or resets its connection. Stops reading (and never
+/// completes) once `early` is full.
+async fn client_leaves(stream: &mut Stream, early: &mut BytesMut) {
+    while early.len() < MAX_EARLY_BYTES {
+        early.reserve(4096);
+        match stream.read_buf(early).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// An HTTP/1.1 response head (a 101 has no body), as hyper would write it.
+fn response_head(response: &Response<Body>) -> Vec<u8> {
     let status = response.status();
     let headers = response.headers();
     let size = headers
@@ -380,46 +260,80 @@ async fn write_head(stream: &mut Stream, response: &Response<Body>) -> std::io::
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    stream.write_all(&head).await?;
+    head
+}
+
+async fn write_all(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await?;
     // TLS holds what it encrypted until flushed.
     stream.flush().await
 }
 
-/// The service of a hyper connection: every request through [`route`], except that the
-/// first gets `first` when it is given (the answer already decided for a request read
-/// before hyper took over).
-fn service(
-    gate: Arc<Gate>,
-    conn: Arc<Connection>,
-    first: Option<Response<Body>>,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
-> + Clone
-+ Send
-+ 'static {
-    let first = Arc::new(Mutex::new(first));
-    service_fn(move |req| {
-        let gate = gate.clone();
-        let busy = Busy::new(conn.clone());
-        let answer = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        async move {
-            Ok::<_, Infallible>(match answer {
-                Some(answer) => answer,
-                None => route(gate, busy, req).await,
-            })
+/// Spawns hyper's HTTP/2 stream tasks on the server's tracker, so shutdown waits for
+/// them like for everything else, each as a [`StreamTask`] that an exchange's abort
+/// ends.
+#[derive(Clone)]
+struct StreamExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(StreamTask {
+            inner: Some(Box::pin(fut)),
+            abort: Arc::default(),
+            polled: false,
+        });
+    }
+}
+
+/// One HTTP/2 stream's task: hyper's future for the stream, which is dropped when the
+/// exchange on it is aborted from outside (an operator's close, a stalled client, the
+/// drain deadline) — h2 then resets the stream (RST_STREAM CANCEL) and the exchange,
+/// dropped with it, records why.
+struct StreamTask<F> {
+    inner: Option<Pin<Box<F>>>,
+    abort: Arc<Abort>,
+    /// Polled before: the exchange has taken the abort already.
+    polled: bool,
+}
+
+impl<F: Future> Future for StreamTask<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(());
+        };
+        if this.abort.poll(cx).is_ready() {
+            this.inner = None;
+            return Poll::Ready(());
         }
-    })
+        let polled = if this.polled {
+            inner.as_mut().poll(cx)
+        } else {
+            this.polled = true;
+            Abort::enter(&this.abort, || inner.as_mut().poll(cx))
+        };
+        match polled {
+            Poll::Ready(_) => {
+                this.inner = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 /// Serves an HTTP/2 connection with hyper until it ends.
-async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<Connection>) {
-    let tasks = &gate.tasks;
+async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
     let settings = gate.settings();
     let config = &settings.config;
-    let mut builder = http2::Builder::new(TrackedExecutor(tasks.tracker.clone()));
+    let mut builder = http2::Builder::new(StreamExecutor(gate.tasks.tracker.clone()));
     builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -427,20 +341,21 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<Connection>) {
         // HTTP/2 PINGs find a vanished client on an otherwise quiet connection.
         .keep_alive_interval(config.websocket.ping_interval.unwrap_or(H2_KEEPALIVE))
         .keep_alive_timeout(config.websocket.pong_timeout);
-    let service = service(gate.clone(), conn.clone(), None);
-    let served = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
-    // hyper has no idle timeout for HTTP/2: a connection with nothing in flight for
-    // `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
-    let idle = Some((&*conn, config.http.header_read_timeout));
+    let service = route::service(gate.clone(), conn.clone(), None);
+    let io = ClientIo::new(stream, conn.clone(), config.http.write_timeout);
+    let served = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+    let driving = Driving {
+        tasks: &gate.tasks,
+        conn: &conn,
+        drain: drain(&gate, &conn),
+        // hyper has no idle timeout for HTTP/2: a connection with nothing open for
+        // `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
+        idle: Some(config.http.header_read_timeout),
+        // Each stream has its own (see `StreamTask`).
+        abort: None,
+    };
     drop(settings);
-    let result = drive(
-        served,
-        |c| c.graceful_shutdown(),
-        tasks,
-        drain(&gate, &conn),
-        idle,
-    )
-    .await;
+    let result = drive(served, |c| c.graceful_shutdown(), driving).await;
     ended(result);
 }
 
@@ -449,13 +364,16 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<Connection>) {
 async fn serve_http1(
     gate: Arc<Gate>,
     stream: Replayed<Stream>,
-    conn: Arc<Connection>,
+    conn: Arc<ClientConn>,
     first: Option<Response<Body>>,
 ) {
-    let tasks = &gate.tasks;
     let settings = gate.settings();
-    let service = service(gate.clone(), conn.clone(), first);
-    let io = TokioIo::new(stream);
+    let service = route::service(gate.clone(), conn.clone(), first);
+    let io = TokioIo::new(ClientIo::new(
+        stream,
+        conn.clone(),
+        settings.config.http.write_timeout,
+    ));
     let http1 = if conn.accepted_draining {
         let mut once = settings.http1.clone();
         once.keep_alive(false);
@@ -465,21 +383,21 @@ async fn serve_http1(
     };
     drop(settings);
     let served = Box::pin(http1.with_upgrades());
-    let result = drive(
-        served,
-        |c| c.graceful_shutdown(),
-        tasks,
-        drain(&gate, &conn),
-        None,
-    )
-    .await;
+    let driving = Driving {
+        tasks: &gate.tasks,
+        conn: &conn,
+        drain: drain(&gate, &conn),
+        idle: None,
+        abort: Some(&conn.abort),
+    };
+    let result = drive(served, |c| c.graceful_shutdown(), driving).await;
     ended(result);
 }
 
 /// When a connection from before the drain closes gracefully: when it begins (an idle
 /// one at once). One accepted during the drain gets one request and
 /// `Connection: close` instead.
-fn drain<'a>(gate: &'a Gate, conn: &Connection) -> Option<&'a CancellationToken> {
+fn drain<'a>(gate: &'a Gate, conn: &ClientConn) -> Option<&'a CancellationToken> {
     (!conn.accepted_draining).then(|| gate.drain.begun())
 }
 
@@ -490,57 +408,83 @@ fn ended(result: hyper::Result<()>) {
     }
 }
 
-/// Serves a hyper connection until it ends. At the exit, when `drain` begins, or once
-/// `idle` says the connection had nothing in flight for its limit, it stops taking new
-/// requests (`graceful`) and finishes the current ones, until the force signal.
+/// What ends a hyper connection besides its client.
+struct Driving<'a> {
+    tasks: &'a Tasks,
+    conn: &'a ClientConn,
+    /// Cancelled when the drain begins; `None` for a connection that came during it.
+    drain: Option<&'a CancellationToken>,
+    /// HTTP/2: closed once nothing was open on it for this long, and, once a graceful
+    /// close began, as soon as nothing is open.
+    idle: Option<Duration>,
+    /// HTTP/1.1: the connection's own abort (an HTTP/2 stream's is its task's).
+    abort: Option<&'a Abort>,
+}
+
+/// Serves a hyper connection until it ends. At the exit, when the drain begins, or once
+/// an HTTP/2 connection had nothing open for its idle limit, it stops taking new
+/// requests (`graceful`: GOAWAY, or `Connection: close`) and finishes the open ones,
+/// until the force signal; an HTTP/2 connection then closes as soon as nothing is open
+/// on it, whether or not its client answers the GOAWAY. An abort ends it at once: its
+/// exchange records why.
 ///
 /// The connection comes boxed: inline, hyper's state made the client task's future
 /// 3.6 KiB, which tokio boxes itself and copies several times on every spawn.
 async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
-    tasks: &Tasks,
-    drain: Option<&CancellationToken>,
-    idle: Option<(&Connection, Duration)>,
+    d: Driving<'_>,
 ) -> hyper::Result<()>
 where
     F: Future<Output = hyper::Result<()>>,
 {
+    let conn = d.conn;
     let idle_out = async {
-        match idle {
-            Some((conn, limit)) => conn.idle_for(limit).await,
+        match d.idle {
+            Some(limit) => conn.idle_for(limit).await,
             None => std::future::pending().await,
         }
     };
     let drain_begun = async {
-        match drain {
+        match d.drain {
             Some(drain) => drain.cancelled().await,
             None => std::future::pending().await,
         }
     };
-    // How long the graceful close may take: until the force signal on shutdown; as long
-    // as the idle limit again for an idle connection (an HTTP/2 client that does not
-    // answer the GOAWAY's PING would otherwise hold it).
-    let grace = tokio::select! {
-        result = served.as_mut() => return result,
-        () = tasks.stop.cancelled() => None,
-        () = drain_begun => None,
-        () = idle_out => {
-            tracing::debug!("closing an idle HTTP/2 connection");
-            idle.map(|(_, limit)| limit)
-        }
+    let aborted = || {
+        std::future::poll_fn(|cx| match d.abort {
+            Some(abort) => abort.poll(cx).map(|_| ()),
+            None => Poll::Pending,
+        })
     };
+    let note = |result: hyper::Result<()>| {
+        if let Err(e) = &result {
+            // Before `served` drops the exchanges still on it: they read why.
+            conn.note_error(e);
+        }
+        result
+    };
+    tokio::select! {
+        result = served.as_mut() => return note(result),
+        () = d.tasks.stop.cancelled() => {}
+        () = drain_begun => {}
+        () = idle_out => tracing::debug!("closing an idle HTTP/2 connection"),
+        () = aborted() => return Ok(()),
+    }
     graceful(served.as_mut());
-    let deadline = async {
-        match grace {
-            Some(limit) => tokio::time::sleep(limit).await,
+    let nothing_open = async {
+        match d.idle {
+            Some(_) => conn.until_idle().await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
-        result = served => result,
-        () = tasks.force.cancelled() => Ok(()),
-        () = deadline => Ok(()),
+        // First: the poll that sends the GOAWAY.
+        biased;
+        result = served => note(result),
+        () = d.tasks.force.cancelled() => Ok(()),
+        () = aborted() => Ok(()),
+        () = nothing_open => Ok(()),
     }
 }
 
@@ -569,98 +513,6 @@ async fn starts_with_h2_preface(tcp: &TcpStream, limit: Duration) -> bool {
         }
     };
     tokio::time::timeout(limit, peek).await.unwrap_or(false)
-}
-
-/// A WebSocket upgrade carried out: what goes to the client and what to the relay.
-struct Accepted {
-    response: Response<Body>,
-    backend: Leg<Stream>,
-    negotiated: Negotiated,
-    info: ConnectionInfo,
-}
-
-/// A WebSocket upgrade request, whichever way it came: refused while draining, else
-/// carried out by [`upgrade::handle`]; counted. `Err` is the response to send instead.
-async fn upgrade<B>(
-    gate: &Gate,
-    conn: &Connection,
-    req: Request<B>,
-) -> Result<Accepted, Response<Body>> {
-    let failed = |e: ProxyError, why: &str| {
-        tracing::debug!(why, fault = e.fault().as_str(), "upgrade failed");
-        gate.metrics.upgrade_failed(e);
-        proxy::error_response(e, why)
-    };
-    if gate.drain.is_begun() {
-        let e = ProxyError::Draining;
-        return Err(failed(e, e.message()));
-    }
-    let info = ConnectionInfo {
-        id: conn.id,
-        client: conn.peer,
-        worker: conn.worker,
-        path: req.uri().path().into(),
-    };
-    let settings = gate.settings();
-    match upgrade::handle(&settings, &gate.tasks, conn.peer, req).await {
-        Ok(Upgrade::Accepted {
-            response,
-            backend,
-            negotiated,
-        }) => {
-            gate.metrics.upgrade_relayed();
-            Ok(Accepted {
-                response,
-                backend,
-                negotiated,
-                info,
-            })
-        }
-        Ok(Upgrade::Refused(response)) => {
-            gate.metrics.upgrade_refused();
-            Err(response)
-        }
-        Err(e) => Err(failed(e.error, e.why)),
-    }
-}
-
-/// A request hyper read: a WebSocket upgrade (its relay spawned once hyper hands the
-/// client's stream over), or plain HTTP forwarded to the backend.
-async fn route(gate: Arc<Gate>, conn: Busy, mut req: Request<Incoming>) -> Response<Body> {
-    if upgrade::is_websocket_upgrade(&req) {
-        let client = hyper::upgrade::on(&mut req);
-        let over_h2 = upgrade::is_extended_connect(&req);
-        return match upgrade(&gate, &conn, req).await {
-            Ok(accepted) => {
-                let handoff = Handoff {
-                    client: upgrade::client_stream(client, over_h2),
-                    backend: accepted.backend,
-                    negotiated: accepted.negotiated,
-                    info: accepted.info,
-                };
-                // The relay keeps the client connection busy (and its slot taken).
-                relay::spawn(
-                    &gate.tasks.tracker,
-                    handoff,
-                    &gate.live,
-                    &gate.metrics,
-                    conn,
-                );
-                accepted.response
-            }
-            Err(response) => response,
-        };
-    }
-    let settings = gate.settings();
-    let started = std::time::Instant::now();
-    let method = req.method().clone();
-    let client = settings.backend.client(conn.worker);
-    let resp = proxy::forward(client, &settings.config, conn.peer, req)
-        .await
-        .unwrap_or_else(|e| proxy::error_response(e, e.message()));
-    gate.metrics
-        .http_request(&method, resp.status(), started.elapsed());
-    resp
 }
 
 /// Answers a connection over `max_connections` with 503 and closes it.

@@ -17,11 +17,13 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::client::ClientIo;
 use crate::error::ProxyError;
 use crate::frame::Negotiated;
 use crate::gate::{Settings, Tasks};
 use crate::handshake;
-use crate::proxy::{self, Body, Scheme};
+use crate::headers::{self, Scheme};
+use crate::proxy::{self, Body};
 use crate::relay::Leg;
 use crate::stream::{Replayed, Stream};
 
@@ -72,7 +74,7 @@ pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    proxy::header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    headers::header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Checks the client's opening handshake; the error says what is wrong.
@@ -150,12 +152,15 @@ fn is_valid_key(key: &[u8]) -> bool {
 /// Carries out a WebSocket upgrade request from `client`: checks it, connects the
 /// backend and repeats the handshake there. The client's stream is the caller's: hyper
 /// hands it over after the response, or the caller has it already (see
-/// [`crate::request_head`]).
+/// [`crate::request_head`]). The backend's connection is kept in `backend` while the
+/// handshake runs, so that a caller who stops waiting (the client left) closes it
+/// itself, and knows when.
 pub async fn handle<B>(
     settings: &Settings,
     tasks: &Tasks,
     client: SocketAddr,
     mut req: Request<B>,
+    backend: &mut Option<Stream>,
 ) -> Result<Upgrade, Failed> {
     validate(&req)?;
     let config = &settings.config;
@@ -171,12 +176,13 @@ pub async fn handle<B>(
     };
     let expected_accept = derive_accept_key(key.as_bytes());
 
-    let mut backend = settings.backend.connect().await?;
+    let slot = backend;
+    let backend = slot.insert(settings.backend.connect().await?);
     let request = backend_request(&req, client, Scheme::of(config), &key);
     // The client's headers are written out: nothing of them has to live through the
     // awaits that follow.
     *req.headers_mut() = HeaderMap::new();
-    let exchanged = handshake::exchange(&mut backend, &request, config.http.max_header_size);
+    let exchanged = handshake::exchange(backend, &request, config.http.max_header_size);
     let mut head = match config.http.response_timeout {
         Some(limit) => tokio::time::timeout(limit, exchanged)
             .await
@@ -188,6 +194,9 @@ pub async fn handle<B>(
         ProxyError::BackendFailed
     })?;
 
+    let Some(backend) = slot.take() else {
+        return Err(ProxyError::BackendFailed.into());
+    };
     if head.status != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Upgrade::Refused(
             refused(tasks, backend, head, req.uri()).await?,
@@ -210,7 +219,7 @@ pub async fn handle<B>(
         buffered: head.into_rest(),
     };
 
-    let mut response = Response::new(proxy::full(Bytes::new()));
+    let mut response = Response::new(proxy::Body::empty());
     if over_h2 {
         // RFC 8441 §5: 200 instead of 101; the HTTP/1.1 upgrade headers have no place in
         // HTTP/2 (RFC 9113 §8.2.2). Subprotocol and extensions pass as they came.
@@ -222,7 +231,7 @@ pub async fn handle<B>(
         ] {
             headers.remove(name);
         }
-        proxy::remove_hop_by_hop(&mut headers);
+        headers::remove_hop_by_hop(&mut headers);
     } else {
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
@@ -253,11 +262,11 @@ pub async fn client_stream(
             buffered: Bytes::new(),
         });
     }
-    match upgraded.downcast::<TokioIo<Replayed<Stream>>>() {
+    match upgraded.downcast::<TokioIo<ClientIo<Replayed<Stream>>>>() {
         Ok(parts) => {
             // What was replayed and hyper did not read comes first (hyper reads all it
             // can, so this is empty in practice).
-            let (stream, unread) = parts.io.into_inner().into_parts();
+            let (stream, unread) = parts.io.into_inner().into_inner().into_parts();
             let buffered = if unread.is_empty() {
                 parts.read_buf
             } else {
@@ -312,11 +321,8 @@ async fn refused(
     );
     let resp = sender.send_request(request).await.map_err(failed)?;
     let (mut parts, body) = resp.into_parts();
-    proxy::remove_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(
-        parts,
-        http_body_util::BodyExt::boxed(body),
-    ))
+    headers::remove_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, proxy::Body::boxed(body)))
 }
 
 /// The upgrade request as the backend gets it, written straight from the client's
@@ -348,15 +354,15 @@ fn backend_request<B>(
     if let Some(authority) = &authority {
         head.header(&header::HOST, authority);
     }
-    let hop_by_hop = proxy::HopByHop::of(headers);
+    let hop_by_hop = headers::HopByHop::of(headers);
     for (name, value) in headers {
         // wsgate writes its own key, and `X-Forwarded-For` with the client appended.
-        let replaced = *name == header::SEC_WEBSOCKET_KEY || *name == proxy::X_FORWARDED_FOR;
+        let replaced = *name == header::SEC_WEBSOCKET_KEY || *name == headers::X_FORWARDED_FOR;
         if !replaced && !hop_by_hop.contains(name) {
             head.header(name, value);
         }
     }
-    for (name, value) in proxy::forwarded_headers(headers, host, peer, client) {
+    for (name, value) in headers::forwarded_headers(headers, host, peer, client) {
         head.header(&name, &value);
     }
     head.header(&header::CONNECTION, &HeaderValue::from_static("Upgrade"));

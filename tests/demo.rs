@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::connect_async;
-use wsgate::config::Backend;
+use wsgate::config::BackendUrl;
 use wsgate::demo::{DemoBackend, Links};
 use wsgate::{Config, Listeners};
 
@@ -45,7 +45,7 @@ async fn setup() -> Setup {
         admin_page: None,
     })
     .unwrap();
-    config.backend = Backend::parse(&format!("http://{}", demo.addr())).unwrap();
+    config.backend = BackendUrl::parse(&format!("http://{}", demo.addr())).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(async move {
         wsgate::serve(config, listeners, async move {

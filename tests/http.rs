@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,24 +17,11 @@ use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::HeaderMap;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use wsgate::config::MaxConnections;
-
-/// The body of the scripted backends' responses.
-type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
-
-/// A complete body.
-fn full(bytes: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
-}
 
 /// What an HTTP backend saw of one request.
 #[derive(Debug)]
@@ -45,35 +30,6 @@ struct Seen {
     /// The request target as sent on the wire (origin-form: path and query).
     target: String,
     headers: HeaderMap,
-}
-
-/// An in-process hyper HTTP/1.1 backend on 127.0.0.1:0 serving `handler`. Returns its
-/// address and the number of TCP connections it has accepted.
-async fn http_backend<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    let (l, addr) = listener().await;
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let handler = Arc::new(handler);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let answer = handler(req);
-                    async move { Ok::<_, Infallible>(answer.await) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, accepted)
 }
 
 /// A backend that records every request head on the returned channel and answers each
@@ -252,7 +208,7 @@ async fn large_chunked_post_streams_both_ways() {
             let frames = futures_util::stream::unfold(rx, |mut rx| async move {
                 rx.recv().await.map(|item| (item, rx))
             });
-            Response::new(StreamBody::new(frames).boxed())
+            Response::new(StreamBody::new(frames).map_err(BoxError::from).boxed())
         }
     })
     .await;

@@ -199,7 +199,7 @@ async fn plain_client_to_wss_backend_echoes_and_every_close_reaches_both_sides()
     let backend = tokio::spawn(echo_backend(backend_l, Some(server_tls(&p)), 2));
     let mut config = test_config(backend_addr);
     config.backend =
-        wsgate::config::Backend::parse(&format!("https://localhost:{}", backend_addr.port()))
+        wsgate::config::BackendUrl::parse(&format!("https://localhost:{}", backend_addr.port()))
             .unwrap();
     config.backend_tls.ca_file = Some(write(&d, "ca.crt", &p.ca_pem));
     let gate = start_gate(config).await;
@@ -240,7 +240,7 @@ async fn untrusted_or_misnamed_backend_certificates_get_502() {
         });
         let mut config = test_config(backend_addr);
         config.backend =
-            wsgate::config::Backend::parse(&format!("https://{backend_addr}")).unwrap();
+            wsgate::config::BackendUrl::parse(&format!("https://{backend_addr}")).unwrap();
         config.backend_tls.ca_file = ca.map(|ca| write(&d, "ca.crt", ca));
         config.backend_tls.server_name = Some(server_name.to_string());
         let gate = start_gate(config).await;

@@ -18,7 +18,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use wsgate::Listeners;
-use wsgate::config::{Backend, Config, Workers};
+use wsgate::config::{BackendUrl, Config, Workers};
+
+pub mod http;
+// Not every test file speaks HTTP.
+#[allow(unused_imports)]
+pub use http::*;
 
 /// Upper bound on any single wait in a test: generous, because it only turns a hang into
 /// a failure; it never decides an outcome.
@@ -54,7 +59,7 @@ pub fn test_config(backend: SocketAddr) -> Config {
     c.workers = Workers::Count(2);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    c.backend = Backend::parse(&format!("http://{backend}")).unwrap();
+    c.backend = BackendUrl::parse(&format!("http://{backend}")).unwrap();
     c.websocket.ping_interval = None;
     c.websocket.close_timeout = Duration::from_millis(500);
     c.shutdown.drain_timeout = Duration::from_secs(5);

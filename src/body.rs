@@ -1,0 +1,106 @@
+//! A request body on its way to the backend, counted: how many bytes the client sent and
+//! when it last sent some, for the exchange's record and its idle timer. The backend's
+//! connection reads the body in the exchange's task, so the count is shared through one
+//! [`Progress`], made only for requests that have a body at all.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// How far a request body has come.
+#[derive(Debug)]
+pub struct Progress {
+    /// When the exchange started; `last_us` counts from it.
+    started: Instant,
+    bytes: AtomicU64,
+    /// Microseconds after `started` when body bytes last came; 0 before any.
+    last_us: AtomicU64,
+}
+
+impl Progress {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// When body bytes last came, if any did.
+    pub fn last(&self) -> Option<Instant> {
+        match self.last_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.started + std::time::Duration::from_micros(us)),
+        }
+    }
+}
+
+/// The client's request body as the backend's connection reads it.
+#[derive(Debug)]
+pub struct RequestBody {
+    /// `None`: no body at all.
+    inner: Option<Incoming>,
+    /// `None` for a request without a body: nothing to count.
+    progress: Option<Arc<Progress>>,
+}
+
+impl RequestBody {
+    /// Counts `inner` (unless it is empty) from `started`; the progress is shared with
+    /// the caller.
+    pub fn new(inner: Incoming, started: Instant) -> (RequestBody, Option<Arc<Progress>>) {
+        let progress = (!inner.is_end_stream()).then(|| {
+            Arc::new(Progress {
+                started,
+                bytes: AtomicU64::new(0),
+                last_us: AtomicU64::new(0),
+            })
+        });
+        let shared = progress.clone();
+        let inner = Some(inner);
+        (RequestBody { inner, progress }, shared)
+    }
+
+    /// No body.
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            progress: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(p)) = (&polled, &this.progress)
+            && let Some(data) = frame.data_ref()
+            && !data.is_empty()
+        {
+            p.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            let us = (p.started.elapsed().as_micros() as u64).max(1);
+            p.last_us.store(us, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+    }
+}

@@ -1,0 +1,321 @@
+//! A client's TCP connection as the exchanges on it see it: who it is, how many
+//! exchanges are open on it (which tells when it is idle), why it ended when it cut an
+//! exchange short, and its socket, watched for writes that make no progress.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::gate::Slot;
+use crate::live::Abort;
+use crate::record::Outcome;
+
+/// One accepted client connection. It holds a `max_connections` slot until it drops,
+/// which for a WebSocket is when its relay ends.
+#[derive(Debug)]
+pub struct ClientConn {
+    /// Process-unique id (the exchanges on it have their own), in log lines.
+    pub id: u64,
+    pub peer: SocketAddr,
+    /// The worker serving it (0 is the thread that started the server).
+    pub worker: usize,
+    /// It came while wsgate was draining: it is served one request, then closed.
+    /// Connections from before the drain close gracefully when it begins.
+    pub accepted_draining: bool,
+    _slot: Slot,
+    /// `wsgate_connections_active`, decremented on drop.
+    active: metrics::Gauge,
+    /// Exchanges open on it ([`Busy`] guards): requests whose response has not ended,
+    /// WebSockets relayed.
+    busy: AtomicUsize,
+    /// When `busy` last dropped to 0 (or the connection was accepted).
+    idle_since: Mutex<Instant>,
+    /// Woken when `busy` drops to 0.
+    became_idle: tokio::sync::Notify,
+    /// Why the connection ended, when it was not simply the client leaving
+    /// (`Outcome::idx() + 1`; 0: nothing known): the exchanges it cut short read it.
+    cause: AtomicU8,
+    /// Ends an HTTP/1.1 connection's task from outside: its exchange's admin close,
+    /// stall or forced end (an HTTP/2 stream has an [`Abort`] of its own).
+    pub abort: Arc<Abort>,
+}
+
+impl ClientConn {
+    pub fn new(
+        id: u64,
+        peer: SocketAddr,
+        worker: usize,
+        accepted_draining: bool,
+        slot: Slot,
+        active: metrics::Gauge,
+    ) -> Self {
+        active.increment(1.0);
+        ClientConn {
+            id,
+            peer,
+            worker,
+            accepted_draining,
+            _slot: slot,
+            active,
+            busy: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            became_idle: tokio::sync::Notify::new(),
+            cause: AtomicU8::new(0),
+            abort: Arc::default(),
+        }
+    }
+
+    /// Completes once the connection has had nothing open for `limit`.
+    pub async fn idle_for(&self, limit: Duration) {
+        loop {
+            self.until_idle().await;
+            let since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+            if since.elapsed() >= limit && self.is_idle() {
+                return;
+            }
+            tokio::time::sleep_until((since + limit).into()).await;
+        }
+    }
+
+    /// Completes once nothing is open on the connection.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.became_idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: an exchange ending right after it still
+            // wakes us.
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Nothing is open on it.
+    pub fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+    }
+
+    /// Notes why the connection ends, if nothing was noted before.
+    pub fn ended_because(&self, outcome: Outcome) {
+        let _ = self.cause.compare_exchange(
+            0,
+            outcome.idx() as u8 + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Why the connection ended, if something other than the client's leaving ended
+    /// it.
+    pub fn cause(&self) -> Option<Outcome> {
+        match self.cause.load(Ordering::Acquire) {
+            0 => None,
+            code => Outcome::ALL.get(usize::from(code) - 1).copied(),
+        }
+    }
+
+    /// Notes what a hyper connection's error says of the client: a PING or a TCP
+    /// timeout that went unanswered.
+    pub fn note_error(&self, error: &hyper::Error) {
+        if is_timeout(error) {
+            self.ended_because(Outcome::ClientUnresponsive);
+        }
+    }
+}
+
+/// Whether a hyper error is a timeout of the client's: HTTP/2's keep-alive PING
+/// unanswered (hyper's `is_timeout`), or TCP keepalive or TCP_USER_TIMEOUT giving up
+/// (an I/O error in its sources).
+fn is_timeout(error: &hyper::Error) -> bool {
+    if error.is_timeout() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
+}
+
+/// Keeps its connection busy while alive: one per exchange open on it (a request until
+/// its response ends, a WebSocket for its whole life). It also holds the connection's
+/// `max_connections` slot.
+#[derive(Debug)]
+pub struct Busy(Arc<ClientConn>);
+
+impl Busy {
+    pub fn new(conn: Arc<ClientConn>) -> Busy {
+        conn.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(conn)
+    }
+}
+
+impl std::ops::Deref for Busy {
+    type Target = ClientConn;
+    fn deref(&self) -> &ClientConn {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            self.0.became_idle.notify_waiters();
+        }
+    }
+}
+
+/// The client's stream as hyper serves it: writes that make no progress for
+/// `http.write_timeout` fail (the connection then ends, its exchanges as
+/// `client_stalled`), and a timed-out read or write marks the client unresponsive.
+/// The timer exists only once a write had to wait.
+#[derive(Debug)]
+pub struct ClientIo<S> {
+    io: S,
+    conn: Arc<ClientConn>,
+    write_timeout: Option<Duration>,
+    /// Armed while a write waits: the moment it gives up.
+    stall: Option<Pin<Box<Sleep>>>,
+    stall_armed: bool,
+}
+
+impl<S> ClientIo<S> {
+    pub fn new(io: S, conn: Arc<ClientConn>, write_timeout: Option<Duration>) -> Self {
+        ClientIo {
+            io,
+            conn,
+            write_timeout,
+            stall: None,
+            stall_armed: false,
+        }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+
+    /// A write is waiting: fails it once it has waited `write_timeout`.
+    fn waited(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(limit) = self.write_timeout else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let sleep = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stall_armed {
+            sleep.as_mut().reset(deadline);
+            self.stall_armed = true;
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.conn.ended_because(Outcome::ClientStalled);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no bytes for http.write_timeout",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a write's result says of the client.
+    fn wrote<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => match self.waited(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            Poll::Ready(result) => {
+                self.stall_armed = false;
+                if let Err(e) = &result {
+                    self.failed(e);
+                }
+                Poll::Ready(result)
+            }
+        }
+    }
+
+    fn failed(&self, e: &io::Error) {
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.conn.ended_because(Outcome::ClientUnresponsive);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled {
+            this.failed(e);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.wrote(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.wrote(cx, polled)
+    }
+}

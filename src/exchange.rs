@@ -1,0 +1,637 @@
+//! An HTTP exchange, from its request to its end, observed where its bytes end.
+//!
+//! [`Exchange`] is made when a request arrives and lives as long as the exchange: in the
+//! request's future until the response head comes, then in the response body that
+//! wsgate hands hyper ([`ForwardedBody`]). It owns the backend connection it borrowed,
+//! so however the exchange ends — the body's end, the backend's error, a timer, the
+//! drain, an operator, or hyper dropping it because the client left — the backend's
+//! side is released in one place and the ending is recorded exactly once, through
+//! [`crate::report`], in the same record, log line and history as a WebSocket's.
+//!
+//! An exchange is a *stream* once its response is a `text/event-stream`, or its body
+//! is still open `http.stream_after` after its head: then it enters the live table
+//! (`/connections`, the admin page, the drain, an operator's close) and is logged and
+//! kept in the history when it ends. A short request that completes adds one counter
+//! and nothing else: no allocation beyond forwarding's own, no lock.
+//!
+//! Outcomes: `completed`; `client_aborted` (hyper dropped the exchange: the client
+//! closed, reset, or sent RST_STREAM); `client_unresponsive` and `client_stalled` (the
+//! client connection says why it ended, or the stall watch cut the stream);
+//! `backend_aborted` (the backend failed before or during the body: the client sees
+//! a 502 or a truncation, never a clean end); `backend_unreachable`, `backend_timeout`;
+//! `stream_idle_timeout`; `shutdown` (the drain ended an event stream at an event
+//! boundary, or its deadline cut the rest); `admin_close`.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Request, Response, Version};
+use tokio::time::Sleep;
+
+use crate::backend::Lease;
+use crate::body::{Progress, RequestBody};
+use crate::client::Busy;
+use crate::config::HttpLog;
+use crate::error::ProxyError;
+use crate::gate::Gate;
+use crate::headers;
+use crate::live::{Abort, HttpTimers, LiveDetail, LiveHttp, Registration};
+use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
+use crate::report::{self, Written};
+use crate::side::Side;
+use crate::sse;
+
+/// One HTTP exchange. Dropped before it ended, it records how: see [`Exchange::cause`].
+pub struct Exchange {
+    gate: Arc<Gate>,
+    /// The client connection, kept busy until the exchange ends (an HTTP/2 connection
+    /// is idle only when no exchange is open on it).
+    busy: Busy,
+    /// How the task the exchange runs in is ended from outside.
+    abort: Arc<Abort>,
+    id: u64,
+    started: Instant,
+    method: Method,
+    /// The request target's path (no query), kept as the request's own bytes.
+    path: hyper::Uri,
+    head: Option<Head>,
+    /// The backend connection, while the exchange uses it.
+    lease: Option<Lease>,
+    /// The request body's progress, if it has a body.
+    request: Option<Arc<Progress>>,
+    /// In the live table, once a stream.
+    registration: Option<Registration>,
+    /// Body bytes passed to the client.
+    sent: u64,
+    heartbeats: u64,
+    ended: bool,
+}
+
+/// The response head as the client got it.
+struct Head {
+    status: u16,
+    at: Instant,
+    framing: Framing,
+    event_stream: bool,
+}
+
+impl Exchange {
+    /// A request has arrived on `busy`'s connection.
+    pub fn begin<B>(gate: Arc<Gate>, busy: Busy, req: &Request<B>) -> Exchange {
+        // An HTTP/2 stream's task hands its abort over on its first poll, which is
+        // this; an HTTP/1.1 exchange is ended with its connection.
+        let abort = Abort::take_current().unwrap_or_else(|| busy.abort.clone());
+        Exchange {
+            id: gate.next_id(),
+            gate,
+            busy,
+            abort,
+            started: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().clone(),
+            head: None,
+            lease: None,
+            request: None,
+            registration: None,
+            sent: 0,
+            heartbeats: 0,
+            ended: false,
+        }
+    }
+
+    /// Counts the request body `body` as it goes to the backend.
+    pub fn request_body(&mut self, body: Incoming) -> RequestBody {
+        let (body, progress) = RequestBody::new(body, self.started);
+        self.request = progress;
+        body
+    }
+
+    /// Sends `req` to the backend and waits for the response head, at most until
+    /// `deadline`. A request a reused connection turned out unable to take (the backend
+    /// closed it meanwhile) goes once more, on a new connection.
+    pub async fn send(
+        &mut self,
+        mut req: Request<RequestBody>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let worker = self.busy.worker;
+        loop {
+            let pooled = std::future::poll_fn(|cx| {
+                Poll::Ready(self.gate.settings().backend.take(worker, cx))
+            })
+            .await;
+            let lease = match pooled {
+                Some(lease) => lease,
+                None => {
+                    let settings = self.gate.settings_full();
+                    let fresh = settings.backend.fresh();
+                    match deadline {
+                        Some(at) => tokio::time::timeout_at(at, fresh)
+                            .await
+                            .map_err(|_| ProxyError::BackendTimeout)??,
+                        None => fresh.await?,
+                    }
+                }
+            };
+            let lease = self.lease.insert(lease);
+            let mut sent = pin!(lease.sender.try_send_request(req));
+            let head = std::future::poll_fn(|cx| {
+                // The connection writes the request and reads the answer as it is
+                // driven here, in the exchange's task.
+                let _ = lease.drive(cx);
+                sent.as_mut().poll(cx)
+            });
+            let answer = match deadline {
+                Some(at) => tokio::time::timeout_at(at, head)
+                    .await
+                    .map_err(|_| ProxyError::BackendTimeout)?,
+                None => head.await,
+            };
+            match answer {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    let reused = lease.is_reused();
+                    self.lease = None;
+                    match e.take_message() {
+                        Some(unsent) if reused => req = unsent,
+                        _ => {
+                            tracing::debug!(error = %e.error(), "backend request failed");
+                            return Err(ProxyError::BackendFailed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// wsgate answers the request itself because of `error` (the caller writes the
+    /// answer): recorded with its outcome.
+    pub fn refuse(mut self, error: ProxyError) {
+        self.head = Some(Head {
+            status: error.status().as_u16(),
+            at: Instant::now(),
+            framing: Framing::Length,
+            event_stream: false,
+        });
+        self.note_head();
+        let outcome = match error {
+            ProxyError::BackendUnreachable => Outcome::BackendUnreachable,
+            ProxyError::BackendTimeout => Outcome::BackendTimeout,
+            _ => Outcome::BackendAborted,
+        };
+        self.finish(outcome);
+    }
+
+    /// The backend's response head arrived: the client gets it, with a body that carries
+    /// the exchange on (`None`: there is no body, and the exchange is over).
+    pub fn respond(
+        mut self,
+        resp: Response<Incoming>,
+        client_version: Version,
+    ) -> Response<Option<ForwardedBody>> {
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let headers = &parts.headers;
+        let event_stream = is_event_stream(headers);
+        let framing = if client_version == Version::HTTP_2 {
+            Framing::Http2
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            Framing::Length
+        } else if client_version < Version::HTTP_11 {
+            Framing::Close
+        } else {
+            Framing::Chunked
+        };
+        self.head = Some(Head {
+            status: parts.status.as_u16(),
+            at: Instant::now(),
+            framing,
+            event_stream,
+        });
+        self.note_head();
+        if body.is_end_stream() {
+            // No body (HEAD, 204, 304, an empty one): done with the head.
+            self.finish(Outcome::Completed);
+            return Response::from_parts(parts, None);
+        }
+        // wsgate writes into an event stream only where it can find event boundaries:
+        // not into a compressed one, nor one whose length is fixed.
+        let scanner = (event_stream
+            && !headers.contains_key(header::CONTENT_ENCODING)
+            && !headers.contains_key(header::CONTENT_LENGTH))
+        .then(sse::Scanner::new);
+        let timers = self.gate.live.config().http;
+        if event_stream {
+            self.register();
+        }
+        let now = Instant::now();
+        let forwarded = ForwardedBody {
+            ex: self,
+            inner: body,
+            scanner,
+            timers,
+            draining: false,
+            end_now: false,
+            timer: None,
+            last_sent: now,
+            last_data: now,
+            handed: false,
+        };
+        Response::from_parts(parts, Some(forwarded))
+    }
+
+    /// Counts the response head.
+    fn note_head(&self) {
+        if let Some(head) = &self.head {
+            self.gate.metrics.http_request(
+                &self.method,
+                hyper::StatusCode::from_u16(head.status).unwrap_or(hyper::StatusCode::BAD_GATEWAY),
+                head.at - self.started,
+            );
+        }
+    }
+
+    /// Enters the live table: the exchange is a stream.
+    fn register(&mut self) {
+        if self.registration.is_some() {
+            return;
+        }
+        let head = self.head.as_ref();
+        let detail = LiveDetail::Http(LiveHttp::new(
+            self.method.clone(),
+            head.map_or(0, |h| h.status),
+            head.is_some_and(|h| h.event_stream),
+            self.abort.clone(),
+        ));
+        let registration = self.gate.live.register(self.info(), detail);
+        registration.entry.update_counters(
+            Side::Backend,
+            Counters {
+                frames: 0,
+                bytes: self.sent,
+            },
+        );
+        self.registration = Some(registration);
+    }
+
+    fn info(&self) -> ExchangeInfo {
+        ExchangeInfo {
+            id: self.id,
+            connection: self.busy.id,
+            client: self.busy.peer,
+            worker: self.busy.worker,
+            path: self.path.path().into(),
+        }
+    }
+
+    /// How an exchange dropped before its end ended: what its task was asked, what its
+    /// connection says, the drain deadline, or else the client left.
+    fn cause(&self) -> Outcome {
+        self.abort
+            .cause()
+            .or_else(|| self.busy.cause())
+            .or_else(|| {
+                self.gate
+                    .tasks
+                    .force
+                    .is_cancelled()
+                    .then_some(Outcome::Shutdown)
+            })
+            .unwrap_or(Outcome::ClientAborted)
+    }
+
+    /// Ends the exchange as `outcome`: releases the backend's connection (back to the
+    /// pool after a completed response it can carry on from, closed otherwise) and
+    /// records it. Once.
+    fn finish(&mut self, outcome: Outcome) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let releasing = Instant::now();
+        if let Some(lease) = self.lease.take() {
+            if outcome == Outcome::Completed {
+                self.gate.settings().backend.put(self.busy.worker, lease);
+            } else {
+                drop(lease);
+            }
+        }
+        let release = releasing.elapsed();
+        let stream = self.registration.is_some();
+        let listed = stream || outcome != Outcome::Completed;
+        let logged = match self.gate.log_http() {
+            HttpLog::Streams => listed,
+            HttpLog::All => true,
+            HttpLog::Off => false,
+        };
+        if !listed && !logged {
+            // A short request that completed: one counter, nothing else.
+            self.gate.metrics.http_completed();
+            return;
+        }
+        let head = self.head.as_ref();
+        let received = self.request.as_ref().map_or(0, |p| p.bytes());
+        let record = Record {
+            info: self
+                .registration
+                .as_ref()
+                .map_or_else(|| self.info(), |r| r.entry.info.clone()),
+            outcome,
+            duration: self.started.elapsed(),
+            release,
+            client_to_backend: Counters {
+                frames: 0,
+                bytes: received,
+            },
+            backend_to_client: Counters {
+                frames: 0,
+                bytes: self.sent,
+            },
+            details: Details::Http(HttpDetails {
+                method: self.method.clone(),
+                status: head.map(|h| h.status),
+                framing: head.map_or(Framing::None, |h| h.framing),
+                event_stream: head.is_some_and(|h| h.event_stream),
+                stream,
+                time_to_head: head.map(|h| h.at - self.started),
+                heartbeats: self.heartbeats,
+            }),
+        };
+        if let Some(registration) = &self.registration {
+            registration.entry.ending(outcome);
+            registration
+                .entry
+                .update_counters(Side::Client, record.client_to_backend);
+            registration
+                .entry
+                .update_counters(Side::Backend, record.backend_to_client);
+        }
+        report::exchange_ended(
+            &self.gate.metrics,
+            &self.gate.live,
+            self.registration.take(),
+            &record,
+            Written { listed, logged },
+        );
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.ended {
+            let cause = self.cause();
+            self.finish(cause);
+        }
+    }
+}
+
+/// The response is a `text/event-stream`.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Why wsgate cut a response short; hyper then ends it as a truncation toward the
+/// client (no final chunk and the connection closed, or RST_STREAM), never as a clean
+/// end.
+#[derive(Debug, thiserror::Error)]
+#[error("response cut short: {0}")]
+pub struct Cut(&'static str);
+
+/// The backend's response body on its way to the client, carrying its exchange: it
+/// drives the backend connection, counts, registers the exchange as a stream when it
+/// becomes one, writes heartbeats into quiet event streams, ends an event stream at an
+/// event boundary when the drain asks, and ends the exchange with the body.
+pub struct ForwardedBody {
+    ex: Exchange,
+    inner: Incoming,
+    /// An event stream's boundaries, where wsgate may write into it.
+    scanner: Option<sse::Scanner>,
+    timers: HttpTimers,
+    /// The drain asked this event stream to end at its next boundary.
+    draining: bool,
+    /// The part just handed over ended at the boundary the drain waited for.
+    end_now: bool,
+    /// The next deadline of the body's timers, made once the body first had to wait.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When body bytes last went to the client (heartbeats included).
+    last_sent: Instant,
+    /// When body bytes last passed either way.
+    last_data: Instant,
+    /// A part was handed over and the live entry says so.
+    handed: bool,
+}
+
+impl ForwardedBody {
+    /// Ends the exchange cleanly (the final chunk, END_STREAM).
+    fn end(&mut self, outcome: Outcome) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        self.ex.finish(outcome);
+        Poll::Ready(None)
+    }
+
+    /// Cuts the response short.
+    fn cut(
+        &mut self,
+        outcome: Outcome,
+        why: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        self.ex.finish(outcome);
+        Poll::Ready(Some(Err(Cut(why))))
+    }
+
+    /// A part of the body goes to the client.
+    fn hand_over(&mut self, data: Bytes, now: Instant) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        self.ex.sent += data.len() as u64;
+        self.last_sent = now;
+        self.last_data = now;
+        if let Some(r) = &self.ex.registration {
+            r.entry.update_counters(
+                Side::Backend,
+                Counters {
+                    frames: 0,
+                    bytes: self.ex.sent,
+                },
+            );
+            r.entry.received(Side::Backend, now, true);
+            r.entry.handed_over(Some(now));
+            self.handed = true;
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    /// What the drain or a reload asked of this stream.
+    fn take_requests(&mut self, cx: &mut Context<'_>) {
+        let Some(r) = &self.ex.registration else {
+            return;
+        };
+        if self.handed {
+            r.entry.handed_over(None);
+            self.handed = false;
+        }
+        if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
+            if requests.reconfigure() {
+                self.timers = self.ex.gate.live.config().http;
+                // A deadline may have moved later: start the timer afresh.
+                self.timer = None;
+            }
+            if requests.shutdown() && self.scanner.is_some() {
+                self.draining = true;
+            }
+            // An operator's close and the drain deadline end the task itself.
+        }
+    }
+
+    /// The body waits for the backend: the timers' turn. Ready with what a timer
+    /// decided, or pending until the next deadline.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            let mut soonest = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+            if self.ex.registration.is_none() {
+                let head = self.ex.head.as_ref().map_or(self.ex.started, |h| h.at);
+                let at = head + self.timers.stream_after;
+                if now >= at {
+                    self.ex.register();
+                } else {
+                    soonest(at);
+                }
+            }
+            if let Some(idle) = self.timers.stream_idle_timeout {
+                let last_request = self.ex.request.as_ref().and_then(|p| p.last());
+                let last = last_request.map_or(self.last_data, |r| r.max(self.last_data));
+                if now >= last + idle {
+                    return self.cut(
+                        Outcome::StreamIdleTimeout,
+                        "no body bytes for http.stream_idle_timeout",
+                    );
+                }
+                soonest(last + idle);
+            }
+            if let (Some(beat), Some(scanner)) = (self.timers.sse_heartbeat, &mut self.scanner)
+                && !self.draining
+            {
+                let at = self.last_sent + beat;
+                if now >= at && scanner.at_boundary() {
+                    scanner.feed(sse::HEARTBEAT);
+                    self.ex.heartbeats += 1;
+                    self.ex.gate.metrics.sse_heartbeats.increment(1);
+                    self.last_sent = now;
+                    self.ex.sent += sse::HEARTBEAT.len() as u64;
+                    if let Some(r) = &self.ex.registration {
+                        r.entry.handed_over(Some(now));
+                        self.handed = true;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::HEARTBEAT)))));
+                }
+                if now < at {
+                    soonest(at);
+                }
+            }
+            let Some(next) = next else {
+                return Poll::Pending;
+            };
+            let deadline = tokio::time::Instant::from_std(next);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // A deadline passed: decide again with the time of now.
+        }
+    }
+}
+
+impl hyper::body::Body for ForwardedBody {
+    type Data = Bytes;
+    type Error = Cut;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        let this = self.get_mut();
+        if this.ex.ended {
+            return Poll::Ready(None);
+        }
+        this.take_requests(cx);
+        if this.end_now || (this.draining && this.scanner.is_some_and(|s| s.at_boundary())) {
+            return this.end(Outcome::Shutdown);
+        }
+        // Twice at most: a connection polled for the first time may only then hand the
+        // body the bytes it read with the head.
+        for first in [true, false] {
+            if let Some(lease) = &mut this.ex.lease {
+                let _ = lease.drive(cx);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        // Trailers pass as they are.
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let mut data = frame;
+                    if let Some(scanner) = &mut this.scanner {
+                        let boundary = scanner.feed(&data);
+                        if this.draining
+                            && let Some(at) = boundary
+                        {
+                            // The rest belongs to the next event, which the client
+                            // will not get: the stream ends here.
+                            data.truncate(at);
+                            this.end_now = true;
+                        }
+                    }
+                    let polled = this.hand_over(data, Instant::now());
+                    if this.inner.is_end_stream() && !this.end_now {
+                        // hyper will not ask again: the body is whole.
+                        this.ex.finish(Outcome::Completed);
+                    }
+                    return polled;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "the backend's response body failed");
+                    return this.cut(
+                        Outcome::BackendAborted,
+                        "the backend's response ended early",
+                    );
+                }
+                Poll::Ready(None) => return this.end(Outcome::Completed),
+                Poll::Pending if first => continue,
+                Poll::Pending => {}
+            }
+        }
+        this.waiting(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ex.ended || (self.inner.is_end_stream() && !self.end_now)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.scanner.is_some() {
+            // Heartbeats, or an end at a boundary, change the length.
+            return SizeHint::default();
+        }
+        self.inner.size_hint()
+    }
+}
+
+/// How long a request may wait for its backend connection and response head.
+pub fn deadline(limit: Option<Duration>) -> Option<tokio::time::Instant> {
+    limit.map(|l| tokio::time::Instant::now() + l)
+}
