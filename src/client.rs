@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::abort::Abort;
 use crate::gate::Slot;
-use crate::live::Abort;
 use crate::record::Outcome;
 
 /// One accepted client connection. It holds a `max_connections` slot until it drops,

@@ -34,6 +34,7 @@ use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, Response, Version};
 use tokio::time::Sleep;
 
+use crate::abort::Abort;
 use crate::backend::Lease;
 use crate::body::{Progress, RequestBody};
 use crate::client::Busy;
@@ -41,7 +42,7 @@ use crate::config::HttpLog;
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers;
-use crate::live::{Abort, HttpTimers, LiveDetail, LiveHttp, Registration};
+use crate::live::{HttpTimers, LiveDetail, LiveHttp, Registration};
 use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
 use crate::report::{self, Written};
 use crate::side::Side;
@@ -227,6 +228,7 @@ impl Exchange {
             && !headers.contains_key(header::CONTENT_LENGTH))
         .then(sse::Scanner::new);
         let timers = self.gate.live.config().http;
+        self.abort.set_limit(timers.write_timeout);
         if event_stream {
             self.register();
         }
@@ -314,6 +316,8 @@ impl Exchange {
             return;
         }
         self.ended = true;
+        // An HTTP/1.1 connection's abort serves its next exchange too.
+        self.abort.handed_over(None);
         let releasing = Instant::now();
         if let Some(lease) = self.lease.take() {
             if outcome == Outcome::Completed {
@@ -427,7 +431,7 @@ pub struct ForwardedBody {
     last_sent: Instant,
     /// When body bytes last passed either way.
     last_data: Instant,
-    /// A part was handed over and the live entry says so.
+    /// A part was handed over and the stall watch waits for hyper to ask again.
     handed: bool,
 }
 
@@ -448,43 +452,59 @@ impl ForwardedBody {
         Poll::Ready(Some(Err(Cut(why))))
     }
 
-    /// A part of the body goes to the client.
+    /// A part of the backend's body goes to the client.
     fn hand_over(&mut self, data: Bytes, now: Instant) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
         self.ex.sent += data.len() as u64;
-        self.last_sent = now;
         self.last_data = now;
-        if let Some(r) = &self.ex.registration {
-            r.entry.update_counters(
-                Side::Backend,
-                Counters {
-                    frames: 0,
-                    bytes: self.ex.sent,
-                },
-            );
-            r.entry.received(Side::Backend, now, true);
-            r.entry.handed_over(Some(now));
-            self.handed = true;
+        if self.ex.registration.is_none() && now >= self.stream_at() {
+            self.ex.register();
         }
+        if let Some(r) = &self.ex.registration {
+            let sent = Counters {
+                frames: 0,
+                bytes: self.ex.sent,
+            };
+            r.entry.update_counters(Side::Backend, sent);
+            r.entry.received(Side::Backend, now, true);
+        }
+        self.give(data, now)
+    }
+
+    /// Hands hyper `data` for the client; the stall watch waits for hyper to ask again.
+    fn give(&mut self, data: Bytes, now: Instant) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        self.last_sent = now;
+        self.ex.abort.handed_over(Some(now));
+        self.handed = true;
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
-    /// What the drain or a reload asked of this stream.
+    /// When a body still open makes the exchange a stream.
+    fn stream_at(&self) -> Instant {
+        let head = self.ex.head.as_ref().map_or(self.ex.started, |h| h.at);
+        head + self.timers.stream_after
+    }
+
+    /// hyper asks for more: what was handed over is taken; and what the drain or a
+    /// reload asked of this stream.
     fn take_requests(&mut self, cx: &mut Context<'_>) {
+        if self.handed {
+            self.ex.abort.handed_over(None);
+            self.handed = false;
+        }
         let Some(r) = &self.ex.registration else {
             return;
         };
-        if self.handed {
-            r.entry.handed_over(None);
-            self.handed = false;
-        }
         if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
             if requests.reconfigure() {
                 self.timers = self.ex.gate.live.config().http;
+                self.ex.abort.set_limit(self.timers.write_timeout);
                 // A deadline may have moved later: start the timer afresh.
                 self.timer = None;
             }
             if requests.shutdown() && self.scanner.is_some() {
+                // Listed as closing from now on: it ends at its next event boundary.
                 self.draining = true;
+                r.entry.ending(Outcome::Shutdown);
             }
             // An operator's close and the drain deadline end the task itself.
         }
@@ -498,8 +518,7 @@ impl ForwardedBody {
             let mut next: Option<Instant> = None;
             let mut soonest = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
             if self.ex.registration.is_none() {
-                let head = self.ex.head.as_ref().map_or(self.ex.started, |h| h.at);
-                let at = head + self.timers.stream_after;
+                let at = self.stream_at();
                 if now >= at {
                     self.ex.register();
                 } else {
@@ -522,16 +541,11 @@ impl ForwardedBody {
             {
                 let at = self.last_sent + beat;
                 if now >= at && scanner.at_boundary() {
+                    // wsgate's own bytes: counted as heartbeats, not as the backend's.
                     scanner.feed(sse::HEARTBEAT);
                     self.ex.heartbeats += 1;
                     self.ex.gate.metrics.sse_heartbeats.increment(1);
-                    self.last_sent = now;
-                    self.ex.sent += sse::HEARTBEAT.len() as u64;
-                    if let Some(r) = &self.ex.registration {
-                        r.entry.handed_over(Some(now));
-                        self.handed = true;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(sse::HEARTBEAT)))));
+                    return self.give(Bytes::from_static(sse::HEARTBEAT), now);
                 }
                 if now < at {
                     soonest(at);

@@ -172,16 +172,14 @@ impl Gate {
 }
 
 /// Every [`report::SWEEP_INTERVAL`], until aborted: adds open exchanges' traffic to the
-/// process-wide counters and folds histogram samples into their buckets, ends the HTTP
-/// streams whose client stopped reading, and closes the idle backend connections that
-/// expired or that the backend closed.
+/// process-wide counters and folds histogram samples into their buckets, and closes the
+/// idle backend connections that expired or that the backend closed.
 pub async fn housekeeping(gate: Arc<Gate>) {
     let mut every = tokio::time::interval(report::SWEEP_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         report::sweep(&gate.live, &gate.metrics);
-        gate.live.end_stalled(std::time::Instant::now());
         gate.settings().backend.sweep();
     }
 }

@@ -34,6 +34,7 @@
 //! SIGHUP into a certificate reload. These, and the drain, run on worker 0: the thread
 //! that called [`serve`]. The words for a connection's two ends are in [`side`].
 
+mod abort;
 mod admin;
 mod backend;
 mod body;

@@ -18,6 +18,7 @@ use atomic_waker::AtomicWaker;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::abort::Abort;
 use crate::frame::{MAX_CONTROL_PAYLOAD, is_sendable_close_code};
 use crate::history::{EndedView, History, Releases};
 use crate::record::{Counters, ExchangeInfo, Kind, Outcome, Record};
@@ -121,69 +122,6 @@ impl Mailbox {
     }
 }
 
-/// The end, from outside, of the task an HTTP exchange runs in: the task of its HTTP/1.1
-/// connection, or of its HTTP/2 stream. hyper polls a response body only when it can
-/// send what the body gives, so a body cannot end itself while its client reads
-/// nothing; the task's own future (see `crate::server`) polls this and, once asked,
-/// drops what it serves: the HTTP/1.1 connection closes, the HTTP/2 stream is reset
-/// (RST_STREAM CANCEL). The exchange reads [`Abort::cause`] when it is dropped.
-#[derive(Debug, Default)]
-pub struct Abort {
-    /// `Outcome::idx() + 1` of the first request; 0 while none.
-    cause: AtomicU8,
-    waker: AtomicWaker,
-}
-
-impl Abort {
-    /// Asks the task to stop, because of `outcome`; the first request wins.
-    pub fn request(&self, outcome: Outcome) {
-        let code = outcome.idx() as u8 + 1;
-        let _ = self
-            .cause
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.waker.wake();
-    }
-
-    /// Why the task was asked to stop, if it was.
-    pub fn cause(&self) -> Option<Outcome> {
-        match self.cause.load(Ordering::Acquire) {
-            0 => None,
-            code => Outcome::ALL.get(usize::from(code) - 1).copied(),
-        }
-    }
-
-    /// Ready with the cause once the task is asked to stop.
-    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
-        if let Some(cause) = self.cause() {
-            return Poll::Ready(cause);
-        }
-        self.waker.register(cx.waker());
-        self.cause().map_or(Poll::Pending, Poll::Ready)
-    }
-
-    /// Runs `f` (the first poll of an HTTP/2 stream's task) with `abort` as the one the
-    /// exchange it starts takes ([`Abort::take_current`]). hyper makes a stream's
-    /// request future before it hands the task to the executor, so the task's abort
-    /// reaches the exchange this way.
-    pub fn enter<R>(abort: &Arc<Abort>, f: impl FnOnce() -> R) -> R {
-        CURRENT.with(|c| *c.borrow_mut() = Some(abort.clone()));
-        let r = f();
-        CURRENT.with(|c| c.borrow_mut().take());
-        r
-    }
-
-    /// The abort of the HTTP/2 stream task being polled for the first time, if that is
-    /// what runs now; taken once.
-    pub fn take_current() -> Option<Arc<Abort>> {
-        CURRENT.with(|c| c.borrow_mut().take())
-    }
-}
-
-thread_local! {
-    /// See [`Abort::enter`].
-    static CURRENT: std::cell::RefCell<Option<Arc<Abort>>> = const { std::cell::RefCell::new(None) };
-}
-
 /// What one open exchange publishes, and its mailbox.
 #[derive(Debug)]
 pub struct LiveExchange {
@@ -256,12 +194,8 @@ pub struct LiveHttp {
     pub method: hyper::Method,
     pub status: u16,
     pub event_stream: bool,
-    /// How its task is ended from outside.
+    /// How its task is ended from outside, and whether its client keeps up.
     pub abort: Arc<Abort>,
-    /// Milliseconds after the start when the body handed hyper a part and hyper has not
-    /// asked for the next one since; [`NONE`] while hyper is asking. hyper asks as soon
-    /// as it has passed a part on, so this only ages while the client reads nothing.
-    handed_over_ms: AtomicU64,
 }
 
 impl LiveHttp {
@@ -271,7 +205,6 @@ impl LiveHttp {
             status,
             event_stream,
             abort,
-            handed_over_ms: AtomicU64::new(NONE),
         }
     }
 }
@@ -363,15 +296,6 @@ impl LiveExchange {
         };
         let us = ws.unrecorded_rtt_us[side.idx()].swap(NONE, Ordering::Relaxed);
         (us != NONE).then(|| Duration::from_micros(us))
-    }
-
-    /// An HTTP body handed hyper a part at `at` (`Some`), or hyper asked for the next
-    /// one (`None`).
-    pub fn handed_over(&self, at: Option<Instant>) {
-        if let LiveDetail::Http(http) = &self.detail {
-            let ms = at.map_or(NONE, |at| self.ms(at));
-            http.handed_over_ms.store(ms, Ordering::Relaxed);
-        }
     }
 
     pub fn ending(&self, outcome: Outcome) {
@@ -476,7 +400,10 @@ impl LiveExchange {
                 }
             }
             LiveDetail::Http(http) => {
-                let waiting = since(&http.handed_over_ms);
+                let waiting = http
+                    .abort
+                    .waiting_since()
+                    .map(|at| now.saturating_duration_since(at).as_secs_f64());
                 if waiting.is_some_and(|s| s * 1e3 >= UNANSWERED_MS as f64) {
                     flags.push("client_not_reading");
                 }
@@ -506,16 +433,6 @@ impl LiveExchange {
             detail,
             flags,
         }
-    }
-
-    /// The HTTP stream has waited longer than `limit` for its client to take the next
-    /// part of its body, at `now`.
-    fn stalled(&self, now: Instant, limit: Duration) -> bool {
-        let LiveDetail::Http(http) = &self.detail else {
-            return false;
-        };
-        let at = http.handed_over_ms.load(Ordering::Relaxed);
-        at != NONE && self.ms(now).saturating_sub(at) >= limit.as_millis() as u64
     }
 }
 
@@ -824,29 +741,6 @@ impl LiveTable {
             .count()
     }
 
-    /// Ends the HTTP streams whose client has taken nothing of their body for longer
-    /// than `http.write_timeout` (`client_stalled`). Called every second: hyper does not
-    /// poll a body it cannot send, so the stream cannot notice by itself.
-    pub fn end_stalled(&self, now: Instant) {
-        let (open, limit) = {
-            let table = self.lock();
-            (
-                table.open.values().cloned().collect::<Vec<_>>(),
-                table.config.http.write_timeout,
-            )
-        };
-        let Some(limit) = limit else {
-            return;
-        };
-        for entry in open {
-            if entry.stalled(now, limit)
-                && let LiveDetail::Http(http) = &entry.detail
-            {
-                http.abort.request(Outcome::ClientStalled);
-            }
-        }
-    }
-
     /// Asks exchange `id` to close: a WebSocket with `code` and `reason` on both sides,
     /// an HTTP stream cut on both sides.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> Result<(), CloseError> {
@@ -1124,46 +1018,5 @@ mod tests {
         assert_eq!(table.close(5, 1000, ""), Ok(()));
         table.force_all();
         assert_eq!(abort.cause(), Some(Outcome::AdminClose));
-    }
-
-    #[test]
-    fn a_stream_whose_client_takes_nothing_is_ended_as_stalled() {
-        let table = table();
-        let abort = Arc::new(Abort::default());
-        let reg = table.register(info(6, "/events"), http(&abort));
-        let t0 = reg.entry.started;
-        // A part handed over 29 s ago, not taken since: not yet.
-        reg.entry.handed_over(Some(t0));
-        table.end_stalled(t0 + Duration::from_secs(29));
-        assert_eq!(abort.cause(), None);
-        let flags = reg
-            .entry
-            .snapshot(t0 + Duration::from_secs(29), DEFAULT_SILENCE)
-            .flags;
-        assert_eq!(flags, ["client_not_reading"]);
-        // Taken: the watch starts over.
-        reg.entry.handed_over(None);
-        table.end_stalled(t0 + Duration::from_secs(40));
-        assert_eq!(abort.cause(), None);
-        reg.entry.handed_over(Some(t0 + Duration::from_secs(40)));
-        table.end_stalled(t0 + Duration::from_secs(70));
-        assert_eq!(abort.cause(), Some(Outcome::ClientStalled));
-    }
-
-    #[test]
-    fn a_tasks_abort_reaches_the_exchange_its_first_poll_starts() {
-        let abort = Arc::new(Abort::default());
-        assert!(Abort::take_current().is_none());
-        let taken = Abort::enter(&abort, Abort::take_current);
-        assert!(taken.is_some_and(|t| Arc::ptr_eq(&t, &abort)));
-        // Taken once, and gone after the poll.
-        assert!(
-            Abort::enter(&abort, || {
-                Abort::take_current();
-                Abort::take_current()
-            })
-            .is_none()
-        );
-        assert!(Abort::take_current().is_none());
     }
 }

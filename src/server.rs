@@ -24,10 +24,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::abort::{Abort, StallWatch};
 use crate::client::{Busy, ClientConn, ClientIo};
 use crate::error::ProxyError;
 use crate::gate::{Gate, Tasks};
-use crate::live::Abort;
 use crate::proxy::{self, Body};
 use crate::relay::{self, Handoff, Leg};
 use crate::request_head::{self, FirstRequest};
@@ -285,6 +285,7 @@ where
         self.0.spawn(StreamTask {
             inner: Some(Box::pin(fut)),
             abort: Arc::default(),
+            stall: StallWatch::default(),
             polled: false,
         });
     }
@@ -297,6 +298,7 @@ where
 struct StreamTask<F> {
     inner: Option<Pin<Box<F>>>,
     abort: Arc<Abort>,
+    stall: StallWatch,
     /// Polled before: the exchange has taken the abort already.
     polled: bool,
 }
@@ -324,7 +326,14 @@ impl<F: Future> Future for StreamTask<F> {
                 this.inner = None;
                 Poll::Ready(())
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                this.stall.check(&this.abort, cx);
+                if this.abort.cause().is_some() {
+                    // Asked to stop during this poll: the waker fired already.
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -451,12 +460,16 @@ where
             None => std::future::pending().await,
         }
     };
-    let aborted = || {
-        std::future::poll_fn(|cx| match d.abort {
-            Some(abort) => abort.poll(cx).map(|_| ()),
-            None => Poll::Pending,
-        })
-    };
+    // An HTTP/1.1 exchange's end from outside, or its client taking nothing of its
+    // body for `http.write_timeout`.
+    let mut stall = StallWatch::default();
+    let mut aborted = std::pin::pin!(std::future::poll_fn(move |cx| match d.abort {
+        Some(abort) => {
+            stall.check(abort, cx);
+            abort.poll(cx).map(|_| ())
+        }
+        None => Poll::Pending,
+    }));
     let note = |result: hyper::Result<()>| {
         if let Err(e) = &result {
             // Before `served` drops the exchanges still on it: they read why.
@@ -465,11 +478,13 @@ where
         result
     };
     tokio::select! {
+        // `served` first: the stall watch reads what its poll handed over.
+        biased;
         result = served.as_mut() => return note(result),
+        () = &mut aborted => return Ok(()),
         () = d.tasks.stop.cancelled() => {}
         () = drain_begun => {}
         () = idle_out => tracing::debug!("closing an idle HTTP/2 connection"),
-        () = aborted() => return Ok(()),
     }
     graceful(served.as_mut());
     let nothing_open = async {
@@ -483,7 +498,7 @@ where
         biased;
         result = served => note(result),
         () = d.tasks.force.cancelled() => Ok(()),
-        () = aborted() => Ok(()),
+        () = aborted => Ok(()),
         () = nothing_open => Ok(()),
     }
 }

@@ -1,0 +1,232 @@
+//! The end, from outside, of the task an HTTP exchange runs in — the task of its
+//! HTTP/1.1 connection, or of its HTTP/2 stream — and the watch on whether its client
+//! keeps taking the response.
+//!
+//! hyper polls a response body only when it can send what the body gives, so a body
+//! cannot notice by itself that its client stopped reading, nor end itself while it is
+//! not polled. The task's own future (in `crate::server`) polls its [`Abort`] and a
+//! [`StallWatch`] beside hyper's future and, once asked, drops what it serves: the
+//! HTTP/1.1 connection closes, the HTTP/2 stream is reset (RST_STREAM CANCEL). The
+//! exchange reads [`Abort::cause`] when it is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use atomic_waker::AtomicWaker;
+use tokio::time::Sleep;
+
+use crate::record::Outcome;
+
+/// "Not set" in the atomics below.
+const NONE: u64 = u64::MAX;
+
+/// One task's end from outside, and what its exchange's body says of its client.
+#[derive(Debug)]
+pub struct Abort {
+    /// `Outcome::idx() + 1` of the first request; 0 while none.
+    cause: AtomicU8,
+    waker: AtomicWaker,
+    /// Where the microseconds below count from.
+    created: Instant,
+    /// When the body handed hyper a part that hyper has not asked past since; `NONE`
+    /// while hyper keeps asking. hyper asks again as soon as it has passed a part on,
+    /// so this only ages while the client takes nothing.
+    handed_over_us: AtomicU64,
+    /// How long a handed-over part may wait (`http.write_timeout`), in microseconds;
+    /// `NONE`: no limit.
+    limit_us: AtomicU64,
+}
+
+impl Default for Abort {
+    fn default() -> Self {
+        Abort {
+            cause: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
+            created: Instant::now(),
+            handed_over_us: AtomicU64::new(NONE),
+            limit_us: AtomicU64::new(NONE),
+        }
+    }
+}
+
+impl Abort {
+    /// Asks the task to stop, because of `outcome`; the first request wins.
+    pub fn request(&self, outcome: Outcome) {
+        let code = outcome.idx() as u8 + 1;
+        let _ = self
+            .cause
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.waker.wake();
+    }
+
+    /// Why the task was asked to stop, if it was.
+    pub fn cause(&self) -> Option<Outcome> {
+        match self.cause.load(Ordering::Acquire) {
+            0 => None,
+            code => Outcome::ALL.get(usize::from(code) - 1).copied(),
+        }
+    }
+
+    /// Ready with the cause once the task is asked to stop.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        if let Some(cause) = self.cause() {
+            return Poll::Ready(cause);
+        }
+        self.waker.register(cx.waker());
+        self.cause().map_or(Poll::Pending, Poll::Ready)
+    }
+
+    /// The body handed hyper a part at `at` (`Some`), or hyper asked for the next one
+    /// (`None`).
+    pub fn handed_over(&self, at: Option<Instant>) {
+        let us = at.map_or(NONE, |at| {
+            (at.saturating_duration_since(self.created).as_micros() as u64).min(NONE - 1)
+        });
+        self.handed_over_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Since when a part handed over has waited for the client, if one does.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        match self.handed_over_us.load(Ordering::Relaxed) {
+            NONE => None,
+            us => Some(self.created + Duration::from_micros(us)),
+        }
+    }
+
+    /// How long a handed-over part may wait before the exchange ends as
+    /// `client_stalled`; `None`: as long as it takes.
+    pub fn set_limit(&self, limit: Option<Duration>) {
+        let us = limit.map_or(NONE, |l| (l.as_micros() as u64).min(NONE - 1));
+        self.limit_us.store(us, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> Option<Duration> {
+        match self.limit_us.load(Ordering::Relaxed) {
+            NONE => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Runs `f` (the first poll of an HTTP/2 stream's task) with `abort` as the one the
+    /// exchange it starts takes ([`Abort::take_current`]). hyper makes a stream's
+    /// request future before it hands the task to the executor, so the task's abort
+    /// reaches the exchange this way.
+    pub fn enter<R>(abort: &Arc<Abort>, f: impl FnOnce() -> R) -> R {
+        CURRENT.with(|c| *c.borrow_mut() = Some(abort.clone()));
+        let r = f();
+        CURRENT.with(|c| c.borrow_mut().take());
+        r
+    }
+
+    /// The abort of the HTTP/2 stream task being polled for the first time, if that is
+    /// what runs now; taken once.
+    pub fn take_current() -> Option<Arc<Abort>> {
+        CURRENT.with(|c| c.borrow_mut().take())
+    }
+}
+
+thread_local! {
+    /// See [`Abort::enter`].
+    static CURRENT: std::cell::RefCell<Option<Arc<Abort>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The timer a task keeps for its [`Abort`]'s stall watch: armed while a handed-over
+/// part waits, it asks for the end (`client_stalled`) once the part waited the limit.
+/// Made only once a part had to wait.
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallWatch {
+    /// Checks `abort`'s watch after the task's future was polled; registers `cx` for
+    /// the deadline.
+    pub fn check(&mut self, abort: &Abort, cx: &mut Context<'_>) {
+        let (Some(since), Some(limit)) = (abort.waiting_since(), abort.limit()) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::from_std(since + limit);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            abort.request(Outcome::ClientStalled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_request_wins_and_is_kept() {
+        let abort = Abort::default();
+        assert_eq!(abort.cause(), None);
+        abort.request(Outcome::AdminClose);
+        abort.request(Outcome::Shutdown);
+        assert_eq!(abort.cause(), Some(Outcome::AdminClose));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert_eq!(abort.poll(&mut cx), Poll::Ready(Outcome::AdminClose));
+    }
+
+    #[test]
+    fn a_tasks_abort_reaches_the_exchange_its_first_poll_starts() {
+        let abort = Arc::new(Abort::default());
+        assert!(Abort::take_current().is_none());
+        let taken = Abort::enter(&abort, Abort::take_current);
+        assert!(taken.is_some_and(|t| Arc::ptr_eq(&t, &abort)));
+        // Taken once, and gone after the poll.
+        assert!(
+            Abort::enter(&abort, || {
+                Abort::take_current();
+                Abort::take_current()
+            })
+            .is_none()
+        );
+        assert!(Abort::take_current().is_none());
+    }
+
+    /// One check of the watch, as the task does after each poll.
+    async fn check(watch: &mut StallWatch, abort: &Abort) {
+        std::future::poll_fn(|cx| {
+            watch.check(abort, cx);
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_part_the_client_does_not_take_within_the_limit_ends_the_task() {
+        let abort = Abort::default();
+        abort.set_limit(Some(Duration::from_secs(30)));
+        let mut watch = StallWatch::default();
+        // Nothing waits: no timer.
+        check(&mut watch, &abort).await;
+        assert!(watch.timer.is_none());
+        let now = || tokio::time::Instant::now().into_std();
+        abort.handed_over(Some(now()));
+        check(&mut watch, &abort).await;
+        tokio::time::advance(Duration::from_secs(29)).await;
+        check(&mut watch, &abort).await;
+        assert_eq!(abort.cause(), None);
+        // Taken: the watch starts over with the next part.
+        abort.handed_over(None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        check(&mut watch, &abort).await;
+        assert_eq!(abort.cause(), None);
+        abort.handed_over(Some(now()));
+        check(&mut watch, &abort).await;
+        assert_eq!(abort.cause(), None);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        check(&mut watch, &abort).await;
+        assert_eq!(abort.cause(), Some(Outcome::ClientStalled));
+    }
+}
