@@ -1,4 +1,4 @@
-//! The end of the process (DESIGN §5), once the drain has begun: wait for what is open
+//! The end of the process (README "Drain, exit and reload"), once the drain has begun: wait for what is open
 //! to end, stop accepting, let in-flight requests finish, and abort whatever is left at
 //! the drain deadline or at a second stop signal.
 

@@ -1,38 +1,59 @@
 //! wsgate: a transparent WebSocket-aware reverse proxy sidecar that ends every
-//! connection properly.
+//! WebSocket and every streaming HTTP response properly, and visibly.
 //!
-//! # The life of a connection
+//! # The life of an exchange
 //!
 //! 1. One of the [`worker`] threads accepts a client TCP connection on its own socket of
 //!    the proxy port ([`listener`]: `SO_REUSEPORT`, TCP_NODELAY, keepalive,
 //!    TCP_USER_TIMEOUT) and keeps everything about it on its thread from then on.
 //!    [`server`] bounds it by `max_connections`, terminates TLS if configured ([`tls`],
-//!    [`stream`]) and serves HTTP/1.1 or HTTP/2 on it.
-//! 2. A plain request goes to [`proxy`], which forwards it through the worker's
-//!    keep-alive pool of [`backend`] connections and streams the response back.
+//!    [`stream`]) and serves HTTP/1.1 or HTTP/2 on it; [`client`] is what the exchanges
+//!    on it know of it (its id, how many are open on it, why it ended) and its socket,
+//!    watched for writes that make no progress. [`route`] decides what each request
+//!    becomes. Every request is an *exchange* with an id of its own, whether it is a
+//!    WebSocket or an HTTP request, and however many share one HTTP/2 connection.
+//! 2. A plain request goes to [`proxy`] as one [`exchange::Exchange`]: it borrows an
+//!    HTTP/1.1 connection from its worker's pool of idle [`backend`] connections and
+//!    drives it in its own task, the request body counted on the way ([`body`], header
+//!    rules in [`headers`]). The response streams back in an
+//!    [`exchange::ForwardedBody`], which sees where the exchange ends: the body's end,
+//!    the backend failing (a truncation toward the client, never a clean end), a timer,
+//!    the drain (an event stream ends at an event boundary, found by [`sse`]), an
+//!    operator, or hyper dropping it because the client left. [`abort`] is how the task
+//!    it runs in is ended from outside, and how a client that stopped reading is found.
 //! 3. A WebSocket handshake (an HTTP/1.1 upgrade or an HTTP/2 extended CONNECT) goes to
 //!    [`upgrade`], which validates it, opens a dedicated connection with the same
 //!    [`backend`] connect policy, repeats the handshake there as HTTP/1.1 ([`handshake`]:
 //!    one write, the answer parsed as it arrives) and answers the client with the
-//!    backend's own response. On success it hands both streams to a relay. What wsgate
+//!    backend's own response; a client that leaves before that answer has its backend
+//!    connection closed at once. On success it hands both streams to a relay. What wsgate
 //!    answers itself is an [`error::ProxyError`].
-//! 4. [`relay`] spawns one task per WebSocket, registered in the [`live`] table, and
-//!    runs two [`pump`]s in it, one per direction. Each pump forwards bytes unchanged
-//!    while [`frame`] tracks frame boundaries, so wsgate can read Close codes, answer
-//!    nothing on anyone's behalf, and insert its own Close or Ping frames between
-//!    frames. Large payloads between plain TCP sockets move by [`splice`].
-//! 5. [`session`], a pure state machine, decides how the connection ends: which Close
-//!    goes where with which code, when to give up waiting, when each socket is released.
-//! 6. When both sockets are closed the relay fills in the connection's [`record`], and
-//!    [`report`] writes it once: one log line with its outcome, duration, release time,
-//!    bytes, frames and close codes, and the same in [`metrics`].
+//! 4. [`relay`] spawns one task per WebSocket and runs two [`pump`]s in it, one per
+//!    direction. Each pump forwards bytes unchanged while [`frame`] tracks frame
+//!    boundaries, so wsgate can read Close codes, answer nothing on anyone's behalf, and
+//!    insert its own Close or Ping frames between frames. Large payloads between plain
+//!    TCP sockets move by [`splice`].
+//! 5. [`session`], a pure state machine, decides how a WebSocket ends: which Close goes
+//!    where with which code, when to give up waiting, when each socket is released.
+//! 6. WebSockets and HTTP streams (event streams, bodies still open after
+//!    `http.stream_after`) are in the [`live`] table while open: the admin page lists
+//!    them, the drain and an operator reach them there. When an exchange ends, its
+//!    [`record`] is written once by [`report`]: a log line with its outcome, duration,
+//!    release time and bytes, the same in [`metrics`], and the [`history`] the admin page
+//!    shows. A short request that completes adds one counter.
 //!
 //! Everything the workers share lives in one [`gate::Gate`]: the settings built from
 //! the [`config`], the tasks and the signals that end them, the live table and the
-//! metrics. [`admin`] serves `/metrics`, `/livez`, `/readyz` and the live connection
-//! table; [`shutdown`] turns SIGTERM/SIGINT into the drain of [`server::serve`] and
-//! SIGHUP into a certificate reload. These, and the drain, run on worker 0: the thread
-//! that called [`serve`]. The words for a connection's two ends are in [`side`].
+//! metrics. [`admin`] serves `/metrics`, `/livez`, `/readyz`, the live table and its
+//! page. [`signals`] turns SIGTERM/SIGINT into the end of [`server::serve`], which
+//! begins the [`drain`] and then the [`exit`], and SIGHUP (or a changed file) into a
+//! configuration reload, the TLS certificate included. These, and the drain, run on
+//! worker 0: the thread that called [`serve`]. The words for an exchange's two ends are
+//! in [`side`].
+
+// The crate documentation is for the people who work on wsgate: it links its private
+// modules, and CI builds it with `--document-private-items`, where those links resolve.
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod abort;
 mod admin;

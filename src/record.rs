@@ -44,7 +44,7 @@ impl Kind {
     }
 }
 
-/// How an exchange ended: the label of the endings tables (README, DESIGN §4 and §9),
+/// How an exchange ended: the label of the endings tables in the README,
 /// used in logs and metrics. Most belong to one kind ([`Kind::outcomes`]); a few mean
 /// the same for both (`client_unresponsive`, `client_stalled`, `shutdown`,
 /// `admin_close`).

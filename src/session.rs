@@ -4,7 +4,7 @@
 //! arriving, a write that cannot progress) and the passing of time; it answers with
 //! [`Action`]s (send a Close or a Ping, half-close, release or abort a socket) and, once
 //! both sockets are closed, an [`Outcome`]. It does no I/O and reads no clock: every
-//! method takes `now`, so the tests below drive every ending of DESIGN §4 directly.
+//! method takes `now`, so the tests below drive every ending of the README's endings table directly.
 //!
 //! Rules it enforces:
 //! - the first end signal decides the outcome (only an unanswered Close handshake turns

@@ -1,4 +1,4 @@
-//! One test per ending of DESIGN §4: what each side sees on the wire, and that both TCP
+//! One test per row of the README's WebSocket endings table: what each side sees on the wire, and that both TCP
 //! connections are closed afterwards. Raw peers on both sides, real sockets on loopback.
 
 // A failed unwrap in a test is a failed test.
