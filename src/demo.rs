@@ -18,11 +18,23 @@
 //!   without closing anything, like a laptop put to sleep. wsgate's unanswered Ping
 //!   turns that into Close 1001 "client unresponsive" toward the backend.
 //!
+//! One more panel queries the way OpenObserve's UI does today, without a WebSocket: a
+//! `fetch` of `POST /api/{org}/_search_stream`, answered with a `text/event-stream`
+//! (`event: search_response_metadata`, then `search_response_hits` blocks of five hits
+//! every period, then `search_response_end`) that the page reads with a ReadableStream
+//! reader. *Cancel* aborts the fetch (the browser closes the connection, wsgate releases
+//! the backend's); *Abandon* stops reading but keeps the reader and the stream open. The
+//! stream's body is fed through a channel by the query's task, so the task learns that
+//! the response is gone the moment hyper drops the body (the connection closed, or a
+//! write failed): an HTTP stream has no Close frame, and that moment, measured from the
+//! last event, is what the backend can know.
+//!
 //! The point of the page is its event log, "what the backend saw": for each query, how
-//! it ended *from the backend's point of view*, with the Close code and reason received,
-//! the time since the query started and the rows sent. Without wsgate a backend behind a
-//! generic proxy sees "connection dropped without a Close", or nothing at all until its
-//! query is over; with wsgate it sees a Close frame with a code saying why. The same
+//! it ended *from the backend's point of view*, with the Close code and reason received
+//! (a WebSocket), the time since the query started and the rows sent. Without wsgate a
+//! backend behind a generic proxy sees "connection dropped without a Close", or nothing
+//! at all until its query is over; with wsgate it sees a Close frame with a code saying
+//! why, and a search stream's connection closed as soon as its client left. The same
 //! events are logged with `tracing` (target `wsgate::demo`).
 //!
 //! The server runs on an OS thread of its own with a current-thread tokio runtime (as
@@ -33,14 +45,16 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -51,7 +65,7 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -71,13 +85,13 @@ const APP_CSS: &str = include_str!("demo/app.css");
 /// HTTP connections served at once; further ones are closed at accept. The page needs a
 /// handful; this only stops a runaway client from exhausting descriptors.
 const MAX_CONNECTIONS: usize = 256;
-/// Queries (WebSockets) streaming at once; the next handshake gets 503.
+/// Queries (WebSockets and search streams) streaming at once; the next one gets 503.
 const MAX_QUERIES: usize = 64;
 /// Simulated vanished laptops at once; the next `POST /simulate/vanish` gets 429.
 const MAX_LAPTOPS: usize = 8;
 /// Events kept for `GET /events`, newest first.
 const MAX_EVENTS: usize = 100;
-/// Largest request body read (only `POST /simulate/vanish` reads one, and ignores it).
+/// Largest request body read: `POST /simulate/vanish` (ignored) and a search request.
 const MAX_BODY: usize = 1024;
 /// Largest WebSocket message or frame accepted from a client: clients send nothing but
 /// control frames, so anything big is not the page.
@@ -87,9 +101,27 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a query waits for the Close reply (or for its own reply to be written).
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
-/// A row that cannot be written for this long means nothing is reading the connection:
-/// the query gives up instead of holding its slot forever.
+/// A row (or a search event) that cannot be written for this long means nothing is
+/// reading the connection: the query gives up instead of holding its slot forever.
 const SEND_STALL: Duration = Duration::from_secs(10);
+/// Hits in one `search_response_hits` event; one event per [`Timing::period`].
+const HITS_PER_EVENT: u64 = 5;
+/// Hits a search returns when its request names no `size` (8 s at the demo's pace),
+/// and the most it may ask for (20 s).
+const DEFAULT_HITS: u64 = 800;
+const MAX_HITS: u64 = 2_000;
+/// The search panel's name in the event log.
+const SEARCH_PANEL: &str = "search";
+/// The services and messages a search's hits are drawn from.
+const SEARCH_SERVICES: &[&str] = &["checkout", "payments", "search", "auth", "inventory"];
+const SEARCH_MESSAGES: &[&str] = &[
+    "upstream request timed out",
+    "connection reset by peer",
+    "card declined by issuer",
+    "token expired",
+    "stock level below zero",
+    "retry budget exhausted",
+];
 /// A simulated laptop reads (and answers Pings) for this long before it goes silent.
 const LAPTOP_AWAKE: Duration = Duration::from_secs(1);
 /// A simulated laptop closes its socket this long after it started, whatever happened:
@@ -317,9 +349,12 @@ struct Event {
     /// The query's id; `None` for the simulated laptop's own events.
     query: Option<u64>,
     panel: &'static str,
+    /// How the query streamed: `websocket`, or `sse` (a search stream).
+    transport: &'static str,
     /// `started`, `completed`, `client_close`, `client_went_away`,
     /// `client_unresponsive`, `client_stalled`, `dropped`, `stalled`, `error`, or
-    /// `laptop_*` for the simulated laptop.
+    /// `laptop_*` for the simulated laptop. A search stream that lost its connection is
+    /// `client_went_away` too: without a Close frame, that is all the backend learns.
     kind: &'static str,
     /// The event in one sentence, as the page shows it.
     text: String,
@@ -328,6 +363,10 @@ struct Event {
     reason: Option<String>,
     /// Time from the query's start to the moment the backend learned how it ended.
     after_ms: Option<u64>,
+    /// A search stream that lost its client: time from its last event to the moment
+    /// the backend learned.
+    since_last_event_ms: Option<u64>,
+    /// Rows sent (a search stream: hits).
     rows: Option<u64>,
 }
 
@@ -338,11 +377,13 @@ impl Event {
             unix_ms: 0,
             query,
             panel,
+            transport: "websocket",
             kind,
             text,
             code: None,
             reason: None,
             after_ms: None,
+            since_last_event_ms: None,
             rows: None,
         }
     }
@@ -386,10 +427,12 @@ impl State {
             target: "wsgate::demo",
             query = event.query,
             panel = event.panel,
+            transport = event.transport,
             outcome = event.kind,
             code = event.code,
             reason = event.reason.as_deref(),
             after_ms = event.after_ms,
+            since_last_event_ms = event.since_last_event_ms,
             rows = event.rows,
             "{}",
             event.text
@@ -454,7 +497,75 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>, _permit: OwnedSe
         .await;
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<DemoBody>;
+
+/// A response body: an answer whole at once, or a search stream fed piece by piece by
+/// its query's task through a channel. hyper drops the body when the connection ends
+/// (the client closed it, or a write failed), and with it the channel's receiver: the
+/// task's sender learns at once ([`mpsc::Sender::closed`]).
+enum DemoBody {
+    Full(Full<Bytes>),
+    /// `None` once the stream ended cleanly.
+    Stream(Option<mpsc::Receiver<Piece>>),
+}
+
+/// What a search's task sends its response body.
+#[derive(Debug)]
+enum Piece {
+    /// The next event(s) of the stream.
+    Data(Bytes),
+    /// The response is whole: end it cleanly (the last chunk).
+    End,
+}
+
+/// A search stream whose task went away without [`Piece::End`]: hyper cuts the
+/// response short (no last chunk) instead of ending it as if it were whole.
+#[derive(Debug, thiserror::Error)]
+#[error("the search stopped before its end")]
+struct Unfinished;
+
+impl hyper::body::Body for DemoBody {
+    type Data = Bytes;
+    type Error = Unfinished;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Unfinished>>> {
+        match self.get_mut() {
+            DemoBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
+            DemoBody::Stream(stream) => {
+                let Some(rx) = stream else {
+                    return Poll::Ready(None);
+                };
+                rx.poll_recv(cx).map(|piece| match piece {
+                    Some(Piece::Data(bytes)) => Some(Ok(Frame::data(bytes))),
+                    Some(Piece::End) => {
+                        *stream = None;
+                        None
+                    }
+                    None => Some(Err(Unfinished)),
+                })
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DemoBody::Full(full) => full.is_end_stream(),
+            DemoBody::Stream(stream) => stream.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DemoBody::Full(full) => full.size_hint(),
+            DemoBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
 
 async fn route(state: &Arc<State>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
@@ -470,6 +581,8 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Resp {
         }
         ("/simulate/vanish", Method::POST) => simulate_vanish(state, req).await,
         ("/query", Method::GET) => query(state, req),
+        (p, Method::POST) if search_org(p).is_some() => search_stream(state, req).await,
+        (p, _) if search_org(p).is_some() => method_not_allowed("POST"),
         ("/favicon.ico", Method::GET) => respond(StatusCode::NO_CONTENT, "text/plain", ""),
         ("/" | "/app.js" | "/app.css" | "/events" | "/query", _) => method_not_allowed("GET"),
         ("/simulate/vanish", _) => method_not_allowed("POST"),
@@ -482,7 +595,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Resp {
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(DemoBody::Full(Full::new(body.into())));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -598,14 +711,7 @@ fn page(state: &State, headers: &HeaderMap) -> Resp {
 /// `POST /simulate/vanish`: starts a simulated laptop that connects through wsgate and
 /// goes silent.
 async fn simulate_vanish(state: &Arc<State>, req: Request<Incoming>) -> Resp {
-    // A JSON content type cannot be sent cross-site without a CORS preflight, which this
-    // server never grants: another site open in the browser cannot trigger this.
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"));
-    if !is_json {
+    if !is_json(req.headers()) {
         return json(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             serde_json::json!({"error": "send Content-Type: application/json"}),
@@ -662,6 +768,16 @@ async fn simulate_vanish(state: &Arc<State>, req: Request<Incoming>) -> Resp {
             ),
         }),
     )
+}
+
+/// Whether the request says its body is JSON. A JSON content type cannot be sent
+/// cross-site without a CORS preflight, which this server never grants: another site
+/// open in the browser cannot start a simulated laptop or a search.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -978,6 +1094,308 @@ fn describe(id: u64, panel: &'static Panel, end: End, learned: Duration, rows: u
     event.reason = reason;
     event.after_ms = Some(millis(learned));
     event.rows = Some(rows);
+    event
+}
+
+/// The organisation in `/api/{org}/_search_stream`, if that is the path.
+fn search_org(path: &str) -> Option<&str> {
+    let org = path
+        .strip_prefix("/api/")?
+        .strip_suffix("/_search_stream")?;
+    let valid = !org.is_empty()
+        && org.len() <= 64
+        && org
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    valid.then_some(org)
+}
+
+/// What a search asked for.
+#[derive(Debug)]
+struct Search {
+    org: String,
+    sql: String,
+    /// Hits to send.
+    size: u64,
+}
+
+impl Search {
+    /// Reads a search request's body, `{"query": {"sql": "...", "size": 800}}` (both
+    /// fields optional, as is the body).
+    fn parse(org: &str, body: &[u8]) -> Result<Search, String> {
+        let value: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+            serde_json::json!({})
+        } else {
+            serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?
+        };
+        if !value.is_object() {
+            return Err("expected a JSON object: {\"query\": {\"sql\": \"...\"}}".into());
+        }
+        let query = value.get("query").unwrap_or(&serde_json::Value::Null);
+        let sql = query
+            .get("sql")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("SELECT * FROM \"default\"");
+        let size = match query.get("size") {
+            None | Some(serde_json::Value::Null) => DEFAULT_HITS,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=MAX_HITS).contains(n))
+                .ok_or_else(|| format!("size: a whole number of hits from 1 to {MAX_HITS}"))?,
+        };
+        Ok(Search {
+            org: org.to_string(),
+            sql: sql.chars().take(200).collect(),
+            size,
+        })
+    }
+}
+
+/// `POST /api/{org}/_search_stream`: a search answered as a `text/event-stream`, the way
+/// OpenObserve streams search results; its events come from a task of its own.
+async fn search_stream(state: &Arc<State>, req: Request<Incoming>) -> Resp {
+    let org = search_org(req.uri().path())
+        .unwrap_or("default")
+        .to_string();
+    if !is_json(req.headers()) {
+        return json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            serde_json::json!({"error": "send Content-Type: application/json"}),
+        );
+    }
+    if !same_origin(req.headers()) {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "Origin does not match Host"}),
+        );
+    }
+    let body = match timeout(
+        HANDSHAKE_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(_)) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": format!("body unreadable or over {MAX_BODY} bytes")}),
+            );
+        }
+        Err(_) => {
+            return json(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::json!({"error": "body not received in time"}),
+            );
+        }
+    };
+    let search = match Search::parse(&org, &body) {
+        Ok(search) => search,
+        Err(why) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": why})),
+    };
+    let Ok(permit) = state.queries.clone().try_acquire_owned() else {
+        let mut r = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "too many queries running"}),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    let id = state.next_query.fetch_add(1, Ordering::Relaxed);
+    // Room for one piece: the task hands over an event only once hyper took the one
+    // before, so a client that stops reading holds the task back (and [`SEND_STALL`]
+    // ends it), and a dropped body is noticed by the next send at the latest.
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(run_search(state.clone(), id, search, tx, permit));
+    let mut r = Response::new(DemoBody::Stream(Some(rx)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// How a search stream ended, as the backend learned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SearchEnd {
+    /// Every hit and the end event were handed to the response, which then ended.
+    Completed,
+    /// The response body was dropped before its end: its connection closed, or a
+    /// write to it failed.
+    Gone,
+    /// An event could not be handed over for [`SEND_STALL`].
+    Stalled,
+}
+
+/// Hands `piece` to the response body, waiting at most [`SEND_STALL`] for room.
+async fn send_piece(tx: &mpsc::Sender<Piece>, piece: Piece) -> Result<(), SearchEnd> {
+    match timeout(SEND_STALL, tx.send(piece)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SearchEnd::Gone),
+        Err(_) => Err(SearchEnd::Stalled),
+    }
+}
+
+/// One block of an event stream: `event: KIND`, `data: JSON`, an empty line.
+fn sse_event(kind: &str, data: &serde_json::Value) -> Piece {
+    Piece::Data(Bytes::from(format!("event: {kind}\ndata: {data}\n\n")))
+}
+
+/// The `search_response_hits` event with hits `from..from + n` of `total`.
+fn hits_event(from: u64, n: u64, total: u64) -> Piece {
+    let mut rng = rand::rng();
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let pick = |list: &[&'static str], i: usize| list.get(i).copied().unwrap_or("?");
+    let hits: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let service = pick(SEARCH_SERVICES, rng.random_range(0..SEARCH_SERVICES.len()));
+            let message = pick(SEARCH_MESSAGES, rng.random_range(0..SEARCH_MESSAGES.len()));
+            serde_json::json!({
+                "_timestamp": now_us.saturating_sub((n - i) * 1_000),
+                "service": service,
+                "level": "error",
+                "message": message,
+                "duration_ms": rng.random_range(5..2_000),
+            })
+        })
+        .collect();
+    sse_event(
+        "search_response_hits",
+        &serde_json::json!({
+            "hits": hits,
+            "from": from,
+            "total": total,
+            "progress": (from + n) * 100 / total.max(1),
+        }),
+    )
+}
+
+/// Streams a search's events until they are all sent or its response is gone, and
+/// records how it went. The response being dropped is noticed while the task waits for
+/// its next event ([`mpsc::Sender::closed`]), not only when that event is sent.
+async fn run_search(
+    state: Arc<State>,
+    id: u64,
+    search: Search,
+    tx: mpsc::Sender<Piece>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let period = state.timing.period;
+    let mut event = Event::new(
+        Some(id),
+        SEARCH_PANEL,
+        "started",
+        format!(
+            "search stream started (POST /api/{}/_search_stream): {} hits, {HITS_PER_EVENT} \
+             per event, one event every {} ms",
+            search.org,
+            search.size,
+            period.as_millis()
+        ),
+    );
+    event.transport = "sse";
+    event.rows = Some(0);
+    state.record(event);
+    let mut hits = 0u64;
+    // When the last event was handed to the response, from the start.
+    let mut last_event = Duration::ZERO;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let metadata = sse_event(
+        "search_response_metadata",
+        &serde_json::json!({"org": search.org, "sql": search.sql, "size": search.size}),
+    );
+    let end = 'stream: {
+        if let Err(end) = send_piece(&tx, metadata).await {
+            break 'stream end;
+        }
+        last_event = started.elapsed();
+        loop {
+            tokio::select! {
+                () = tx.closed() => break 'stream SearchEnd::Gone,
+                _ = tick.tick() => {
+                    let n = HITS_PER_EVENT.min(search.size - hits);
+                    let last = n == 0;
+                    let piece = if last {
+                        let took = millis(started.elapsed());
+                        sse_event(
+                            "search_response_end",
+                            &serde_json::json!({"total": hits, "took_ms": took}),
+                        )
+                    } else {
+                        hits_event(hits, n, search.size)
+                    };
+                    if let Err(end) = send_piece(&tx, piece).await {
+                        break 'stream end;
+                    }
+                    hits += n;
+                    last_event = started.elapsed();
+                    if last {
+                        break 'stream match send_piece(&tx, Piece::End).await {
+                            Ok(()) => SearchEnd::Completed,
+                            Err(end) => end,
+                        };
+                    }
+                }
+            }
+        }
+    };
+    let learned = started.elapsed();
+    state.record(describe_search(
+        id,
+        end,
+        learned,
+        learned.saturating_sub(last_event),
+        hits,
+    ));
+}
+
+/// The event for a search stream's end: its kind and sentence, from the backend's side.
+fn describe_search(
+    id: u64,
+    end: SearchEnd,
+    learned: Duration,
+    since_last_event: Duration,
+    hits: u64,
+) -> Event {
+    let after = secs(learned);
+    let (kind, text) = match end {
+        SearchEnd::Completed => (
+            "completed",
+            format!("completed: all {hits} hits and the end event sent after {after}"),
+        ),
+        SearchEnd::Gone => (
+            "client_went_away",
+            format!(
+                "client went away (connection closed) after {after}, {} ms after the last \
+                 event ({hits} hits sent)",
+                millis(since_last_event)
+            ),
+        ),
+        SearchEnd::Stalled => (
+            "stalled",
+            format!(
+                "writes stalled for {} s: nothing took the events; gave up after {after} \
+                 ({hits} hits sent)",
+                SEND_STALL.as_secs()
+            ),
+        ),
+    };
+    let mut event = Event::new(Some(id), SEARCH_PANEL, kind, text);
+    event.transport = "sse";
+    event.after_ms = Some(millis(learned));
+    event.since_last_event_ms = (end == SearchEnd::Gone).then(|| millis(since_last_event));
+    event.rows = Some(hits);
     event
 }
 
@@ -1472,6 +1890,201 @@ mod tests {
             text.starts_with("connection dropped without a Close"),
             "{text}"
         );
+    }
+
+    /// The body of a chunked response, without its chunk framing.
+    fn dechunk(mut body: &str) -> String {
+        let mut out = String::new();
+        loop {
+            let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+            if size == 0 {
+                return out;
+            }
+            out.push_str(&rest[..size]);
+            body = rest[size..]
+                .strip_prefix("\r\n")
+                .expect("CRLF after a chunk");
+        }
+    }
+
+    /// The events of an event stream, as (type, data) pairs.
+    fn sse_events(stream: &str) -> Vec<(String, serde_json::Value)> {
+        stream
+            .split_terminator("\n\n")
+            .map(|block| {
+                let kind = block.lines().find_map(|l| l.strip_prefix("event: "));
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                (
+                    kind.expect("an event type").to_string(),
+                    serde_json::from_str(data.expect("a data line")).expect("JSON data"),
+                )
+            })
+            .collect()
+    }
+
+    const SEARCH: &str =
+        "POST /api/default/_search_stream HTTP/1.1\r\nContent-Type: application/json";
+
+    #[tokio::test]
+    async fn a_search_streams_its_events_then_ends_and_is_recorded_completed() {
+        let demo = DemoBackend::start_with(links(nowhere(), None), FAST).unwrap();
+        let addr = demo.addr();
+        let body =
+            r#"{"query": {"sql": "SELECT * FROM \"default\" WHERE level = 'error'", "size": 12}}"#;
+        let (status, head, raw) = http(addr, SEARCH, body).await;
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(header(&head, "content-type"), "text/event-stream");
+        assert_eq!(header(&head, "transfer-encoding"), "chunked");
+        let events = sse_events(&dechunk(&raw));
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        // 12 hits, five per event: 5 + 5 + 2.
+        assert_eq!(
+            kinds,
+            [
+                "search_response_metadata",
+                "search_response_hits",
+                "search_response_hits",
+                "search_response_hits",
+                "search_response_end"
+            ]
+        );
+        assert_eq!(events[0].1["size"], 12);
+        assert!(
+            events[0].1["sql"]
+                .as_str()
+                .unwrap()
+                .contains("level = 'error'")
+        );
+        let hits: Vec<&serde_json::Value> = events
+            .iter()
+            .filter_map(|(_, d)| d["hits"].as_array())
+            .flatten()
+            .collect();
+        assert_eq!(hits.len(), 12);
+        assert!(
+            hits.iter()
+                .all(|h| SEARCH_SERVICES.contains(&h["service"].as_str().unwrap()))
+        );
+        assert_eq!(events[3].1["progress"], 100);
+        assert_eq!(events[4].1["total"], 12);
+        let done = event(addr, |e| e["panel"] == "search" && e["kind"] == "completed").await;
+        assert_eq!(done["transport"], "sse");
+        assert_eq!(done["rows"], 12);
+        assert!(done["code"].is_null() && done["since_last_event_ms"].is_null());
+        let text = done["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("completed: all 12 hits and the end event sent after "),
+            "{text}"
+        );
+        let started = event(addr, |e| e["panel"] == "search" && e["kind"] == "started").await;
+        assert_eq!(started["query"], done["query"]);
+        assert_eq!(started["transport"], "sse");
+    }
+
+    #[tokio::test]
+    async fn a_search_whose_client_drops_its_connection_is_recorded_at_once() {
+        let demo = DemoBackend::start(links(nowhere(), None)).unwrap();
+        let addr = demo.addr();
+        let mut s = within(TcpStream::connect(addr)).await.unwrap();
+        let body = r#"{"query": {"sql": "SELECT 1"}}"#;
+        let request = format!(
+            "{SEARCH}\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        within(s.write_all(request.as_bytes())).await.unwrap();
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("event: search_response_hits") {
+            let mut chunk = [0u8; 4096];
+            let n = within(s.read(&mut chunk)).await.unwrap();
+            assert!(n > 0, "the stream ended early");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        let dropped = std::time::Instant::now();
+        drop(s); // FIN mid-stream: the connection is gone
+        let e = event(addr, |e| e["panel"] == "search" && e["kind"] != "started").await;
+        let learned = dropped.elapsed();
+        assert_eq!(e["kind"], "client_went_away", "{e}");
+        assert_eq!(e["transport"], "sse");
+        assert!(e["code"].is_null(), "no Close frame on an HTTP stream");
+        let text = e["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("client went away (connection closed) after "),
+            "{text}"
+        );
+        // The demo's 800 hits take 8 s: it learned long before the end, and within about
+        // one event period of the last event it sent.
+        assert!(e["after_ms"].as_u64().unwrap() < 4_000, "{e}");
+        assert!(e["since_last_event_ms"].as_u64().unwrap() < 1_000, "{e}");
+        assert!(learned < Duration::from_secs(4), "{learned:?}");
+        assert!(e["rows"].as_u64().unwrap() < DEFAULT_HITS, "{e}");
+    }
+
+    #[tokio::test]
+    async fn bad_search_requests_get_clear_answers() {
+        let demo = DemoBackend::start_with(links(nowhere(), None), FAST).unwrap();
+        let addr = demo.addr();
+        let status = async |head: &str, body: &str| http(addr, head, body).await.0;
+        assert_eq!(
+            status("GET /api/default/_search_stream HTTP/1.1", "").await,
+            405
+        );
+        let plain = "POST /api/default/_search_stream HTTP/1.1\r\nContent-Type: text/plain";
+        assert_eq!(status(plain, "{}").await, 415);
+        assert_eq!(status(SEARCH, "not json").await, 400);
+        assert_eq!(status(SEARCH, "[1]").await, 400);
+        assert_eq!(status(SEARCH, r#"{"query": {"size": 0}}"#).await, 400);
+        assert_eq!(status(SEARCH, r#"{"query": {"size": 2001}}"#).await, 400);
+        assert_eq!(status(SEARCH, &"x".repeat(MAX_BODY + 1)).await, 413);
+        let cross = format!("{SEARCH}\r\nOrigin: http://elsewhere.example");
+        assert_eq!(status(&cross, "{}").await, 403);
+        let bad_org = "POST /api/a%2Fb/_search_stream HTTP/1.1\r\nContent-Type: application/json";
+        assert_eq!(status(bad_org, "{}").await, 404);
+        // An empty body is a search with the defaults.
+        let (code, head, _) = http(addr, SEARCH, "").await;
+        assert_eq!(
+            (code, header(&head, "content-type")),
+            (200, "text/event-stream")
+        );
+        assert_eq!(search_org("/api/my-org_2/_search_stream"), Some("my-org_2"));
+        assert_eq!(search_org("/api//_search_stream"), None);
+        assert_eq!(search_org("/api/default/_search"), None);
+    }
+
+    #[test]
+    fn search_endings_are_named_from_the_backends_side() {
+        let at = Duration::from_millis(2_300);
+        let since = Duration::from_millis(17);
+        let cases = [
+            (
+                SearchEnd::Completed,
+                "completed",
+                "completed: all 45 hits and the end event sent after 2.3 s",
+                None,
+            ),
+            (
+                SearchEnd::Gone,
+                "client_went_away",
+                "client went away (connection closed) after 2.3 s, 17 ms after the last event (45 hits sent)",
+                Some(17),
+            ),
+            (
+                SearchEnd::Stalled,
+                "stalled",
+                "writes stalled for 10 s: nothing took the events; gave up after 2.3 s (45 hits sent)",
+                None,
+            ),
+        ];
+        for (end, kind, text, since_ms) in cases {
+            let e = describe_search(7, end, at, since, 45);
+            assert_eq!((e.kind, e.text.as_str()), (kind, text));
+            assert_eq!((e.panel, e.transport), (SEARCH_PANEL, "sse"));
+            assert_eq!(
+                (e.query, e.after_ms, e.rows, e.since_last_event_ms),
+                (Some(7), Some(2_300), Some(45), since_ms)
+            );
+            assert_eq!((e.code, e.reason), (None, None));
+        }
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! `wsgate demo` in a real browser: Debian's Chromium, driven by `tests/browser/demo.mjs`
 //! (playwright-core), cancels a query and closes a tab, and checks that the demo backend
-//! heard Close 1000 and 1001 through wsgate and that the admin page shows both endings.
+//! heard Close 1000 and 1001 through wsgate and that the admin page shows both endings;
+//! then runs a search streamed as server-sent events (fetch and a ReadableStream reader),
+//! sees it listed open on the admin page, cancels it (AbortController), and checks that
+//! the demo backend learned at once that its stream was gone and that the admin page
+//! shows the HTTP ending `client_aborted` with its release time.
 //! The page's own code (the demo's app.js, the admin page's admin.js) only runs in a
 //! browser, so this is the test of both.
 //!
@@ -24,7 +28,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// Bound on `wsgate demo` printing its two URLs.
 const START_LIMIT: Duration = Duration::from_secs(20);
 /// Bound on the whole browser script (each of its waits is bounded at 15 s).
-const BROWSER_LIMIT: Duration = Duration::from_secs(60);
+const BROWSER_LIMIT: Duration = Duration::from_secs(90);
 /// Bound on wsgate exiting after SIGTERM (nothing is open by then).
 const EXIT_LIMIT: Duration = Duration::from_secs(20);
 

@@ -1,5 +1,7 @@
 //! The demo backend behind a real wsgate, as `wsgate demo` will run it: what the backend
-//! records when a client vanishes or drops its connection is what wsgate told it.
+//! records when a client vanishes or drops its connection is what wsgate told it (a
+//! WebSocket), or when wsgate closed its connection (a search stream), and wsgate's own
+//! record of the same ending.
 #![allow(clippy::unwrap_used)]
 
 use std::future::Future;
@@ -26,6 +28,7 @@ async fn within<F: Future>(f: F) -> F::Output {
 /// wsgate's address: wsgate binds first, then the demo starts, then wsgate serves.
 struct Setup {
     proxy: SocketAddr,
+    admin: SocketAddr,
     _demo: DemoBackend,
     stop: oneshot::Sender<()>,
     served: tokio::task::JoinHandle<()>,
@@ -35,11 +38,12 @@ async fn setup() -> Setup {
     let mut config = Config::parse(
         "listen = \"127.0.0.1:0\"\nworkers = 1\n\
          [websocket]\nping_interval = \"300ms\"\npong_timeout = \"300ms\"\nclose_timeout = \"1s\"\n\
-         [admin]\nlisten = \"\"\n",
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let listeners = Listeners::bind(&config).unwrap();
     let proxy = listeners.local_addr().unwrap();
+    let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
     let demo = DemoBackend::start(Links {
         proxy,
         admin_page: None,
@@ -56,6 +60,7 @@ async fn setup() -> Setup {
     });
     Setup {
         proxy,
+        admin,
         _demo: demo,
         stop,
         served,
@@ -69,6 +74,8 @@ impl Setup {
     }
 }
 
+/// One request on a fresh connection, read to its end: the status and the body (a
+/// chunked body still in its chunks).
 async fn http(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
     let mut s = within(TcpStream::connect(addr)).await.unwrap();
     let request = format!(
@@ -142,6 +149,135 @@ async fn a_client_dropping_its_connection_reaches_the_backend_as_close_1001() {
     assert_eq!(
         (e["code"].as_u64(), e["reason"].as_str()),
         (Some(1001), Some("client went away"))
+    );
+    gate.shutdown().await;
+}
+
+/// The body of a chunked response, without its chunk framing.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").unwrap();
+    }
+}
+
+/// The newest of wsgate's recorded HTTP endings that satisfies `pred`, from its admin API.
+async fn http_ending(
+    admin: SocketAddr,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    within(async {
+        loop {
+            let (status, body) =
+                http(admin, "GET /connections/recent?kind=http HTTP/1.1", "").await;
+            assert_eq!(status, 200, "{body}");
+            let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            if let Some(e) = list.into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+const SEARCH: &str = "POST /api/default/_search_stream HTTP/1.1\r\nContent-Type: application/json";
+const SEARCH_PATH: &str = "/api/default/_search_stream";
+
+#[tokio::test]
+async fn a_search_stream_runs_through_wsgate_and_ends_completed_on_both_sides() {
+    let gate = setup().await;
+    let (status, raw) = http(gate.proxy, SEARCH, r#"{"query": {"size": 10}}"#).await;
+    assert_eq!(status, 200);
+    let stream = dechunk(&raw);
+    let kinds: Vec<&str> = stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "search_response_metadata",
+            "search_response_hits",
+            "search_response_hits",
+            "search_response_end"
+        ],
+        "{stream}"
+    );
+    let e = event(gate.proxy, |e| {
+        e["panel"] == "search" && e["kind"] != "started"
+    })
+    .await;
+    assert_eq!(e["kind"], "completed", "{e}");
+    assert_eq!(e["rows"], 10);
+    // wsgate kept the event stream in its history: the whole response reached the client.
+    let ending = http_ending(gate.admin, |e| e["path"] == SEARCH_PATH).await;
+    assert_eq!(ending["outcome"], "completed", "{ending}");
+    assert_eq!(ending["method"], "POST");
+    assert_eq!(ending["status"], 200);
+    assert_eq!(ending["framing"], "chunked");
+    assert_eq!(ending["event_stream"], true);
+    assert_eq!(ending["stream"], true);
+    assert_eq!(
+        ending["backend_to_client"]["bytes"].as_u64(),
+        Some(stream.len() as u64)
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_dropping_a_search_stream_reaches_the_backend_at_once_as_a_closed_connection() {
+    let gate = setup().await;
+    let mut s = within(TcpStream::connect(gate.proxy)).await.unwrap();
+    let body = r#"{"query": {"sql": "SELECT 1"}}"#;
+    let request = format!(
+        "{SEARCH}\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+        gate.proxy,
+        body.len()
+    );
+    within(s.write_all(request.as_bytes())).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("event: search_response_hits") {
+        let mut chunk = [0u8; 4096];
+        let n = within(s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    // The stream is open on wsgate's admin API meanwhile.
+    let (_, open) = http(gate.admin, "GET /connections HTTP/1.1", "").await;
+    let open: Vec<serde_json::Value> = serde_json::from_str(&open).unwrap();
+    assert!(
+        open.iter()
+            .any(|c| c["kind"] == "http" && c["path"] == SEARCH_PATH && c["event_stream"] == true),
+        "{open:?}"
+    );
+    drop(s); // FIN mid-stream, no more reads: the client is gone
+    let e = event(gate.proxy, |e| {
+        e["panel"] == "search" && e["kind"] != "started"
+    })
+    .await;
+    assert_eq!(e["kind"], "client_went_away", "{e}");
+    let text = e["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("client went away (connection closed) after "),
+        "{text}"
+    );
+    // 800 hits take 8 s: wsgate closed the backend's connection long before, and the
+    // backend learned within about an event period of the last event it sent.
+    assert!(e["after_ms"].as_u64().unwrap() < 4_000, "{e}");
+    assert!(e["since_last_event_ms"].as_u64().unwrap() < 1_000, "{e}");
+    let ending = http_ending(gate.admin, |e| e["path"] == SEARCH_PATH).await;
+    assert_eq!(ending["outcome"], "client_aborted", "{ending}");
+    assert_eq!(ending["status"], 200);
+    assert!(
+        ending["release_seconds"].as_f64().unwrap() < 1.0,
+        "{ending}"
     );
     gate.shutdown().await;
 }

@@ -1,10 +1,12 @@
-// The demo page: each panel runs its query over its own WebSocket through wsgate, and
-// the event log shows how each query ended as the demo backend saw it. No framework,
+// The demo page: each panel runs its query over its own WebSocket through wsgate (the
+// search panel: a fetch of an event stream), and the event log shows how each query
+// ended as the demo backend saw it. No framework,
 // no inline code: the page's Content-Security-Policy is default-src 'self'.
 "use strict";
 
-// Abandoned sockets stay referenced here for the life of the page, as in the original
-// bug: an open WebSocket without listeners may otherwise be collected and closed.
+// Abandoned sockets and stream readers stay referenced here for the life of the page, as
+// in the original bug: an open WebSocket without listeners (or an unread stream) may
+// otherwise be collected and closed.
 const abandoned = [];
 
 const secs = (ms) => (ms / 1000).toFixed(1) + " s";
@@ -15,20 +17,23 @@ function wsUrl(panel) {
   return url.href;
 }
 
-function setupPanel(el) {
-  const name = el.dataset.panel;
+// What every panel has: its buttons, status line and bars, and the time since Run.
+function panelUi(el) {
   const button = (act) => el.querySelector(`button[data-act="${act}"]`);
-  const run = button("run"), cancel = button("cancel"), abandon = button("abandon");
+  const ui = { run: button("run"), cancel: button("cancel"), abandon: button("abandon"), t0: 0, max: 1, bars: new Map() };
   const status = el.querySelector(".status");
   const body = el.querySelector("tbody");
-  const st = { ws: null, rows: 0, t0: 0, max: 1, bars: new Map(), cancelled: false };
-
-  const say = (text, cls) => { status.textContent = text; status.className = "status " + (cls || ""); };
-  const running = (on) => { run.disabled = on; cancel.disabled = !on; abandon.disabled = !on; };
-  const elapsed = () => secs(performance.now() - st.t0);
-
-  function show(row) {
-    let bar = st.bars.get(row.label);
+  ui.say = (text, cls) => { status.textContent = text; status.className = "status " + (cls || ""); };
+  ui.running = (on) => { ui.run.disabled = on; ui.cancel.disabled = !on; ui.abandon.disabled = !on; };
+  ui.elapsed = () => secs(performance.now() - ui.t0);
+  ui.reset = () => {
+    body.replaceChildren();
+    ui.bars.clear();
+    Object.assign(ui, { max: 1, t0: performance.now() });
+    el.classList.remove("abandoned");
+  };
+  ui.show = (row) => {
+    let bar = ui.bars.get(row.label);
     if (!bar) {
       const tr = document.createElement("tr");
       const label = document.createElement("td"), cell = document.createElement("td"), num = document.createElement("td");
@@ -39,62 +44,166 @@ function setupPanel(el) {
       tr.append(label, cell, num);
       body.append(tr);
       bar = { fill, num };
-      st.bars.set(row.label, bar);
+      ui.bars.set(row.label, bar);
     }
-    st.max = Math.max(st.max, row.value);
-    bar.num.textContent = row.value.toFixed(row.value < 100 ? 1 : 0);
-    bar.fill.style.width = Math.round(100 * row.value / st.max) + "%";
-  }
+    ui.max = Math.max(ui.max, row.value);
+    bar.num.textContent = row.count ? String(row.value) : row.value.toFixed(row.value < 100 ? 1 : 0);
+    bar.fill.style.width = Math.round(100 * row.value / ui.max) + "%";
+  };
+  return ui;
+}
 
-  run.onclick = () => {
-    body.replaceChildren();
-    st.bars.clear();
-    Object.assign(st, { rows: 0, max: 1, t0: performance.now(), cancelled: false });
-    el.classList.remove("abandoned");
+// A panel whose query streams over a WebSocket of its own.
+function setupPanel(el) {
+  const name = el.dataset.panel;
+  const ui = panelUi(el);
+  const st = { ws: null, rows: 0, cancelled: false };
+
+  ui.run.onclick = () => {
+    ui.reset();
+    Object.assign(st, { rows: 0, cancelled: false });
     const ws = new WebSocket(wsUrl(name));
     st.ws = ws;
-    running(true);
-    say("connecting…", "live");
-    ws.onopen = () => say("streaming…", "live");
+    ui.running(true);
+    ui.say("connecting…", "live");
+    ws.onopen = () => ui.say("streaming…", "live");
     ws.onmessage = (e) => {
       let row;
       try { row = JSON.parse(e.data); } catch { return; }
       st.rows += 1;
-      show(row);
-      say(`streaming… ${st.rows} rows, ${elapsed()}`, "live");
+      ui.show(row);
+      ui.say(`streaming… ${st.rows} rows, ${ui.elapsed()}`, "live");
     };
     ws.onclose = (e) => {
       if (st.ws !== ws) return;
       st.ws = null;
-      running(false);
-      if (st.cancelled) say(`cancelled after ${elapsed()} (${st.rows} rows); the backend answered the Close`);
-      else if (e.code === 1000 && e.reason === "query complete") say(`complete: ${st.rows} rows in ${elapsed()}`);
-      else if (!e.wasClean) say(`connection lost without a Close after ${elapsed()} (${st.rows} rows)`);
-      else say(`ended by the other side: ${e.code} "${e.reason}" after ${elapsed()} (${st.rows} rows)`);
+      ui.running(false);
+      if (st.cancelled) ui.say(`cancelled after ${ui.elapsed()} (${st.rows} rows); the backend answered the Close`);
+      else if (e.code === 1000 && e.reason === "query complete") ui.say(`complete: ${st.rows} rows in ${ui.elapsed()}`);
+      else if (!e.wasClean) ui.say(`connection lost without a Close after ${ui.elapsed()} (${st.rows} rows)`);
+      else ui.say(`ended by the other side: ${e.code} "${e.reason}" after ${ui.elapsed()} (${st.rows} rows)`);
     };
   };
 
-  cancel.onclick = () => {
+  ui.cancel.onclick = () => {
     if (!st.ws) return;
     st.cancelled = true;
     st.ws.close(1000, "cancelled");
-    say("cancelling…", "live");
+    ui.say("cancelling…", "live");
   };
 
-  abandon.onclick = () => {
+  ui.abandon.onclick = () => {
     const ws = st.ws;
     if (!ws) return;
     ws.onmessage = null;
     abandoned.push(ws);
     st.ws = null;
-    running(false);
+    ui.running(false);
     el.classList.add("abandoned");
-    const at = elapsed();
-    say(`abandoned at ${at}: not listening, socket left open. The backend keeps streaming.`, "abandoned");
+    const at = ui.elapsed();
+    ui.say(`abandoned at ${at}: not listening, socket left open. The backend keeps streaming.`, "abandoned");
     ws.onclose = (e) => {
       if (st.ws || !el.classList.contains("abandoned")) return;
-      say(`abandoned at ${at}; the backend closed it at ${elapsed()} with ${e.code} "${e.reason}": every row went to nobody.`, "abandoned");
+      ui.say(`abandoned at ${at}; the backend closed it at ${ui.elapsed()} with ${e.code} "${e.reason}": every row went to nobody.`, "abandoned");
     };
+  };
+}
+
+// The blocks of an event stream that are complete in `text`, and what is left over.
+function sseBlocks(text) {
+  const blocks = text.replace(/\r\n?/g, "\n").split("\n\n");
+  const rest = blocks.pop();
+  return {
+    rest,
+    events: blocks.map((block) => {
+      const ev = { type: "message", data: [] };
+      for (const line of block.split("\n")) {
+        const colon = line.indexOf(":");
+        if (colon === 0) continue; // a comment (wsgate's heartbeat)
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") ev.type = value;
+        else if (field === "data") ev.data.push(value);
+      }
+      ev.data = ev.data.join("\n");
+      return ev;
+    }).filter((ev) => ev.data !== ""),
+  };
+}
+
+// The search panel: a fetch of an event stream, read with a ReadableStream reader, as
+// OpenObserve's UI queries /_search_stream.
+function setupSearch(el) {
+  const ui = panelUi(el);
+  let current = null;
+
+  ui.run.onclick = async () => {
+    ui.reset();
+    const q = { abort: new AbortController(), reader: null, hits: 0, counts: new Map(), cancelled: false, abandoned: false, ended: false };
+    current = q;
+    ui.running(true);
+    ui.say("connecting…", "live");
+    try {
+      const res = await fetch("/api/default/_search_stream", {
+        method: "POST", cache: "no-store", signal: q.abort.signal,
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ query: { sql: "SELECT * FROM \"default\" WHERE level = 'error'", size: 800 } }),
+      });
+      if (!res.ok || !res.body) throw new Error("HTTP " + res.status);
+      q.reader = res.body.getReader();
+      if (q.abandoned) { abandoned.push(q.reader); return; }
+      const decoder = new TextDecoder();
+      let text = "";
+      ui.say("streaming…", "live");
+      for (;;) {
+        const { value, done } = await q.reader.read();
+        if (q.abandoned) return; // never read again; the reader stays referenced
+        if (done) break;
+        const got = sseBlocks(text + decoder.decode(value, { stream: true }));
+        text = got.rest;
+        for (const ev of got.events) {
+          let data;
+          try { data = JSON.parse(ev.data); } catch { continue; }
+          if (ev.type === "search_response_hits") {
+            for (const hit of data.hits || []) {
+              q.hits += 1;
+              const n = (q.counts.get(hit.service) || 0) + 1;
+              q.counts.set(hit.service, n);
+              ui.show({ label: hit.service, value: n, count: true });
+            }
+            ui.say(`streaming… ${q.hits} hits, ${ui.elapsed()}`, "live");
+          } else if (ev.type === "search_response_end") {
+            q.ended = true;
+          }
+        }
+      }
+      if (current !== q) return;
+      ui.say(q.ended ? `complete: ${q.hits} hits in ${ui.elapsed()}` : `the stream ended without its end event after ${ui.elapsed()} (${q.hits} hits)`);
+    } catch (e) {
+      if (current !== q || q.abandoned) return;
+      if (q.cancelled) ui.say(`cancelled after ${ui.elapsed()} (${q.hits} hits): fetch aborted, the browser closed the connection`);
+      else ui.say(`cut after ${ui.elapsed()} (${q.hits} hits): the response ended before its end event (${e.message})`);
+    } finally {
+      if (current === q) { current = null; ui.running(false); }
+    }
+  };
+
+  ui.cancel.onclick = () => {
+    if (!current) return;
+    current.cancelled = true;
+    current.abort.abort();
+    ui.say("cancelling…", "live");
+  };
+
+  ui.abandon.onclick = () => {
+    const q = current;
+    if (!q) return;
+    q.abandoned = true;
+    if (q.reader) abandoned.push(q.reader);
+    current = null;
+    ui.running(false);
+    el.classList.add("abandoned");
+    ui.say(`abandoned at ${ui.elapsed()} (${q.hits} hits): not reading, the stream left open. The backend keeps streaming.`, "abandoned");
   };
 }
 
@@ -111,7 +220,7 @@ function eventRow(ev) {
   const d = new Date(ev.unix_ms);
   time.textContent = d.toLocaleTimeString([], { hour12: false }) + "." + Math.floor(d.getMilliseconds() / 100);
   query.textContent = ev.query == null ? "" : "#" + ev.query;
-  panel.textContent = ev.panel;
+  panel.textContent = ev.panel + (ev.transport === "sse" ? " (SSE)" : "");
   const tag = document.createElement("span");
   const laptop = ev.kind.startsWith("laptop");
   tag.className = "tag t-" + (laptop ? "laptop" : ev.kind);
@@ -157,7 +266,7 @@ async function vanish() {
   }
 }
 
-document.querySelectorAll(".panel").forEach(setupPanel);
+document.querySelectorAll(".panel").forEach((el) => (el.dataset.transport === "sse" ? setupSearch(el) : setupPanel(el)));
 document.getElementById("reload").onclick = () => location.reload();
 document.getElementById("vanish").onclick = vanish;
 poll();

@@ -1,6 +1,7 @@
 // A real browser through `wsgate demo`: Debian's Chromium, driven by playwright-core,
-// ends queries the ways a user does (Cancel, closing a tab) and checks what the demo
-// backend and wsgate's admin page say about it. Run by tests/browser.rs:
+// ends queries the ways a user does (Cancel of a WebSocket query, closing a tab, Cancel of
+// a search streamed as server-sent events) and checks what the demo backend and wsgate's
+// admin page say about it. Run by tests/browser.rs:
 //
 //   WSGATE_DEMO_URL=http://127.0.0.1:8080/ WSGATE_ADMIN_URL=http://127.0.0.1:9090/ node demo.mjs
 //
@@ -108,19 +109,23 @@ async function runQuery(page, panelName, rows = 10) {
 const adminEndings = (admin) => admin.$$eval("#recent tbody tr[data-id]", (rows) => rows.map((r) => r.dataset.id));
 
 /**
- * The admin page's newest recent ending with `want.outcome` whose client-sent and
- * backend-got cells start with the codes wanted (null: any), leaving out the ids in
- * `want.except`; fails if none shows up in time.
+ * The admin page's newest recent ending of `want.kind` (default: any) with
+ * `want.outcome` whose client-sent and backend-got cells start with the codes wanted
+ * (null: any), leaving out the ids in `want.except`; fails if none shows up in time.
  */
 async function adminEnding(admin, what, want) {
   const handle = await admin.waitForFunction(
     (w) => {
       for (const tr of document.querySelectorAll("#recent tbody tr[data-id]")) {
         if ((w.except || []).includes(tr.dataset.id)) continue;
+        if (w.kind && tr.dataset.kind !== w.kind) continue;
         const cell = (c) => (tr.querySelector("." + c)?.textContent || "").trim();
         const codeIs = (c, v) => v == null || new RegExp("^" + v + "\\b").test(cell(c));
         if (tr.dataset.outcome === w.outcome && codeIs("client-sent", w.clientSent) && codeIs("backend-got", w.backendGot)) {
-          return { id: tr.dataset.id, sent: cell("client-sent"), got: cell("backend-got"), release: cell("release") };
+          return {
+            id: tr.dataset.id, sent: cell("client-sent"), got: cell("backend-got"), release: cell("release"),
+            http: cell("http-detail"), duration: cell("duration"),
+          };
         }
       }
       return null;
@@ -195,6 +200,70 @@ async function main() {
     const tabEnding = await adminEnding(admin, "client_close ending with client code 1001",
       { outcome: "client_close", clientSent: 1001, except: earlier });
     say(`   admin page: ending #${tabEnding.id} client_close, client sent ${tabEnding.sent}, backend got ${tabEnding.got}, release ${tabEnding.release}`);
+    if (await admin.locator("#error").isVisible()) fail(`the admin page shows an error: ${await admin.locator("#error").textContent()}`);
+
+    // (5) A search in the SSE panel, the way OpenObserve queries: fetch of
+    // POST /api/default/_search_stream, a text/event-stream read with a ReadableStream
+    // reader. The admin page lists it with the open exchanges while it streams.
+    const beforeSearch = Math.max(0, ...(await events()).map((e) => e.seq));
+    const search = demo.locator('[data-panel="search"]');
+    await search.locator('button[data-act="run"]').click();
+    await demo.waitForFunction(
+      () => {
+        const m = /(\d+) hits/.exec(document.querySelector('[data-panel="search"] .status').textContent);
+        return m && Number(m[1]) >= 50 && document.querySelectorAll('[data-panel="search"] tbody tr').length > 0;
+      },
+      null, { timeout: LIMIT, polling: 100 },
+    );
+    const streaming = await search.locator(".status").textContent();
+    const open = await admin.waitForFunction(
+      () => {
+        for (const tr of document.querySelectorAll('#open tbody tr[data-kind="http"]')) {
+          if (tr.querySelector(".who")?.textContent.includes("POST /api/default/_search_stream")) {
+            return { id: tr.dataset.id, response: tr.querySelector(".response")?.textContent.trim(), sent: tr.querySelector(".b2c")?.firstChild?.textContent.trim() };
+          }
+        }
+        return null;
+      },
+      null, { timeout: ADMIN_LIMIT, polling: 200 },
+    ).catch((e) => {
+      if (e.name === "TimeoutError") fail(`the admin page did not list the open search stream within ${ADMIN_LIMIT / 1000} s`);
+      throw e;
+    }).then((h) => h.jsonValue());
+    say(`5. panel "search" (SSE): ${streaming}; the admin page lists it open: #${open.id} HTTP POST /api/default/_search_stream, ${open.response}, backend → client ${open.sent}`);
+
+    // (6) Cancel: AbortController.abort(). The browser closes the connection; wsgate
+    // closes the backend's at once, and the backend learns the stream is gone.
+    const endedBefore = await adminEndings(admin);
+    // Clicked from inside the page, so that the moment is the page's click, not the
+    // driver's round trips before it.
+    const cancelAt = await demo.evaluate(() => {
+      const at = Date.now();
+      document.querySelector('[data-panel="search"] button[data-act="cancel"]').click();
+      return at;
+    });
+    await demo.waitForFunction(
+      () => /cancelled after/.test(document.querySelector('[data-panel="search"] .status').textContent),
+      null, { timeout: LIMIT, polling: 100 },
+    );
+    say(`6. panel "search": ${await search.locator(".status").textContent()}`);
+    const searchEnd = await poll("the backend to record how the search stream ended", async () =>
+      (await events()).find((e) => e.seq > beforeSearch && e.panel === "search" && e.kind !== "started"));
+    if (searchEnd.kind !== "client_went_away") fail(`the search stream ended otherwise than by the client going away: ${JSON.stringify(searchEnd)}`);
+    const lag = searchEnd.unix_ms - cancelAt;
+    if (lag > 1_500 || !(searchEnd.since_last_event_ms < 1_000)) {
+      fail(`the backend learned of the cancel late: ${lag} ms after the click, ${searchEnd.since_last_event_ms} ms after its last event`);
+    }
+    say(`   the backend saw: ${searchEnd.text} (${lag} ms after the click)`);
+
+    // (7) The admin page: an HTTP ending, client_aborted, with its release time.
+    const aborted = await adminEnding(admin, "HTTP ending with outcome client_aborted",
+      { kind: "http", outcome: "client_aborted", except: endedBefore });
+    if (aborted.id !== open.id) fail(`the client_aborted ending is #${aborted.id}, the stream was #${open.id}`);
+    if (!/^\d[\d.]* (µs|ms|s)$/.test(aborted.release)) fail(`the HTTP ending shows no release time: "${aborted.release}"`);
+    const chip = (await admin.locator('#http-totals .chip[data-outcome="client_aborted"] b').textContent()).trim();
+    if (!(Number(chip) >= 1)) fail(`the summary counts ${chip} client_aborted HTTP endings`);
+    say(`7. admin page: ending #${aborted.id} HTTP client_aborted (${aborted.http}), duration ${aborted.duration}, release ${aborted.release}; summary chip client_aborted ${chip}`);
     if (await admin.locator("#error").isVisible()) fail(`the admin page shows an error: ${await admin.locator("#error").textContent()}`);
   } finally {
     // What pages report while they are torn down is not the product's doing.
