@@ -244,6 +244,7 @@ impl Exchange {
             last_sent: now,
             last_data: now,
             handed: false,
+            request_published: 0,
         };
         Response::from_parts(parts, Some(forwarded))
     }
@@ -433,6 +434,8 @@ pub struct ForwardedBody {
     last_data: Instant,
     /// A part was handed over and the stall watch waits for hyper to ask again.
     handed: bool,
+    /// The request body bytes the live entry shows.
+    request_published: u64,
 }
 
 impl ForwardedBody {
@@ -494,6 +497,18 @@ impl ForwardedBody {
         let Some(r) = &self.ex.registration else {
             return;
         };
+        // The request body's progress (an upload streaming beside the response).
+        if let Some(progress) = &self.ex.request {
+            let bytes = progress.bytes();
+            if bytes != self.request_published {
+                self.request_published = bytes;
+                r.entry
+                    .update_counters(Side::Client, Counters { frames: 0, bytes });
+                if let Some(at) = progress.last() {
+                    r.entry.received(Side::Client, at, true);
+                }
+            }
+        }
         if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
             if requests.reconfigure() {
                 self.timers = self.ex.gate.live.config().http;

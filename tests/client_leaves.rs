@@ -17,10 +17,18 @@ use tokio::net::{TcpListener, TcpStream};
 /// once" from "noticed when the backend answers", with room for a loaded CI machine.
 const PROMPTLY: Duration = Duration::from_millis(250);
 
-/// Accepts the backend connection, reads the request head; returns the socket.
+/// Accepts the backend connection, reads the request (its head, and its body when it
+/// declares a length); returns the socket.
 async fn backend_holds_the_answer(l: &TcpListener) -> TcpStream {
     let (mut s, _) = within(l.accept()).await.unwrap();
-    read_head(&mut s).await;
+    let (head, mut body) = read_head(&mut s).await;
+    let length: usize = header(&head, "content-length").map_or(0, |n| n.parse().unwrap());
+    while body.len() < length {
+        let mut chunk = [0u8; 1024];
+        let n = within(s.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "the request body was cut");
+        body.extend_from_slice(&chunk[..n]);
+    }
     s
 }
 

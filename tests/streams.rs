@@ -308,6 +308,8 @@ async fn a_completed_stream_is_listed_while_open_and_recorded_after() {
         );
         assert_eq!(s["backend_to_client"]["bytes"], 20, "{s:#}");
         eventually(async || metric(&gate, "wsgate_http_streams_active").await == 1.0).await;
+        // The request body (2 bytes) shows while the stream is open too.
+        eventually(async || open_streams(&gate).await[0]["client_to_backend"]["bytes"] == 2).await;
         h.send(b"event: row\ndata: 2\n\n");
         drop(h);
         let (end, rest) = client.finish().await;
