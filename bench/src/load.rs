@@ -20,6 +20,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::timeout;
 
 use crate::echo;
+use crate::sse;
 use crate::stats::Summary;
 use crate::ws::{self, Client, Endpoint};
 
@@ -44,6 +45,14 @@ pub enum Mode {
     /// Client Close and client FIN, measured until a scripted backend in this process
     /// sees the end.
     Release,
+    /// Event streams aborted by the client (FIN, RST), one at a time, measured until an
+    /// event stream backend in this process learns of it.
+    #[serde(rename = "sse-release")]
+    SseRelease,
+    /// N event streams at once from an event stream backend in this process: events
+    /// delivered per second.
+    #[serde(rename = "sse-load")]
+    SseLoad,
 }
 
 #[derive(clap::Args, Debug)]
@@ -51,10 +60,13 @@ pub struct LoadArgs {
     /// What to measure.
     #[arg(long, value_enum)]
     mode: Mode,
-    /// The WebSocket endpoint: ws://HOST:PORT[/PATH] (a proxy, or the backend itself).
+    /// The WebSocket endpoint: ws://HOST:PORT[/PATH] (a proxy, or the backend itself);
+    /// for sse-release and sse-load an http://HOST:PORT/PATH, the streams being
+    /// PATH/0, PATH/1, ...
     #[arg(long)]
     url: String,
-    /// Connections (echo 50, bulk 8, latency 1, churn 20 concurrent cycles, idle 1000).
+    /// Connections (echo 50, bulk 8, latency 1, churn 20 concurrent cycles, idle 1000,
+    /// sse-load 1000 streams).
     #[arg(long)]
     connections: Option<usize>,
     /// Message payload size in bytes (64; bulk 65536).
@@ -66,16 +78,21 @@ pub struct LoadArgs {
     /// Unmeasured traffic before the window.
     #[arg(long, value_parser = crate::parse_duration, default_value = "500ms")]
     warmup: Duration,
-    /// release: connections per kind of ending (client Close, client FIN).
+    /// release, sse-release: connections per kind of ending (client Close, client FIN;
+    /// stream FIN, stream RST).
     #[arg(long, default_value_t = 200)]
     count: usize,
-    /// release: where the in-process scripted backend listens (the proxy's backend).
+    /// release, sse-release, sse-load: where the in-process backend listens (the
+    /// proxy's backend).
     #[arg(long)]
     backend_listen: Option<SocketAddr>,
+    /// sse-release, sse-load: time between two events of a stream.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "100ms")]
+    interval: Duration,
     /// idle: longest hold if nothing arrives on stdin.
     #[arg(long, value_parser = crate::parse_duration, default_value = "300s")]
     hold: Duration,
-    /// idle: handshakes in flight at once.
+    /// idle, sse-load: handshakes (streams being opened) in flight at once.
     #[arg(long, default_value_t = 200)]
     open_concurrency: usize,
 }
@@ -102,13 +119,25 @@ pub struct LoadResult {
     /// release: client action → backend sees the end, microseconds.
     pub close_us: Option<Summary>,
     pub fin_us: Option<Summary>,
-    /// release: what the backend saw, counted.
+    /// release: what the backend saw, counted (sse-release: `fin_seen` and
+    /// `rst_seen`, how the backend learned of the abort).
     pub close_seen: BTreeMap<String, u64>,
     pub fin_seen: BTreeMap<String, u64>,
+    /// sse-release: client RST → backend learns it, microseconds.
+    pub rst_us: Option<Summary>,
+    pub rst_seen: BTreeMap<String, u64>,
+    /// sse-release: streams that had unread bytes when the client closed (their FIN
+    /// may have been a RST).
+    pub unread_at_abort: u64,
+    /// sse-load: events received in all (`messages`: in the window).
+    pub received: u64,
+    /// sse-load: the fewest and most events one stream received in the window.
+    pub stream_min: Option<u64>,
+    pub stream_max: Option<u64>,
 }
 
 impl LoadResult {
-    fn error(&mut self, e: impl std::fmt::Display) {
+    pub(crate) fn error(&mut self, e: impl std::fmt::Display) {
         self.errors += 1;
         if self.first_error.is_none() {
             self.first_error = Some(e.to_string());
@@ -126,15 +155,20 @@ impl LoadResult {
 }
 
 pub fn main(args: LoadArgs) -> ExitCode {
-    let endpoint = match Endpoint::parse(&args.url) {
+    let sse = matches!(args.mode, Mode::SseRelease | Mode::SseLoad);
+    let endpoint = match if sse {
+        Endpoint::parse_http(&args.url)
+    } else {
+        Endpoint::parse(&args.url)
+    } {
         Ok(e) => e,
         Err(e) => {
             eprintln!("wsgate-bench load: {e}");
             return ExitCode::from(2);
         }
     };
-    if args.mode == Mode::Release && args.backend_listen.is_none() {
-        eprintln!("wsgate-bench load: --mode release needs --backend-listen ADDR");
+    if (sse || args.mode == Mode::Release) && args.backend_listen.is_none() {
+        eprintln!("wsgate-bench load: this mode needs --backend-listen ADDR");
         return ExitCode::from(2);
     }
     // One connection measures latency: a single-threaded runtime avoids cross-thread
@@ -174,6 +208,21 @@ async fn measure(args: &LoadArgs, endpoint: &Endpoint) -> LoadResult {
         Mode::Release => {
             let listen = args.backend_listen.expect("checked in main");
             release(endpoint, listen, args.count, small).await
+        }
+        Mode::SseRelease => {
+            let listen = args.backend_listen.expect("checked in main");
+            sse::release(endpoint, listen, args.count, args.interval).await
+        }
+        Mode::SseLoad => {
+            let listen = args.backend_listen.expect("checked in main");
+            let shape = sse::LoadShape {
+                streams: args.connections.unwrap_or(1000),
+                interval: args.interval,
+                warmup: args.warmup,
+                duration: args.duration,
+                open_concurrency: args.open_concurrency,
+            };
+            sse::load(endpoint, listen, shape).await
         }
     }
 }

@@ -6,19 +6,24 @@
 //! - `echo`: a WebSocket echo backend (the RFC 6455 handshake done by hand, frames parsed
 //!   with wsgate's own `wsgate::frame`);
 //! - `load`: the load generator, one mode per measurement; it prints `START`/`END`
-//!   (or `OPEN`) markers and one `RESULT {json}` line on stdout;
-//! - `run`: starts the echo backend and each proxy on free loopback ports, runs every
-//!   measurement against every target, interleaved and repeated, samples the CPU time
-//!   of the proxy, the echo backend and the load generator, and the proxy's memory,
-//!   from `/proc`, scrapes wsgate's `/metrics` while it runs, and prints a markdown
-//!   table.
+//!   (or `OPEN`) markers and one `RESULT {json}` line on stdout. The modes `release`,
+//!   `sse-release` and `sse-load` host their backend in the same process (a scripted
+//!   WebSocket backend, an event stream backend);
+//! - `run`: starts the echo backend (and, for the `http` measurement, an nginx origin)
+//!   and each proxy on free loopback ports, runs every measurement against every
+//!   target, interleaved and repeated, samples the CPU time of the proxy, the echo
+//!   backend and the load generator, and the proxy's memory, from `/proc`, scrapes
+//!   wsgate's `/metrics` while it runs, and prints a markdown table. The `http` rows
+//!   are loaded by wrk and h2load, run as they are.
 
 mod echo;
+mod http;
 mod load;
 mod procfs;
 mod report;
 mod run;
 mod scrape;
+mod sse;
 mod stats;
 mod targets;
 mod ws;

@@ -9,7 +9,7 @@ use crate::targets::Target;
 
 /// One row of the table.
 pub struct Metric {
-    pub key: &'static str,
+    pub key: String,
     pub label: String,
     /// `Some(true)`: higher is better; `Some(false)`: lower is better; `None`: neither.
     pub better: Option<bool>,
@@ -76,6 +76,16 @@ pub fn num(v: f64) -> String {
     }
 }
 
+/// A ratio with two decimals, or two significant digits below 0.1 (0.00014, not 0.00).
+pub fn ratio(v: f64) -> String {
+    if v >= 0.1 || v <= 0.0 || !v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        let decimals = (-v.log10()).ceil() as usize + 1;
+        format!("{v:.decimals$}")
+    }
+}
+
 fn cell(s: Option<Spread>) -> String {
     match s {
         None => "—".to_string(),
@@ -85,13 +95,15 @@ fn cell(s: Option<Spread>) -> String {
 }
 
 /// The markdown table: one row per metric, one column per target, then the ratios of
-/// each wsgate configuration's median to each baseline's median.
+/// each wsgate configuration's median to each baseline's median; the one-worker
+/// anchors (nginx-1, HAProxy-1) are compared with `wsgate-1` only.
 pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> String {
     let (ours, others): (Vec<Target>, Vec<Target>) =
         targets.iter().copied().partition(|t| t.is_wsgate());
     let pairs: Vec<(Target, Target)> = ours
         .iter()
         .flat_map(|a| others.iter().map(move |b| (*a, *b)))
+        .filter(|(a, b)| !b.is_single_worker_anchor() || *a == Target::Wsgate1)
         .collect();
     let mut out = String::new();
     let _ = write!(out, "| measurement | better |");
@@ -108,7 +120,7 @@ pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> Strin
     }
     out.push('\n');
     for m in metrics {
-        if targets.iter().all(|t| results.spread(m.key, *t).is_none()) {
+        if targets.iter().all(|t| results.spread(&m.key, *t).is_none()) {
             continue;
         }
         let arrow = match m.better {
@@ -118,13 +130,11 @@ pub fn table(metrics: &[Metric], targets: &[Target], results: &Results) -> Strin
         };
         let _ = write!(out, "| {} | {arrow} |", m.label);
         for t in targets {
-            let _ = write!(out, " {} |", cell(results.spread(m.key, *t)));
+            let _ = write!(out, " {} |", cell(results.spread(&m.key, *t)));
         }
         for (a, b) in &pairs {
-            let ratio = match (results.spread(m.key, *a), results.spread(m.key, *b)) {
-                (Some(a), Some(b)) if m.ratios && b.median != 0.0 => {
-                    format!("{:.2}", a.median / b.median)
-                }
+            let ratio = match (results.spread(&m.key, *a), results.spread(&m.key, *b)) {
+                (Some(a), Some(b)) if m.ratios && b.median != 0.0 => ratio(a.median / b.median),
                 _ => "—".to_string(),
             };
             let _ = write!(out, " {ratio} |");
@@ -147,10 +157,19 @@ mod tests {
         assert_eq!(num(0.5123), "0.512");
     }
 
+    #[test]
+    fn small_ratios_keep_two_significant_digits() {
+        assert_eq!(ratio(1.234), "1.23");
+        assert_eq!(ratio(0.1), "0.10");
+        assert_eq!(ratio(0.04), "0.040");
+        assert_eq!(ratio(0.000_141), "0.00014");
+        assert_eq!(ratio(0.0), "0.00");
+    }
+
     /// One metric with ratios, keyed "k".
     fn metric(label: &str, better: bool) -> [Metric; 1] {
         [Metric {
-            key: "k",
+            key: "k".to_string(),
             label: label.to_string(),
             better: Some(better),
             ratios: true,
@@ -168,6 +187,33 @@ mod tests {
         let t = table(&metrics, &[Target::Direct, Target::Wsgate], &r);
         assert!(
             t.contains("| rate | ↑ | 22.0 | 11.0 (10.0–12.0) | 0.50 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn one_worker_anchors_are_compared_with_one_wsgate_thread_only() {
+        let metrics = metric("rate", true);
+        let mut r = Results::default();
+        r.record("k", Target::Wsgate, 20.0);
+        r.record("k", Target::Wsgate1, 12.0);
+        r.record("k", Target::Nginx, 16.0);
+        r.record("k", Target::Nginx1, 10.0);
+        let targets = [
+            Target::Wsgate,
+            Target::Wsgate1,
+            Target::Nginx,
+            Target::Nginx1,
+        ];
+        let t = table(&metrics, &targets, &r);
+        assert!(
+            t.contains(
+                "| wsgate ÷ nginx | wsgate 1 thread ÷ nginx | wsgate 1 thread ÷ nginx 1 worker |\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| rate | ↑ | 20.0 | 12.0 | 16.0 | 10.0 | 1.25 | 0.75 | 1.20 |"),
             "{t}"
         );
     }

@@ -14,10 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::http::{self, Origin, Row};
 use crate::load::LoadResult;
 use crate::procfs;
 use crate::report::{self, Metric, Results};
-use crate::targets::{self, Proxy, Target, Tools};
+use crate::sse;
+use crate::targets::{self, Proxy, Setup, Target, TlsFiles, Tools};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Measurement {
@@ -27,6 +29,14 @@ pub enum Measurement {
     Churn,
     Release,
     Idle,
+    /// Plain HTTP through each proxy to an nginx origin: wrk (keep-alive GET of 100 B
+    /// and 16 KiB, POST of 4 KiB, a new connection per request) and h2load (HTTP/2
+    /// over TLS).
+    Http,
+    /// Event streams aborted by the client (FIN, RST): until the backend learns it.
+    SseRelease,
+    /// Many event streams at once: events delivered per second, CPU per event, RSS.
+    SseLoad,
 }
 
 impl Measurement {
@@ -38,6 +48,9 @@ impl Measurement {
             Measurement::Churn => "churn",
             Measurement::Release => "release",
             Measurement::Idle => "idle",
+            Measurement::Http => "http",
+            Measurement::SseRelease => "sse-release",
+            Measurement::SseLoad => "sse-load",
         }
     }
 }
@@ -54,14 +67,15 @@ pub struct RunArgs {
     #[arg(long, value_parser = crate::parse_duration, default_value = "500ms")]
     warmup: Duration,
     /// Targets, in the order of the table (missing nginx/HAProxy are skipped). The
-    /// headline is `wsgate` (its default configuration) against nginx and HAProxy;
-    /// `wsgate-lean` (pings, admin listener and per-connection log lines off) is an
-    /// extra column.
+    /// headline is `wsgate` (its default configuration) against nginx and HAProxy, one
+    /// worker per CPU each; `wsgate-1` (one thread) is also read against `nginx-1` and
+    /// `haproxy-1` (one worker, one thread); `wsgate-lean` (pings, admin listener and
+    /// per-connection log lines off) is an extra column.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,wsgate,wsgate-1,nginx,haproxy,wsgate-lean"
+        default_value = "direct,wsgate,wsgate-1,nginx,haproxy,nginx-1,haproxy-1,wsgate-lean"
     )]
     targets: Vec<Target>,
     /// Measurements to run.
@@ -69,7 +83,7 @@ pub struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "echo,bulk,latency,churn,release,idle"
+        default_value = "echo,bulk,latency,churn,release,idle,http,sse-release,sse-load"
     )]
     measurements: Vec<Measurement>,
     /// Idle WebSockets held open at once. Through a proxy each needs two descriptors
@@ -89,10 +103,30 @@ pub struct RunArgs {
     /// measurement.
     #[arg(long, default_value_t = 200)]
     release_count: usize,
+    /// Connections of wrk in the http measurement (one wrk thread).
+    #[arg(long, default_value_t = 50)]
+    http_connections: usize,
+    /// HTTP/2 connections of h2load in the http measurement.
+    #[arg(long, default_value_t = 10)]
+    h2_connections: usize,
+    /// Concurrent streams per HTTP/2 connection (h2load -m).
+    #[arg(long, default_value_t = 10)]
+    h2_streams: usize,
+    /// Event streams per kind of abort (FIN, RST) in the sse-release measurement.
+    #[arg(long, default_value_t = 50)]
+    sse_release_count: usize,
+    /// Event streams open at once in the sse-load measurement (two descriptors each
+    /// in a proxy).
+    #[arg(long, default_value_t = 1000)]
+    sse_streams: usize,
+    /// Time between two events of a stream (sse-release, sse-load).
+    #[arg(long, value_parser = crate::parse_duration, default_value = "100ms")]
+    sse_interval: Duration,
     /// Also write the report (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Install nginx and HAProxy with apt-get first (Debian/Ubuntu, as root).
+    /// Install nginx, HAProxy, wrk and h2load (nghttp2-client) with apt-get first
+    /// (Debian/Ubuntu, as root).
     #[arg(long)]
     install_anchors: bool,
     /// The wsgate binary (default: `wsgate` next to this program).
@@ -119,6 +153,21 @@ struct Ctx<'a> {
     backend_pid: u32,
     ticks_per_second: f64,
     runs: usize,
+    /// What the http measurement needs; `None` when it does not run.
+    http: Option<HttpCtx>,
+}
+
+/// The http measurement's origin and tools.
+struct HttpCtx {
+    origin: Origin,
+    /// wrk, for the HTTP/1.1 rows; `None`: those rows are skipped.
+    wrk: Option<PathBuf>,
+    /// h2load, for the HTTP/2 row; `None`: skipped.
+    h2load: Option<PathBuf>,
+    /// The certificate of the HTTP/2 row; `None`: skipped.
+    tls: Option<TlsFiles>,
+    /// wrk's Lua script of the POST row.
+    post_script: PathBuf,
 }
 
 pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
@@ -170,6 +219,17 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         problems.push(msg);
         args.idle_connections = fit;
     }
+    if args.measurements.contains(&Measurement::SseLoad) && args.sse_streams > fit {
+        let msg = format!(
+            "--sse-streams {} needs {} descriptors in a proxy but the open-file limit is \
+             {nofile}: using {fit}",
+            args.sse_streams,
+            2 * args.sse_streams + 150
+        );
+        eprintln!("wsgate-bench run: {msg}");
+        problems.push(msg);
+        args.sse_streams = fit;
+    }
     let tools = Tools {
         wsgate,
         wsgate_base: args.wsgate_base.clone(),
@@ -187,8 +247,8 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
                        haproxy` — or `nginx` where nginx-light does not exist — or run with \
                        --install-anchors)";
         let missing = match t {
-            Target::Nginx if tools.nginx.is_none() => Some(install),
-            Target::Haproxy if tools.haproxy.is_none() => Some(install),
+            _ if t.is_nginx() && tools.nginx.is_none() => Some(install),
+            _ if t.is_haproxy() && tools.haproxy.is_none() => Some(install),
             Target::WsgateBase if tools.wsgate_base.is_none() => {
                 Some("needs --wsgate-base PATH: skipped")
             }
@@ -212,8 +272,32 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         eprintln!("wsgate-bench run: cannot create {}: {e}", tmp.display());
         return ExitCode::FAILURE;
     }
-    let environment = Environment::now(&tools);
+    let mut environment = Environment::now(&tools);
     eprintln!("wsgate-bench run: working directory {}", tmp.display());
+    let http = if args.measurements.contains(&Measurement::Http) {
+        let setup = http_setup(&tools, &tmp, &mut problems);
+        if let Some(h) = &setup {
+            for (name, program, arg) in [
+                ("wrk", &h.wrk, "--version"),
+                ("h2load", &h.h2load, "--version"),
+            ] {
+                if let Some(p) = program {
+                    environment
+                        .load_tools
+                        .push((name.to_string(), http::version(p, arg)));
+                }
+            }
+        } else {
+            args.measurements.retain(|m| *m != Measurement::Http);
+        }
+        setup
+    } else {
+        None
+    };
+    if args.measurements.is_empty() {
+        eprintln!("wsgate-bench run: no measurement to run");
+        return ExitCode::FAILURE;
+    }
 
     let backend_addr = targets::free_port();
     let backend = match EchoBackend::start(&exe, backend_addr, &tmp) {
@@ -232,6 +316,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         backend_pid: backend.child.id(),
         ticks_per_second: procfs::clock_ticks_per_second(),
         runs: 0,
+        http,
     };
     let mut results = Results::default();
     results.problems = problems;
@@ -276,6 +361,7 @@ pub fn main(mut args: RunArgs, nofile: u64) -> ExitCode {
         }
     }
     drop(backend);
+    drop(ctx);
 
     let text = render(
         &args,
@@ -320,7 +406,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
                 Measurement::Latency => ("latency", 1),
                 _ => ("churn", a.churn_concurrency),
             };
-            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir)?;
+            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir, &Setup::DEFAULT)?;
             let url = format!(
                 "ws://{}/bench",
                 proxy.as_ref().map_or(ctx.backend, |p| p.listen)
@@ -387,7 +473,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
         }
         Measurement::Release => {
             let scripted = targets::free_port();
-            let mut proxy = targets::start(t, &ctx.tools, scripted, &dir)?;
+            let mut proxy = targets::start(t, &ctx.tools, scripted, &dir, &Setup::DEFAULT)?;
             let url = format!("ws://{}/", proxy.as_ref().map_or(scripted, |p| p.listen));
             let load = [
                 "load",
@@ -426,7 +512,7 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
             ));
         }
         Measurement::Idle => {
-            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir)?;
+            let mut proxy = targets::start(t, &ctx.tools, ctx.backend, &dir, &Setup::DEFAULT)?;
             let url = format!(
                 "ws://{}/idle",
                 proxy.as_ref().map_or(ctx.backend, |p| p.listen)
@@ -460,26 +546,355 @@ fn measure(ctx: &mut Ctx, m: Measurement, t: Target, results: &mut Results) -> R
                 results.record("idle.rss_mib", t, after as f64 / 1024.0);
             }
         }
+        // Five runs of their own, each with a fresh proxy.
+        Measurement::Http => return measure_http(ctx, t, results),
+        Measurement::SseRelease => {
+            let listen = targets::free_port();
+            let mut proxy = targets::start(t, &ctx.tools, listen, &dir, &Setup::DEFAULT)?;
+            let url = format!(
+                "http://{}/events",
+                proxy.as_ref().map_or(listen, |p| p.listen)
+            );
+            let k = a.sse_release_count;
+            let load = [
+                "load",
+                "--mode",
+                "sse-release",
+                "--url",
+                &url,
+                "--backend-listen",
+                &listen.to_string(),
+                "--count",
+                &k.to_string(),
+                "--interval",
+                &ms(a.sse_interval),
+            ];
+            // Each stream is bounded by its open (10 s) and notice (3 s) timeouts.
+            let limit = Duration::from_secs(60)
+                + (Duration::from_secs(10) + sse::NOTICE_TIMEOUT) * (2 * k) as u32;
+            let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
+            stop(&mut proxy, results, m, t);
+            let r = &run.result;
+            check_errors(results, m, t, r);
+            if let Some(s) = &r.fin_us {
+                results.record("sse_release.fin_p50", t, s.p50);
+                results.record("sse_release.fin_p99", t, s.p99);
+            }
+            if let Some(s) = &r.rst_us {
+                results.record("sse_release.rst_p50", t, s.p50);
+                results.record("sse_release.rst_p99", t, s.p99);
+            }
+            results.observations.insert(format!(
+                "sse-release via {}: after the client's FIN the backend learned it by {}; after \
+                 its RST by {} (per run)",
+                t.name(),
+                sse::describe_seen(&r.fin_seen),
+                sse::describe_seen(&r.rst_seen)
+            ));
+            if r.unread_at_abort > 0 {
+                results.problems.push(format!(
+                    "sse-release via {}: {} streams had unread bytes when the client closed \
+                     (discarded first, so the close still sent a FIN)",
+                    t.name(),
+                    r.unread_at_abort
+                ));
+            }
+        }
+        Measurement::SseLoad => {
+            let listen = targets::free_port();
+            let mut proxy = targets::start(t, &ctx.tools, listen, &dir, &Setup::DEFAULT)?;
+            let url = format!(
+                "http://{}/events",
+                proxy.as_ref().map_or(listen, |p| p.listen)
+            );
+            let before = proxy.as_ref().map(|p| procfs::rss_kib(&p.pids()));
+            let n = a.sse_streams;
+            let load = [
+                "load",
+                "--mode",
+                "sse-load",
+                "--url",
+                &url,
+                "--backend-listen",
+                &listen.to_string(),
+                "--connections",
+                &n.to_string(),
+                "--interval",
+                &ms(a.sse_interval),
+                "--duration",
+                &ms(a.duration),
+                "--warmup",
+                &ms(a.warmup),
+            ];
+            let limit =
+                timed_limit + Duration::from_secs(60) + Duration::from_millis(10) * n as u32;
+            let run = run_load(ctx, &load, proxy.as_ref(), limit)?;
+            stop(&mut proxy, results, m, t);
+            let r = &run.result;
+            check_errors(results, m, t, r);
+            if r.messages == 0 {
+                return Err("no event delivered in the window".to_string());
+            }
+            results.record("sse_load.rate", t, r.messages as f64 / r.window_s);
+            if let (Some(cpu), true) = (run.cpu, proxy.is_some()) {
+                let per_event_us =
+                    |ticks: u64| ticks as f64 / ctx.ticks_per_second * 1e6 / r.messages as f64;
+                results.record("sse_load.cpu", t, per_event_us(cpu.proxy.total()));
+                results.record("sse_load.cpu_user", t, per_event_us(cpu.proxy.user));
+            }
+            if let (Some(before), Some((_, end))) = (before, run.rss_window_kib) {
+                results.record("sse_load.rss_mib", t, end as f64 / 1024.0);
+                if r.opened > 0 {
+                    results.record(
+                        "sse_load.kib",
+                        t,
+                        (end as f64 - before as f64) / r.opened as f64,
+                    );
+                }
+            }
+            if let (Some(min), Some(max)) = (r.stream_min, r.stream_max) {
+                results.record("sse_load.stream_min", t, min as f64);
+                results.record("sse_load.stream_max", t, max as f64);
+            }
+            results.observations.insert(format!(
+                "sse-load via {}: {} of {n} streams open (per run), every event checked for its \
+                 stream and its order",
+                t.name(),
+                r.opened,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The http measurement's origin, tools and certificate, or `None` (noted in
+/// `problems`) when it cannot run.
+fn http_setup(tools: &Tools, tmp: &Path, problems: &mut Vec<String>) -> Option<HttpCtx> {
+    let mut note = |msg: String| {
+        eprintln!("wsgate-bench run: {msg}");
+        problems.push(msg);
+    };
+    let Some(nginx) = &tools.nginx else {
+        note(
+            "http: skipped: its origin is an nginx, and nginx is not installed (apt-get \
+             install -y nginx-light, or --install-anchors)"
+                .to_string(),
+        );
+        return None;
+    };
+    let wrk = targets::find_program("wrk");
+    let h2load = targets::find_program("h2load");
+    if wrk.is_none() {
+        note(
+            "http: wrk is not installed: the HTTP/1.1 rows are skipped (apt-get install -y \
+             wrk, or --install-anchors)"
+                .to_string(),
+        );
+    }
+    if h2load.is_none() {
+        note(
+            "http: h2load is not installed: the HTTP/2 row is skipped (apt-get install -y \
+             nghttp2-client, or --install-anchors)"
+                .to_string(),
+        );
+    }
+    if wrk.is_none() && h2load.is_none() {
+        return None;
+    }
+    let dir = http::dir(tmp);
+    if let Err(e) = fs::create_dir_all(&dir) {
+        note(format!(
+            "http: skipped: cannot create {}: {e}",
+            dir.display()
+        ));
+        return None;
+    }
+    let tls = match (&h2load, targets::find_program("openssl")) {
+        (None, _) => None,
+        (Some(_), None) => {
+            note(
+                "http: openssl is not installed, so there is no certificate: the HTTP/2 row \
+                 is skipped"
+                    .to_string(),
+            );
+            None
+        }
+        (Some(_), Some(openssl)) => match http::make_certificate(&openssl, &dir) {
+            Ok(files) => Some(files),
+            Err(e) => {
+                note(format!("http: the HTTP/2 row is skipped: {e}"));
+                None
+            }
+        },
+    };
+    let post_script = dir.join("post.lua");
+    if let Err(e) = fs::write(&post_script, http::post_script()) {
+        note(format!(
+            "http: skipped: cannot write {}: {e}",
+            post_script.display()
+        ));
+        return None;
+    }
+    match Origin::start(nginx, &dir) {
+        Ok(origin) => Some(HttpCtx {
+            origin,
+            wrk,
+            h2load,
+            tls,
+            post_script,
+        }),
+        Err(e) => {
+            note(format!("http: skipped: {e}"));
+            None
+        }
+    }
+}
+
+/// The http measurement against one target: every row with a tool, each with a fresh
+/// proxy in front of the origin.
+fn measure_http(ctx: &mut Ctx, t: Target, results: &mut Results) -> Result<(), String> {
+    let Some(h) = ctx.http.as_ref() else {
+        return Err("the http measurement has no origin".to_string());
+    };
+    let rows: Vec<(Row, PathBuf)> = Row::ALL
+        .into_iter()
+        .filter_map(|row| {
+            let tool = if row.uses_wrk() { &h.wrk } else { &h.h2load };
+            // No TLS without a certificate, and the origin speaks none: no `direct`.
+            let tls_ok = row.uses_wrk() || (h.tls.is_some() && t != Target::Direct);
+            tool.clone().filter(|_| tls_ok).map(|p| (row, p))
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (row, tool) in rows {
+        if let Err(e) = http_row(ctx, t, row, &tool, results) {
+            failures.push(format!("{} row: {e}", row.key()));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// One row of the http measurement: a fresh proxy, an unmeasured warm-up run of the
+/// tool, then the measured run, the proxy's CPU time sampled just after the tool
+/// started and just after it exited.
+fn http_row(
+    ctx: &mut Ctx,
+    t: Target,
+    row: Row,
+    tool: &Path,
+    results: &mut Results,
+) -> Result<(), String> {
+    ctx.runs += 1;
+    let dir = ctx
+        .tmp
+        .join(format!("{:03}-http-{}-{}", ctx.runs, row.key(), t.id()));
+    let a = ctx.args;
+    let Some(h) = ctx.http.as_ref() else {
+        return Err("no origin".to_string());
+    };
+    let tls = if row.uses_wrk() { None } else { h.tls.as_ref() };
+    let setup = Setup {
+        tls,
+        access_log: false,
+    };
+    let mut proxy = targets::start(t, &ctx.tools, h.origin.addr, &dir, &setup)?;
+    let addr = proxy.as_ref().map_or(h.origin.addr, |p| p.listen);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}{}", row.path());
+    let args = |seconds: u64| {
+        if row.uses_wrk() {
+            http::wrk_args(row, &url, a.http_connections, seconds, &h.post_script)
+        } else {
+            http::h2load_args(&url, a.h2_connections, a.h2_streams, seconds)
+        }
+    };
+    let limit = |seconds: u64| Duration::from_secs(seconds + 30);
+    let pids = proxy.as_ref().map(|p| p.pids()).unwrap_or_default();
+    // The warm-up: connections to the backend opened and pooled, threads awake.
+    let warm = http::whole_seconds(a.warmup);
+    let seconds = http::whole_seconds(a.duration);
+    let run = http::run_tool(tool, &args(warm), &[], limit(warm))
+        .and_then(|_| http::run_tool(tool, &args(seconds), &pids, limit(seconds)));
+    stop(&mut proxy, results, Measurement::Http, t);
+    let run = run?;
+    let label = format!("http {} via {}", row.key(), t.name());
+    let key = |figure: &str| format!("http.{}.{figure}", row.key());
+    let (requests, rate) = if row.uses_wrk() {
+        let w = http::parse_wrk(&run.output)?;
+        if w.socket_error_count > 0 {
+            results.problems.push(format!(
+                "{label}: wrk socket errors: {}",
+                w.socket_errors.as_deref().unwrap_or("?")
+            ));
+        }
+        if w.non_2xx > 0 {
+            results
+                .problems
+                .push(format!("{label}: {} responses not 2xx or 3xx", w.non_2xx));
+        }
+        if let Some(p99) = w.p99_us {
+            results.record(&key("p99"), t, p99);
+        }
+        (w.requests, w.rate)
+    } else {
+        let r = http::parse_h2load(&run.output)?;
+        if r.failed > 0 || r.non_2xx > 0 {
+            results.problems.push(format!(
+                "{label}: {} requests failed, {} responses not 2xx",
+                r.failed, r.non_2xx
+            ));
+        }
+        if r.application_protocol.as_deref() != Some("h2") {
+            results.problems.push(format!(
+                "{label}: ALPN chose {:?}, not h2",
+                r.application_protocol
+            ));
+        }
+        results.observations.insert(format!(
+            "http h2 via {}: {}, {}, ALPN {}",
+            t.name(),
+            r.tls_protocol.as_deref().unwrap_or("?"),
+            r.cipher.as_deref().unwrap_or("?"),
+            r.application_protocol.as_deref().unwrap_or("?")
+        ));
+        (r.succeeded, r.rate())
+    };
+    if requests == 0 {
+        return Err(format!(
+            "no request completed ({} s)",
+            run.wall.as_secs_f64()
+        ));
+    }
+    results.record(&key("rate"), t, rate);
+    if !pids.is_empty() {
+        let per_request_us =
+            |ticks: u64| ticks as f64 / ctx.ticks_per_second * 1e6 / requests as f64;
+        results.record(&key("cpu"), t, per_request_us(run.cpu.total()));
+        results.record(&key("cpu_user"), t, per_request_us(run.cpu.user));
     }
     Ok(())
 }
 
 /// The table's rows, in order; keys are `measurement.figure`.
 fn metrics(a: &RunArgs) -> Vec<Metric> {
-    let row = |key, label: String, higher_is_better: bool| Metric {
-        key,
+    let row = |key: &str, label: String, higher_is_better: bool| Metric {
+        key: key.to_string(),
         label,
         better: Some(higher_is_better),
         ratios: true,
     };
-    let info = |key, label: String| Metric {
-        key,
+    let info = |key: &str, label: String| Metric {
+        key: key.to_string(),
         label,
         better: None,
         ratios: true,
     };
-    let absolute = |key, label: String| Metric {
-        key,
+    let absolute = |key: &str, label: String| Metric {
+        key: key.to_string(),
         label,
         better: None,
         ratios: false,
@@ -489,7 +904,11 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
     let c = a.churn_concurrency;
     let n = a.idle_connections;
     let k = a.release_count;
-    vec![
+    let hc = a.http_connections;
+    let sk = a.sse_release_count;
+    let ss = a.sse_streams;
+    let per_second = 1.0 / a.sse_interval.as_secs_f64();
+    let mut rows = vec![
         row(
             "echo.rate",
             format!("echo, 64 B, {e} conns: messages/s"),
@@ -602,7 +1021,99 @@ fn metrics(a: &RunArgs) -> Vec<Metric> {
         ),
         info("idle.rss_mib", "idle: proxy RSS with all open (MiB)".into()),
         row("idle.open_s", "idle: time to open all (s)".into(), false),
-    ]
+    ];
+    // The http rows: rate, p99 (keep-alive rows), CPU per request and its user part.
+    for (r, what) in [
+        ("small", format!("http GET 100 B, keep-alive, {hc} conns")),
+        ("large", "http GET 16 KiB, keep-alive".to_string()),
+        ("post", "http POST 4 KiB, keep-alive".to_string()),
+        (
+            "close",
+            "http GET 100 B, new connection per request".to_string(),
+        ),
+        (
+            "h2",
+            format!(
+                "http/2 over TLS, GET 100 B, {} conns × {} streams",
+                a.h2_connections, a.h2_streams
+            ),
+        ),
+    ] {
+        let key = |figure: &str| format!("http.{r}.{figure}");
+        rows.push(row(&key("rate"), format!("{what}: requests/s"), true));
+        if !matches!(r, "close" | "h2") {
+            rows.push(row(&key("p99"), format!("{what}: latency p99 (µs)"), false));
+        }
+        rows.push(row(
+            &key("cpu"),
+            format!("{what}: proxy CPU per request (µs)"),
+            false,
+        ));
+        rows.push(row(
+            &key("cpu_user"),
+            format!("{what}: of that CPU, in user space (µs)"),
+            false,
+        ));
+    }
+    rows.extend([
+        row(
+            "sse_release.fin_p50",
+            format!("sse-release, {sk}× each: client FIN → backend notified, p50 (µs)"),
+            false,
+        ),
+        row(
+            "sse_release.fin_p99",
+            "sse-release: client FIN → backend, p99 (µs)".into(),
+            false,
+        ),
+        row(
+            "sse_release.rst_p50",
+            "sse-release: client RST → backend notified, p50 (µs)".into(),
+            false,
+        ),
+        row(
+            "sse_release.rst_p99",
+            "sse-release: client RST → backend, p99 (µs)".into(),
+            false,
+        ),
+        row(
+            "sse_load.rate",
+            format!("sse-load, {ss} streams × {per_second:.0} events/s: events delivered/s"),
+            true,
+        ),
+        row(
+            "sse_load.cpu",
+            "sse-load: proxy CPU per event (µs)".into(),
+            false,
+        ),
+        row(
+            "sse_load.cpu_user",
+            "sse-load: of that CPU, in user space (µs)".into(),
+            false,
+        ),
+        absolute(
+            "sse_load.stream_min",
+            format!(
+                "sse-load: events in the window of the stream that got the fewest (expected \
+                 ~{:.0})",
+                a.duration.as_secs_f64() * per_second
+            ),
+        ),
+        absolute(
+            "sse_load.stream_max",
+            "sse-load: events in the window of the stream that got the most".into(),
+        ),
+        row(
+            "sse_load.kib",
+            "sse-load: proxy RSS per open stream (KiB)".into(),
+            false,
+        ),
+        info(
+            "sse_load.rss_mib",
+            "sse-load: proxy RSS with all streams open (MiB)".into(),
+        ),
+    ]);
+    rows
 }
 
 /// Stops the proxy (if any) and notes what its stop found: failed scrapes of wsgate's
@@ -837,6 +1348,8 @@ struct Environment {
     /// A source file newer than the wsgate binary, if any (the binary may be stale).
     stale: Option<String>,
     haproxy_maxconn: Option<u64>,
+    /// Versions of the load tools the run uses besides its own (wrk, h2load).
+    load_tools: Vec<(String, String)>,
 }
 
 impl Environment {
@@ -885,6 +1398,7 @@ impl Environment {
             git,
             stale: newer_source(&tools.wsgate, repo),
             haproxy_maxconn: tools.haproxy.as_ref().map(|_| tools.haproxy_maxconn),
+            load_tools: Vec::new(),
         }
     }
 }
@@ -959,6 +1473,9 @@ fn render(
         };
         s.push_str(&format!("- {name}: {version}{extra}\n"));
     }
+    for (name, version) in &env.load_tools {
+        s.push_str(&format!("- {name}: {version}\n"));
+    }
     if let Some(file) = &env.stale {
         s.push_str(&format!(
             "- **warning: {file} changed after the wsgate binary was built; rebuild with \
@@ -984,6 +1501,25 @@ fn render(
             Measurement::Churn => format!("churn {} concurrent cycles", a.churn_concurrency),
             Measurement::Release => format!("release {} connections per ending", a.release_count),
             Measurement::Idle => format!("idle {} WebSockets", a.idle_connections),
+            Measurement::Http => format!(
+                "http: wrk -t1 -c{} (GET 100 B, GET 16 KiB, POST 4 KiB, Connection: close) and \
+                 h2load -c{} -m{} over TLS, {} s each after a {} s warm-up run, to an nginx \
+                 origin (one worker)",
+                a.http_connections,
+                a.h2_connections,
+                a.h2_streams,
+                http::whole_seconds(a.duration),
+                http::whole_seconds(a.warmup)
+            ),
+            Measurement::SseRelease => format!(
+                "sse-release {} event streams per abort (FIN, RST)",
+                a.sse_release_count
+            ),
+            Measurement::SseLoad => format!(
+                "sse-load {} event streams, an event each every {} ms",
+                a.sse_streams,
+                a.sse_interval.as_millis()
+            ),
         })
         .collect();
     s.push_str(&format!("- load: {}\n", load.join(", ")));
@@ -1005,8 +1541,14 @@ fn render(
         );
     }
     s.push_str(
-        "; nginx with bench/nginx.conf (worker_processes auto), HAProxy with bench/haproxy.cfg \
-         (nbthread = CPUs); all three log one line per connection to a file",
+        "; nginx with bench/nginx.conf (worker_processes auto; `nginx 1 worker`: 1), HAProxy \
+         with bench/haproxy.cfg (nbthread = CPUs; `HAProxy 1 thread`: 1); the one-worker \
+         anchors are compared with `wsgate 1 thread` only; all three log one line per \
+         connection to a file, except in the http rows, where nginx's and HAProxy's \
+         per-request logs are off (wsgate writes no line per HTTP request); plain requests \
+         reuse backend connections (nginx upstream keepalive 64, HAProxy http-reuse always, \
+         wsgate's pool); the HTTP/2 row terminates TLS in every proxy with one self-signed \
+         ECDSA P-256 certificate",
     );
     if let Some(maxconn) = env.haproxy_maxconn.filter(|m| *m < 20_000) {
         s.push_str(&format!(
@@ -1044,7 +1586,8 @@ fn render(
     s
 }
 
-/// `--install-anchors`: installs nginx and HAProxy with apt-get.
+/// `--install-anchors`: installs nginx, HAProxy, wrk and h2load (nghttp2-client) with
+/// apt-get.
 fn install_anchors() {
     let root = fs::read_to_string("/proc/self/status")
         .ok()
@@ -1057,7 +1600,7 @@ fn install_anchors() {
     if !root {
         eprintln!(
             "wsgate-bench run: --install-anchors needs root; run \
-             `sudo apt-get install -y nginx-light haproxy` instead"
+             `sudo apt-get install -y nginx-light haproxy wrk nghttp2-client` instead"
         );
         return;
     }
@@ -1076,9 +1619,13 @@ fn install_anchors() {
     let with = |pkgs: &[&'static str]| -> Vec<&'static str> {
         base.iter().chain(pkgs.iter()).copied().collect()
     };
-    if !apt(&with(&["nginx-light", "haproxy"])) && !apt(&with(&["nginx", "haproxy"])) {
+    let tools = ["haproxy", "wrk", "nghttp2-client"];
+    let light: Vec<&'static str> = std::iter::once("nginx-light").chain(tools).collect();
+    let full: Vec<&'static str> = std::iter::once("nginx").chain(tools).collect();
+    if !apt(&with(&light)) && !apt(&with(&full)) {
         eprintln!(
-            "wsgate-bench run: could not install nginx and HAProxy; the missing ones are skipped"
+            "wsgate-bench run: could not install nginx, HAProxy, wrk and h2load; the missing \
+             ones are skipped"
         );
     }
 }

@@ -36,12 +36,32 @@ pub enum Target {
     WsgateBase,
     Nginx,
     Haproxy,
+    /// nginx with `worker_processes 1`: the anchor for `wsgate-1`.
+    #[value(name = "nginx-1")]
+    Nginx1,
+    /// HAProxy with `nbthread 1`: the anchor for `wsgate-1`.
+    #[value(name = "haproxy-1")]
+    Haproxy1,
 }
 
 impl Target {
     /// One of wsgate's configurations, as opposed to the baselines.
     pub fn is_wsgate(self) -> bool {
         matches!(self, Target::Wsgate | Target::Wsgate1 | Target::WsgateLean)
+    }
+
+    /// An anchor limited to one worker (nginx-1, HAProxy-1): the table compares only
+    /// `wsgate-1` with it, one thread against one worker.
+    pub fn is_single_worker_anchor(self) -> bool {
+        matches!(self, Target::Nginx1 | Target::Haproxy1)
+    }
+
+    pub fn is_nginx(self) -> bool {
+        matches!(self, Target::Nginx | Target::Nginx1)
+    }
+
+    pub fn is_haproxy(self) -> bool {
+        matches!(self, Target::Haproxy | Target::Haproxy1)
     }
 
     /// Runs a wsgate binary (this build's or the base build's).
@@ -65,6 +85,8 @@ impl Target {
             Target::WsgateBase => "wsgate base build",
             Target::Nginx => "nginx",
             Target::Haproxy => "HAProxy",
+            Target::Nginx1 => "nginx 1 worker",
+            Target::Haproxy1 => "HAProxy 1 thread",
         }
     }
 }
@@ -218,7 +240,7 @@ fn threads() -> usize {
 }
 
 /// Replaces each `{{NAME}}` of `template` with its value.
-fn fill(template: &str, values: &[(&str, String)]) -> String {
+pub fn fill(template: &str, values: &[(&str, String)]) -> String {
     values
         .iter()
         .fold(template.to_string(), |text, (name, value)| {
@@ -271,6 +293,99 @@ fn wsgate_values(
     ]
 }
 
+/// The certificate and key a proxy terminates TLS with (the HTTP/2 row).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificate and key in one file, as HAProxy's `crt` wants them.
+    pub combined: PathBuf,
+}
+
+/// How a run needs its proxy set up beyond the target's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup<'a> {
+    /// Terminate TLS (HTTP/2 offered by ALPN) with these files instead of plain HTTP.
+    pub tls: Option<&'a TlsFiles>,
+    /// nginx's access log and HAProxy's log, one line per request (a WebSocket is one
+    /// request). Off for the plain HTTP rows: wsgate writes no line per HTTP request
+    /// (it counts them in /metrics), so there the anchors write none either.
+    pub access_log: bool,
+}
+
+impl Setup<'_> {
+    /// As for the WebSocket and event stream measurements: plain TCP, access logs on.
+    pub const DEFAULT: Setup<'static> = Setup {
+        tls: None,
+        access_log: true,
+    };
+}
+
+/// What the nginx and HAProxy templates' `{{...}}` become for `target` and `setup`.
+fn anchor_values(target: Target, setup: &Setup, dir: &Path) -> Vec<(&'static str, String)> {
+    let one = target.is_single_worker_anchor();
+    let quoted = |p: &Path| format!("\"{}\"", p.display());
+    vec![
+        ("WORKERS", if one { "1" } else { "auto" }.to_string()),
+        ("THREADS", if one { 1 } else { threads() }.to_string()),
+        (
+            "ACCESS_LOG",
+            if setup.access_log {
+                format!("access_log {};", quoted(&dir.join("access.log")))
+            } else {
+                "access_log off;".to_string()
+            },
+        ),
+        (
+            "LOG",
+            if setup.access_log {
+                "log global"
+            } else {
+                "no log"
+            }
+            .to_string(),
+        ),
+        (
+            "LISTEN_TLS",
+            setup
+                .tls
+                .map_or_else(String::new, |_| " ssl http2".to_string()),
+        ),
+        (
+            "TLS",
+            setup.tls.map_or_else(String::new, |t| {
+                // nginx 1.22 offers TLS 1.0-1.2 only unless told: TLS 1.3, as rustls and
+                // HAProxy negotiate it.
+                format!(
+                    "ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.2 TLSv1.3;",
+                    quoted(&t.cert),
+                    quoted(&t.key)
+                )
+            }),
+        ),
+        (
+            "BIND_TLS",
+            setup.tls.map_or_else(String::new, |t| {
+                format!(
+                    " ssl crt {} alpn h2,http/1.1 prefer-client-ciphers",
+                    quoted(&t.combined)
+                )
+            }),
+        ),
+    ]
+}
+
+/// wsgate's `[tls]` section for `setup` (empty without TLS).
+fn wsgate_tls(setup: &Setup) -> String {
+    setup.tls.map_or_else(String::new, |t| {
+        format!(
+            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"",
+            t.cert.display(),
+            t.key.display()
+        )
+    })
+}
+
 /// A free loopback port other than those of `taken`.
 fn another_free_port(taken: &[SocketAddr]) -> SocketAddr {
     loop {
@@ -281,13 +396,15 @@ fn another_free_port(taken: &[SocketAddr]) -> SocketAddr {
     }
 }
 
-/// Starts `target` in front of `backend` and waits until it accepts connections.
-/// `dir` is a fresh directory for its configuration and logs. `None` for direct.
+/// Starts `target` in front of `backend`, set up as `setup` says, and waits until it
+/// accepts connections. `dir` is a fresh directory for its configuration and logs.
+/// `None` for direct.
 pub fn start(
     target: Target,
     tools: &Tools,
     backend: SocketAddr,
     dir: &Path,
+    setup: &Setup,
 ) -> Result<Option<Proxy>, String> {
     let listen = another_free_port(&[backend]);
     // wsgate's admin listener, scraped while it runs; none for the lean variant (and
@@ -300,10 +417,12 @@ pub fn start(
         ("BACKEND", backend.to_string()),
         ("DIR", dir.display().to_string()),
         ("MAXCONN", tools.haproxy_maxconn.to_string()),
-        ("THREADS", threads().to_string()),
     ];
     if target.runs_wsgate() {
         values.extend(wsgate_values(target, admin, tools.nofile));
+        values.push(("TLS", wsgate_tls(setup)));
+    } else {
+        values.extend(anchor_values(target, setup, dir));
     }
     let write = |name: &str, template: &str| -> Result<PathBuf, String> {
         let path = dir.join(name);
@@ -333,7 +452,7 @@ pub fn start(
             };
             c
         }
-        Target::Nginx => {
+        Target::Nginx | Target::Nginx1 => {
             let config = write("nginx.conf", NGINX_TEMPLATE)?;
             let nginx = tools.nginx.as_ref().ok_or("nginx is not installed")?;
             let mut c = Command::new(nginx);
@@ -345,7 +464,7 @@ pub fn start(
                 .arg(config);
             c
         }
-        Target::Haproxy => {
+        Target::Haproxy | Target::Haproxy1 => {
             let config = write("haproxy.cfg", HAPROXY_TEMPLATE)?;
             let haproxy = tools.haproxy.as_ref().ok_or("HAProxy is not installed")?;
             let mut c = Command::new(haproxy);
@@ -422,7 +541,118 @@ mod tests {
             ("BACKEND", "127.0.0.1:2".to_string()),
         ];
         values.extend(wsgate_values(target, admin, nofile));
+        values.push(("TLS", String::new()));
         fill(WSGATE_TEMPLATE, &values)
+    }
+
+    fn tls_files() -> TlsFiles {
+        TlsFiles {
+            cert: "/tmp/b/cert.pem".into(),
+            key: "/tmp/b/key.pem".into(),
+            combined: "/tmp/b/combined.pem".into(),
+        }
+    }
+
+    #[test]
+    fn wsgate_terminates_tls_with_the_runs_certificate_when_asked() {
+        let tls = tls_files();
+        let setup = Setup {
+            tls: Some(&tls),
+            access_log: false,
+        };
+        for target in [Target::Wsgate, Target::Wsgate1, Target::WsgateLean] {
+            let mut values = vec![
+                ("LISTEN", "127.0.0.1:1".to_string()),
+                ("BACKEND", "127.0.0.1:2".to_string()),
+            ];
+            values.extend(wsgate_values(target, None, 1 << 20));
+            values.push(("TLS", wsgate_tls(&setup)));
+            let text = fill(WSGATE_TEMPLATE, &values);
+            assert!(!text.contains("{{"), "{text}");
+            let config = Config::parse(&text).unwrap();
+            let t = config.tls.expect("a [tls] section");
+            assert_eq!(t.cert, tls.cert);
+            assert_eq!(t.key, tls.key);
+            assert!(t.http2, "HTTP/2 by ALPN is the default");
+        }
+    }
+
+    /// nginx's and HAProxy's files for `target` and `setup`, as `start` writes them.
+    fn anchor_files(target: Target, setup: &Setup) -> (String, String) {
+        let mut values = vec![
+            ("LISTEN", "127.0.0.1:1".to_string()),
+            ("BACKEND", "127.0.0.1:2".to_string()),
+            ("DIR", "/tmp/b".to_string()),
+            ("MAXCONN", "9950".to_string()),
+        ];
+        values.extend(anchor_values(target, setup, Path::new("/tmp/b")));
+        (
+            fill(NGINX_TEMPLATE, &values),
+            fill(HAPROXY_TEMPLATE, &values),
+        )
+    }
+
+    #[test]
+    fn anchors_keep_the_websocket_setup_and_add_the_http_one() {
+        for target in [Target::Nginx, Target::Haproxy] {
+            let (nginx, haproxy) = anchor_files(target, &Setup::DEFAULT);
+            for text in [&nginx, &haproxy] {
+                assert!(!text.contains("{{"), "{text}");
+            }
+            // Whatever a placeholder became, it stayed on its line.
+            assert_eq!(nginx.lines().count(), NGINX_TEMPLATE.lines().count());
+            assert_eq!(haproxy.lines().count(), HAPROXY_TEMPLATE.lines().count());
+            // WebSockets: the handshake still goes out with `Connection: upgrade`, the
+            // relay's timeouts are unchanged, and every request is logged.
+            assert!(nginx.contains("default upgrade;"), "{nginx}");
+            assert!(nginx.contains("proxy_set_header Upgrade $http_upgrade;"));
+            assert!(nginx.contains("proxy_read_timeout 3600s;"));
+            assert!(
+                nginx.contains("access_log \"/tmp/b/access.log\";"),
+                "{nginx}"
+            );
+            assert!(nginx.contains("worker_processes auto;"));
+            assert!(nginx.contains("listen 127.0.0.1:1;"), "{nginx}");
+            assert!(haproxy.contains("timeout tunnel 1h"));
+            assert!(haproxy.contains("\n    log global\n"), "{haproxy}");
+            assert!(haproxy.contains(&format!("nbthread {}\n", threads())));
+            assert!(haproxy.contains("bind 127.0.0.1:1\n"), "{haproxy}");
+            // Plain HTTP: keep-alive to the backend; event streams unbuffered.
+            assert!(nginx.contains("keepalive 64;"));
+            assert!(
+                nginx.contains("''      '';"),
+                "no Connection header for plain requests"
+            );
+            assert!(nginx.contains("proxy_buffering off;"));
+            assert!(haproxy.contains("http-reuse always"));
+        }
+        let tls = tls_files();
+        let http2 = Setup {
+            tls: Some(&tls),
+            access_log: false,
+        };
+        let (nginx, haproxy) = anchor_files(Target::Nginx1, &http2);
+        assert!(nginx.contains("worker_processes 1;"));
+        assert!(nginx.contains("access_log off;"));
+        assert!(nginx.contains("listen 127.0.0.1:1 ssl http2;"), "{nginx}");
+        assert!(
+            nginx.contains("ssl_certificate \"/tmp/b/cert.pem\";"),
+            "{nginx}"
+        );
+        assert!(nginx.contains("ssl_protocols TLSv1.2 TLSv1.3;"));
+        assert_eq!(nginx.lines().count(), NGINX_TEMPLATE.lines().count());
+        let (_, haproxy1) = anchor_files(Target::Haproxy1, &http2);
+        for text in [&haproxy, &haproxy1] {
+            assert!(text.contains("\n    no log\n"), "{text}");
+            assert!(
+                text.contains(
+                    "bind 127.0.0.1:1 ssl crt \"/tmp/b/combined.pem\" alpn h2,http/1.1 \
+                     prefer-client-ciphers\n"
+                ),
+                "{text}"
+            );
+        }
+        assert!(haproxy1.contains("nbthread 1\n"));
     }
 
     #[test]
@@ -479,22 +709,31 @@ mod tests {
     #[test]
     fn wsgate_files_use_only_keys_an_older_build_knows() {
         // The keys of commit 79f4792's configuration that the template may write: a
-        // build rejects keys it does not know, and `--wsgate-base` may be that old.
+        // build rejects keys it does not know, and `--wsgate-base` may be that old
+        // (its `[tls]` has `cert` and `key`, and offers HTTP/2 by default).
         let known = [
             "listen",
             "backend",
             "max_connections",
             "workers",
             "ping_interval",
+            "cert",
+            "key",
         ];
+        let tls = tls_files();
+        let http2 = Setup {
+            tls: Some(&tls),
+            access_log: false,
+        };
         for target in [
             Target::Wsgate,
             Target::Wsgate1,
             Target::WsgateLean,
             Target::WsgateBase,
         ] {
-            for nofile in [20_000, 1 << 20] {
-                let text = wsgate_file(target, Some("127.0.0.1:3".parse().unwrap()), nofile);
+            for (nofile, setup) in [(20_000, Setup::DEFAULT), (1 << 20, http2)] {
+                let mut text = wsgate_file(target, Some("127.0.0.1:3".parse().unwrap()), nofile);
+                text.push_str(&wsgate_tls(&setup));
                 for line in text.lines().map(str::trim) {
                     if line.starts_with('#') || line.starts_with('[') || line.is_empty() {
                         continue;

@@ -161,7 +161,7 @@ impl ReadBuf {
 }
 
 /// Reads an HTTP head into `buf`; returns its length including the blank line.
-async fn read_head(stream: &mut TcpStream, buf: &mut ReadBuf) -> io::Result<usize> {
+pub async fn read_head(stream: &mut TcpStream, buf: &mut ReadBuf) -> io::Result<usize> {
     loop {
         if let Some(i) = buf.filled().windows(4).position(|w| w == b"\r\n\r\n") {
             return Ok(i + 4);
@@ -183,7 +183,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut ReadBuf) -> io::Result<usiz
 }
 
 /// The value of header `name` (case-insensitive) in an HTTP head.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.split("\r\n").skip(1).find_map(|line| {
         let (k, v) = line.split_once(':')?;
         k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
@@ -238,9 +238,18 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `ws://HOST:PORT[/PATH]`.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
+        Endpoint::parse_scheme(url, "ws://")
+    }
+
+    /// Parses `http://HOST:PORT[/PATH]` (the event stream measurements).
+    pub fn parse_http(url: &str) -> Result<Endpoint, String> {
+        Endpoint::parse_scheme(url, "http://")
+    }
+
+    fn parse_scheme(url: &str, scheme: &str) -> Result<Endpoint, String> {
         let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+            .strip_prefix(scheme)
+            .ok_or_else(|| format!("{url:?}: only {scheme} URLs are supported here"))?;
         let (host, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -504,5 +513,8 @@ mod tests {
             "/"
         );
         assert!(Endpoint::parse("http://127.0.0.1:9").is_err());
+        let h = Endpoint::parse_http("http://127.0.0.1:9/events").expect("valid URL");
+        assert_eq!((h.addr.port(), h.path.as_str()), (9, "/events"));
+        assert!(Endpoint::parse_http("ws://127.0.0.1:9").is_err());
     }
 }
