@@ -227,7 +227,7 @@ impl Exchange {
             && !headers.contains_key(header::CONTENT_ENCODING)
             && !headers.contains_key(header::CONTENT_LENGTH))
         .then(sse::Scanner::new);
-        let timers = self.gate.live.config().http;
+        let timers = self.gate.settings().http_timers;
         self.abort.set_limit(timers.write_timeout);
         if event_stream {
             self.register();
@@ -511,7 +511,7 @@ impl ForwardedBody {
         }
         if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
             if requests.reconfigure() {
-                self.timers = self.ex.gate.live.config().http;
+                self.timers = self.ex.gate.settings().http_timers;
                 self.ex.abort.set_limit(self.timers.write_timeout);
                 // A deadline may have moved later: start the timer afresh.
                 self.timer = None;

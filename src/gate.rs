@@ -163,10 +163,11 @@ impl Gate {
         self.metrics
             .connections_max
             .set(settings.max_connections as f64);
-        self.live
-            .reconfigure(exchange_config(new), new.admin.recent_endings);
+        let (exchanges, recent) = (exchange_config(new), new.admin.recent_endings);
         drop(running);
+        // The settings first: an exchange told to reconfigure reads them.
         self.settings.store(Arc::new(settings));
+        self.live.reconfigure(exchanges, recent);
         Ok(())
     }
 }
@@ -186,17 +187,22 @@ pub async fn housekeeping(gate: Arc<Gate>) {
 
 /// What exchanges run with, from the configuration.
 fn exchange_config(config: &Config) -> ExchangeConfig {
-    let http = &config.http;
     ExchangeConfig {
         timers: Arc::new(config.websocket.timers()),
         max_frame_size: config.websocket.max_frame_size,
         drain_close_code: config.shutdown.client_close_code,
-        http: HttpTimers {
-            write_timeout: http.write_timeout,
-            stream_idle_timeout: http.stream_idle_timeout,
-            sse_heartbeat: http.sse_heartbeat,
-            stream_after: http.stream_after,
-        },
+        http: http_timers(config),
+    }
+}
+
+/// The timers of an HTTP exchange's body, from the configuration.
+fn http_timers(config: &Config) -> HttpTimers {
+    let http = &config.http;
+    HttpTimers {
+        write_timeout: http.write_timeout,
+        stream_idle_timeout: http.stream_idle_timeout,
+        sse_heartbeat: http.sse_heartbeat,
+        stream_after: http.stream_after,
     }
 }
 
@@ -211,6 +217,9 @@ pub struct Settings {
     /// hyper's HTTP/1.1 server settings, built once: building them per connection
     /// allocated its timer.
     pub http1: http1::Builder,
+    /// What an HTTP exchange's body runs with: read per request from here, not from the
+    /// live table (whose lock every worker shares).
+    pub http_timers: HttpTimers,
 }
 
 impl Settings {
@@ -229,6 +238,7 @@ impl Settings {
             backend: Backend::new(&config, workers)?,
             tls: config.tls.as_ref().map(ServerTls::new).transpose()?,
             http1,
+            http_timers: http_timers(&config),
             config,
         })
     }
