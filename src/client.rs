@@ -1,16 +1,20 @@
 //! A client's TCP connection as the exchanges on it see it: who it is, how many
 //! exchanges are open on it (which tells when it is idle), why it ended when it cut an
-//! exchange short, and its socket, watched for writes that make no progress.
+//! exchange short, and its socket, watched for writes that make no progress. Also every
+//! open client connection in one registry ([`Clients`]), through which the drain and
+//! the exit reach them.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -25,6 +29,8 @@ pub struct ClientConn {
     /// Process-unique id (the exchanges on it have their own), in log lines.
     pub id: u64,
     pub peer: SocketAddr,
+    /// The client's address as `X-Forwarded-For` carries it, made once.
+    pub forwarded_for: hyper::header::HeaderValue,
     /// The worker serving it (0 is the thread that started the server).
     pub worker: usize,
     /// It came while wsgate was draining: it is served one request, then closed.
@@ -46,9 +52,14 @@ pub struct ClientConn {
     /// Ends an HTTP/1.1 connection's task from outside: its exchange's admin close,
     /// stall or forced end (an HTTP/2 stream has an [`Abort`] of its own).
     pub abort: Arc<Abort>,
+    /// What the drain and the exit asked of it.
+    pub signals: Signals,
+    /// The registry it is in, which it leaves when dropped.
+    registry: Arc<Clients>,
 }
 
 impl ClientConn {
+    /// A new connection, in `registry` (where the signals already sent reach it too).
     pub fn new(
         id: u64,
         peer: SocketAddr,
@@ -56,11 +67,13 @@ impl ClientConn {
         accepted_draining: bool,
         slot: Slot,
         active: metrics::Gauge,
-    ) -> Self {
+        registry: &Arc<Clients>,
+    ) -> Arc<Self> {
         active.increment(1.0);
-        ClientConn {
+        let conn = Arc::new(ClientConn {
             id,
             peer,
+            forwarded_for: crate::headers::address_value(peer.ip()),
             worker,
             accepted_draining,
             _slot: slot,
@@ -70,7 +83,11 @@ impl ClientConn {
             became_idle: tokio::sync::Notify::new(),
             cause: AtomicU8::new(0),
             abort: Arc::default(),
-        }
+            signals: Signals::default(),
+            registry: registry.clone(),
+        });
+        registry.add(&conn);
+        conn
     }
 
     /// Completes once the connection has had nothing open for `limit`.
@@ -155,6 +172,90 @@ fn is_timeout(error: &hyper::Error) -> bool {
 impl Drop for ClientConn {
     fn drop(&mut self) {
         self.active.decrement(1.0);
+        self.registry.remove(self.worker, self.id);
+    }
+}
+
+/// What the drain and the exit ask of every client connection's task: a set of flags and
+/// the task's waker, checked with two atomic operations per wake-up (a cancellation
+/// token's future per signal took a shared lock at every wake-up of every connection).
+#[derive(Debug, Default)]
+pub struct Signals {
+    bits: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Signals {
+    /// The drain began: finish what is open and close (a connection from before it).
+    pub const DRAIN: u8 = 1;
+    /// The exit began: finish what is open and close.
+    pub const STOP: u8 = 2;
+    /// The drain deadline passed: close now.
+    pub const FORCE: u8 = 4;
+
+    fn post(&self, bits: u8) {
+        if bits != 0 {
+            self.bits.fetch_or(bits, Ordering::SeqCst);
+            self.waker.wake();
+        }
+    }
+
+    /// The signals posted so far (they stay set); registers the task for the next.
+    pub fn poll(&self, cx: &mut Context<'_>) -> u8 {
+        self.waker.register(cx.waker());
+        self.bits.load(Ordering::SeqCst)
+    }
+}
+
+/// Every open client connection, per worker, and the signals sent to all of them.
+#[derive(Debug, Default)]
+pub struct Clients {
+    /// Per worker: its open connections (a connection takes its worker's lock when it
+    /// opens and closes; the drain takes each once).
+    open: Vec<Mutex<HashMap<u64, Weak<ClientConn>>>>,
+    /// The signals sent so far: a connection that opens later gets them at once.
+    sent: AtomicU8,
+}
+
+impl Clients {
+    /// A registry for `workers` workers.
+    pub fn new(workers: usize) -> Clients {
+        Clients {
+            open: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+            sent: AtomicU8::new(0),
+        }
+    }
+
+    fn map(&self, worker: usize) -> std::sync::MutexGuard<'_, HashMap<u64, Weak<ClientConn>>> {
+        self.open[worker % self.open.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, conn: &Arc<ClientConn>) {
+        self.map(conn.worker).insert(conn.id, Arc::downgrade(conn));
+        // After the insert: a signal sent meanwhile either finds it in the map or is
+        // already in `sent`.
+        conn.signals.post(self.sent.load(Ordering::SeqCst));
+    }
+
+    fn remove(&self, worker: usize, id: u64) {
+        self.map(worker).remove(&id);
+    }
+
+    /// Posts `bits` to every open connection, and to those that open from now on.
+    pub fn signal(&self, bits: u8) {
+        self.sent.fetch_or(bits, Ordering::SeqCst);
+        for worker in 0..self.open.len() {
+            let open: Vec<Arc<ClientConn>> = self
+                .map(worker)
+                .values()
+                .filter_map(Weak::upgrade)
+                .collect();
+            for conn in open {
+                conn.signals.post(bits);
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub async fn exit(gate: &Gate, abort: impl Future<Output = ()>) {
     );
     let finished = async {
         gate.live.emptied().await;
-        tasks.stop.cancel();
+        gate.stop();
         tasks.tracker.close();
         tasks.tracker.wait().await;
     };
@@ -51,10 +51,9 @@ pub async fn exit(gate: &Gate, abort: impl Future<Output = ()>) {
         }
     };
     if !drained {
-        tasks.stop.cancel();
+        gate.stop();
         tasks.tracker.close();
-        tasks.force.cancel();
-        gate.live.force_all();
+        gate.force();
         if tokio::time::timeout(FORCE_GRACE, tasks.tracker.wait())
             .await
             .is_err()

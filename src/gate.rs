@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
+use crate::client::{Clients, Signals};
 use crate::config::Config;
 use crate::config::HttpLog;
 use crate::drain::{Drain, Plan};
@@ -50,6 +51,8 @@ pub struct Gate {
     pub metrics: Arc<Metrics>,
     /// Client connections open, against `max_connections`.
     pub slots: Arc<Slots>,
+    /// Every open client connection: what the drain and the exit reach.
+    pub clients: Arc<Clients>,
     /// Permits for answering over-capacity connections with a 503.
     pub rejecting: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -77,6 +80,7 @@ impl Gate {
             drain: Drain::default(),
             metrics,
             slots,
+            clients: Arc::new(Clients::new(workers)),
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
             next_id: AtomicU64::new(1),
             logging,
@@ -123,8 +127,23 @@ impl Gate {
             .begin(trigger, plan, &self.live, &self.tasks.tracker);
         if begun {
             self.metrics.draining.set(1.0);
+            self.clients.signal(Signals::DRAIN);
         }
         begun
+    }
+
+    /// The exit: stop accepting, and have every connection finish what is open and
+    /// close.
+    pub fn stop(&self) {
+        self.tasks.stop.cancel();
+        self.clients.signal(Signals::STOP);
+    }
+
+    /// The drain deadline: end whatever is left now.
+    pub fn force(&self) {
+        self.tasks.force.cancel();
+        self.clients.signal(Signals::FORCE);
+        self.live.force_all();
     }
 
     /// Puts a new configuration in force: new connections and requests use it, open

@@ -2,8 +2,7 @@
 //! ([`crate::upgrade`]) share: hop-by-hop headers removed (RFC 9110 §7.6.1), the
 //! client's address and scheme added as `X-Forwarded-*`.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -62,20 +61,89 @@ impl<'a> HopByHop<'a> {
     }
 }
 
+/// Which of the headers the forwarding rules look at a message has, found in one pass
+/// over its names (a hash lookup per rule would cost more than the pass).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Present {
+    /// Bit `i` set: `HOP_BY_HOP[i]` is there.
+    hop_by_hop: u8,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    forwarded_host: bool,
+}
+
+impl Present {
+    fn of(headers: &HeaderMap) -> Present {
+        let mut p = Present::default();
+        for name in headers.keys() {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+                p.hop_by_hop |= 1 << i;
+            } else if *name == X_FORWARDED_FOR {
+                p.forwarded_for = true;
+            } else if *name == X_FORWARDED_PROTO {
+                p.forwarded_proto = true;
+            } else if *name == X_FORWARDED_HOST {
+                p.forwarded_host = true;
+            }
+        }
+        p
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 ///
 /// Runs for every forwarded request and response, so it allocates nothing in the usual
-/// case: a lookup per fixed name, and a name is made only for the rare others that
-/// `Connection` lists.
+/// case: one pass over the names, a removal per hop-by-hop header found, and a name is
+/// made only for the rare others that `Connection` lists.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = HopByHop::of(headers)
-        .named
-        .iter()
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
+    remove_present(headers, Present::of(headers).hop_by_hop);
+}
+
+/// Removes the fixed hop-by-hop headers of the bit set `present`, and those the
+/// `Connection` header names.
+fn remove_present(headers: &mut HeaderMap, present: u8) {
+    if present == 0 {
+        return;
     }
+    // `Connection` is the first of the fixed list: only then can it name others.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = HopByHop::of(headers)
+            .named
+            .iter()
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The client's address as `X-Forwarded-For` carries it: made once per connection, an
+/// IPv4 address digit by digit (formatting through `Display` cost more than the rest
+/// of the header rules together).
+pub fn address_value(ip: IpAddr) -> HeaderValue {
+    let text = match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                s.push_str(digits.format(octet));
+            }
+            s
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    };
+    // Digits, dots, colons and hex letters: always a valid value.
+    HeaderValue::from_maybe_shared(Bytes::from(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// How the client reached wsgate, for `X-Forwarded-Proto`.
@@ -108,47 +176,68 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The `X-Forwarded-*` headers a request from `peer` carries to the backend: the
-/// client's address appended to `X-Forwarded-For` (after every value a proxy in front
-/// already put there), and `X-Forwarded-Proto` and `X-Forwarded-Host` unless such a
-/// proxy (an ingress terminating TLS, say) already set them. `host` is the request's
-/// `Host`; the caller replaces any `X-Forwarded-For` it has with the one returned.
+/// The `X-Forwarded-*` headers a request from the client whose address is `client`
+/// (see [`address_value`]) carries to the backend: the client's address appended to
+/// `X-Forwarded-For` (after every value a proxy in front already put there), and
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` unless such a proxy (an ingress
+/// terminating TLS, say) already set them. `host` is the request's `Host`; the caller
+/// replaces any `X-Forwarded-For` it has with the one returned.
 pub fn forwarded_headers(
     headers: &HeaderMap,
     host: Option<&HeaderValue>,
-    peer: SocketAddr,
-    client: Scheme,
+    client: &HeaderValue,
+    scheme: Scheme,
 ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
-    let mut chain = String::with_capacity(64);
-    for prior in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(prior) = prior.to_str()
-            && !prior.trim().is_empty()
-        {
-            chain.push_str(prior.trim());
-            chain.push_str(", ");
+    let present = Present::of(headers);
+    forwarded(headers, present, host, client, scheme)
+}
+
+fn forwarded(
+    headers: &HeaderMap,
+    present: Present,
+    host: Option<&HeaderValue>,
+    client: &HeaderValue,
+    scheme: Scheme,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> + use<> {
+    let xff = if present.forwarded_for {
+        let mut chain = Vec::with_capacity(64);
+        for prior in headers.get_all(X_FORWARDED_FOR) {
+            let prior = prior.as_bytes().trim_ascii();
+            if !prior.is_empty() {
+                chain.extend_from_slice(prior);
+                chain.extend_from_slice(b", ");
+            }
         }
-    }
-    let _ = write!(chain, "{}", peer.ip());
-    // Printable ASCII from valid header values and an address: always a valid value.
-    let xff = HeaderValue::from_maybe_shared(Bytes::from(chain))
-        .ok()
-        .map(|v| (X_FORWARDED_FOR, v));
-    let proto = (!headers.contains_key(X_FORWARDED_PROTO))
-        .then(|| (X_FORWARDED_PROTO, HeaderValue::from_static(client.as_str())));
+        chain.extend_from_slice(client.as_bytes());
+        // Bytes of valid header values and an address: always a valid value.
+        HeaderValue::from_maybe_shared(Bytes::from(chain)).ok()
+    } else {
+        Some(client.clone())
+    };
+    let proto = (!present.forwarded_proto)
+        .then(|| (X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str())));
     let fwd_host = host
-        .filter(|_| !headers.contains_key(X_FORWARDED_HOST))
+        .filter(|_| !present.forwarded_host)
         .map(|h| (X_FORWARDED_HOST, h.clone()));
-    [xff, proto, fwd_host].into_iter().flatten()
+    [xff.map(|v| (X_FORWARDED_FOR, v)), proto, fwd_host]
+        .into_iter()
+        .flatten()
 }
 
 /// Applies the request header rules to a request forwarded as it is: hop-by-hop
-/// headers removed, the [`forwarded_headers`] set. `Host` is left as the client sent
-/// it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, client: Scheme) {
-    remove_hop_by_hop(headers);
-    let added = forwarded_headers(headers, headers.get(header::HOST), peer, client);
+/// headers removed, the [`forwarded_headers`] set, from one pass over the names. `Host`
+/// is left as the client sent it.
+pub fn prepare_request_headers(headers: &mut HeaderMap, client: &HeaderValue, scheme: Scheme) {
+    let present = Present::of(headers);
+    remove_present(headers, present.hop_by_hop);
+    let added = forwarded(headers, present, headers.get(header::HOST), client, scheme);
     for (name, value) in added {
-        headers.insert(name, value);
+        if name == X_FORWARDED_FOR && present.forwarded_for {
+            // The merged chain replaces the values it was made of.
+            headers.insert(name, value);
+        } else {
+            headers.append(name, value);
+        }
     }
 }
 
@@ -174,7 +263,8 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append_and_respect_prior_proxies() {
-        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let peer = address_value("10.1.2.3".parse().unwrap());
+        let peer = &peer;
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("dash.example"));
         prepare_request_headers(&mut h, peer, Scheme::Http);
@@ -199,5 +289,117 @@ mod tests {
             !h.contains_key("x-forwarded-host"),
             "no Host, no X-Forwarded-Host"
         );
+    }
+
+    #[test]
+    fn an_address_is_written_as_display_writes_it() {
+        for ip in [
+            "10.1.2.3",
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(address_value(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
+
+    /// The rules as a straightforward reading of RFC 9110 §7.6.1 and the
+    /// `X-Forwarded-*` convention: the reference the one-pass version is held to.
+    fn reference(mut h: HeaderMap, client: &str, scheme: Scheme) -> HeaderMap {
+        let named: Vec<HeaderName> = header_tokens(&h, header::CONNECTION)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in HOP_BY_HOP.iter().chain(&named) {
+            h.remove(name);
+        }
+        let mut chain: Vec<String> = h
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        chain.push(client.to_string());
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_str(&chain.join(", ")).unwrap(),
+        );
+        if !h.contains_key(X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+        }
+        if !h.contains_key(X_FORWARDED_HOST)
+            && let Some(host) = h.get(header::HOST).cloned()
+        {
+            h.insert(X_FORWARDED_HOST, host);
+        }
+        h
+    }
+
+    /// Every name with its values in order, sorted by name: what a backend reads.
+    fn shape(h: &HeaderMap) -> Vec<(String, Vec<Vec<u8>>)> {
+        let mut out: Vec<_> = h
+            .keys()
+            .map(|k| {
+                let values = h.get_all(k).iter().map(|v| v.as_bytes().to_vec()).collect();
+                (k.as_str().to_string(), values)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    use proptest::prelude::*;
+
+    fn header() -> impl Strategy<Value = (String, String)> {
+        let name = prop_oneof![
+            Just("connection"),
+            Just("keep-alive"),
+            Just("proxy-connection"),
+            Just("te"),
+            Just("transfer-encoding"),
+            Just("upgrade"),
+            Just("x-forwarded-for"),
+            Just("x-forwarded-proto"),
+            Just("x-forwarded-host"),
+            Just("host"),
+            Just("cookie"),
+            Just("x-trace"),
+            Just("accept"),
+        ];
+        let value = prop_oneof![
+            Just("keep-alive".to_string()),
+            Just("keep-alive, X-Trace".to_string()),
+            Just("Upgrade, cookie".to_string()),
+            Just("close".to_string()),
+            Just(" 1.1.1.1 , 2.2.2.2 ".to_string()),
+            Just(String::new()),
+            "[a-z0-9.,: ]{0,12}",
+        ];
+        (name, value).prop_map(|(n, v)| (n.to_string(), v))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the headers, the one-pass rules leave exactly what the reference
+        /// leaves.
+        #[test]
+        fn the_one_pass_rules_equal_the_reference(
+            headers in prop::collection::vec(header(), 0..10),
+            v6 in any::<bool>(),
+            https in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            for (name, value) in &headers {
+                h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            }
+            let ip: IpAddr = if v6 { "2001:db8::7".parse().unwrap() } else { "10.9.8.7".parse().unwrap() };
+            let scheme = if https { Scheme::Https } else { Scheme::Http };
+            let expected = reference(h.clone(), &ip.to_string(), scheme);
+            prepare_request_headers(&mut h, &address_value(ip), scheme);
+            prop_assert_eq!(shape(&h), shape(&expected));
+        }
     }
 }

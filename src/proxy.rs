@@ -128,7 +128,7 @@ pub async fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Res
         let config = &settings.config;
         (Scheme::of(config), config.http.response_timeout)
     };
-    let peer = busy.peer;
+    let forwarded_for = busy.forwarded_for.clone();
     let mut ex = Exchange::begin(gate, busy, &req);
     let client_version = req.version();
     let (mut parts, body) = req.into_parts();
@@ -141,7 +141,7 @@ pub async fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Res
     {
         parts.headers.insert(header::HOST, host);
     }
-    prepare_request_headers(&mut parts.headers, peer, scheme);
+    prepare_request_headers(&mut parts.headers, &forwarded_for, scheme);
     parts.uri = origin_form(parts.uri);
     parts.version = Version::HTTP_11;
     let body = ex.request_body(body);

@@ -111,8 +111,14 @@ pub async fn upgrade<B>(
         return Err(failed(e, e.message()));
     }
     let settings = gate.settings();
-    let handled =
-        upgrade::handle(&settings, &gate.tasks, conn.peer, req, &mut pending.backend).await;
+    let handled = upgrade::handle(
+        &settings,
+        &gate.tasks,
+        &conn.forwarded_for,
+        req,
+        &mut pending.backend,
+    )
+    .await;
     let Some(info) = pending.settled() else {
         return Err(failed(ProxyError::BackendFailed, "upgrade already settled"));
     };

@@ -21,13 +21,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::abort::{Abort, StallWatch};
-use crate::client::{Busy, ClientConn, ClientIo};
+use crate::client::{Busy, ClientConn, ClientIo, Signals};
 use crate::error::ProxyError;
-use crate::gate::{Gate, Tasks};
+use crate::gate::Gate;
 use crate::proxy::{self, Body};
 use crate::relay::{self, Handoff, Leg};
 use crate::request_head::{self, FirstRequest};
@@ -92,14 +91,15 @@ pub async fn accept(gate: Arc<Gate>, worker: usize, listener: TcpListener) {
         crate::listener::tune_socket(socket2::SockRef::from(&stream));
         match gate.slots.try_take() {
             Some(slot) => {
-                let conn = Arc::new(ClientConn::new(
+                let conn = ClientConn::new(
                     gate.next_id(),
                     peer,
                     worker,
                     gate.drain.is_begun(),
                     slot,
                     gate.metrics.connections_active.clone(),
-                ));
+                    &gate.clients,
+                );
                 gate.tasks
                     .tracker
                     .spawn(serve_client(gate.clone(), stream, conn));
@@ -354,9 +354,8 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
     let io = ClientIo::new(stream, conn.clone(), config.http.write_timeout);
     let served = Box::pin(builder.serve_connection(TokioIo::new(io), service));
     let driving = Driving {
-        tasks: &gate.tasks,
         conn: &conn,
-        drain: drain(&gate, &conn),
+        drain: !conn.accepted_draining,
         // hyper has no idle timeout for HTTP/2: a connection with nothing open for
         // `header_read_timeout` is closed, as HTTP/1.1 keep-alive ones are.
         idle: Some(config.http.header_read_timeout),
@@ -393,21 +392,13 @@ async fn serve_http1(
     drop(settings);
     let served = Box::pin(http1.with_upgrades());
     let driving = Driving {
-        tasks: &gate.tasks,
         conn: &conn,
-        drain: drain(&gate, &conn),
+        drain: !conn.accepted_draining,
         idle: None,
         abort: Some(&conn.abort),
     };
     let result = drive(served, |c| c.graceful_shutdown(), driving).await;
     ended(result);
-}
-
-/// When a connection from before the drain closes gracefully: when it begins (an idle
-/// one at once). One accepted during the drain gets one request and
-/// `Connection: close` instead.
-fn drain<'a>(gate: &'a Gate, conn: &ClientConn) -> Option<&'a CancellationToken> {
-    (!conn.accepted_draining).then(|| gate.drain.begun())
 }
 
 fn ended(result: hyper::Result<()>) {
@@ -419,10 +410,10 @@ fn ended(result: hyper::Result<()>) {
 
 /// What ends a hyper connection besides its client.
 struct Driving<'a> {
-    tasks: &'a Tasks,
     conn: &'a ClientConn,
-    /// Cancelled when the drain begins; `None` for a connection that came during it.
-    drain: Option<&'a CancellationToken>,
+    /// The drain's signal applies: a connection from before it (one that came during
+    /// it is served one request, then closes by itself).
+    drain: bool,
     /// HTTP/2: closed once nothing was open on it for this long, and, once a graceful
     /// close began, as soon as nothing is open.
     idle: Option<Duration>,
@@ -430,12 +421,20 @@ struct Driving<'a> {
     abort: Option<&'a Abort>,
 }
 
+/// What [`drive`] does next, besides serving.
+enum Turn {
+    /// Stop taking requests, finish the open ones.
+    Graceful,
+    /// End now: the drain deadline, or the exchange's abort.
+    Now,
+}
+
 /// Serves a hyper connection until it ends. At the exit, when the drain begins, or once
 /// an HTTP/2 connection had nothing open for its idle limit, it stops taking new
 /// requests (`graceful`: GOAWAY, or `Connection: close`) and finishes the open ones,
-/// until the force signal; an HTTP/2 connection then closes as soon as nothing is open
-/// on it, whether or not its client answers the GOAWAY. An abort ends it at once: its
-/// exchange records why.
+/// until the drain deadline; an HTTP/2 connection then closes as soon as nothing is
+/// open on it, whether or not its client answers the GOAWAY. An abort ends it at once:
+/// its exchange records why.
 ///
 /// The connection comes boxed: inline, hyper's state made the client task's future
 /// 3.6 KiB, which tokio boxes itself and copies several times on every spawn.
@@ -448,28 +447,6 @@ where
     F: Future<Output = hyper::Result<()>>,
 {
     let conn = d.conn;
-    let idle_out = async {
-        match d.idle {
-            Some(limit) => conn.idle_for(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    let drain_begun = async {
-        match d.drain {
-            Some(drain) => drain.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    // An HTTP/1.1 exchange's end from outside, or its client taking nothing of its
-    // body for `http.write_timeout`.
-    let mut stall = StallWatch::default();
-    let mut aborted = std::pin::pin!(std::future::poll_fn(move |cx| match d.abort {
-        Some(abort) => {
-            stall.check(abort, cx);
-            abort.poll(cx).map(|_| ())
-        }
-        None => Poll::Pending,
-    }));
     let note = |result: hyper::Result<()>| {
         if let Err(e) = &result {
             // Before `served` drops the exchanges still on it: they read why.
@@ -477,29 +454,63 @@ where
         }
         result
     };
-    tokio::select! {
-        // `served` first: the stall watch reads what its poll handed over.
-        biased;
-        result = served.as_mut() => return note(result),
-        () = &mut aborted => return Ok(()),
-        () = d.tasks.stop.cancelled() => {}
-        () = drain_begun => {}
-        () = idle_out => tracing::debug!("closing an idle HTTP/2 connection"),
-    }
-    graceful(served.as_mut());
-    let nothing_open = async {
+    // The signals, the exchange's abort and its stall watch: a few atomic operations
+    // per wake-up.
+    let mut stall = StallWatch::default();
+    let mut told_graceful = false;
+    let mut turn = std::pin::pin!(std::future::poll_fn(move |cx| {
+        let signals = conn.signals.poll(cx);
+        if signals & Signals::FORCE != 0 {
+            return Poll::Ready(Turn::Now);
+        }
+        if let Some(abort) = d.abort {
+            stall.check(abort, cx);
+            if abort.poll(cx).is_ready() {
+                return Poll::Ready(Turn::Now);
+            }
+        }
+        let drained = d.drain && signals & Signals::DRAIN != 0;
+        if !told_graceful && (drained || signals & Signals::STOP != 0) {
+            told_graceful = true;
+            return Poll::Ready(Turn::Graceful);
+        }
+        Poll::Pending
+    }));
+    let mut idle_out = std::pin::pin!(async {
+        match d.idle {
+            Some(limit) => conn.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut nothing_open = std::pin::pin!(async {
         match d.idle {
             Some(_) => conn.until_idle().await,
             None => std::future::pending().await,
         }
-    };
-    tokio::select! {
-        // First: the poll that sends the GOAWAY.
-        biased;
-        result = served => note(result),
-        () = d.tasks.force.cancelled() => Ok(()),
-        () = aborted => Ok(()),
-        () = nothing_open => Ok(()),
+    });
+    let mut graceful = Some(graceful);
+    loop {
+        tokio::select! {
+            // `served` first: the stall watch reads what its poll handed over, and
+            // after a graceful close its poll sends the GOAWAY.
+            biased;
+            result = served.as_mut() => return note(result),
+            next = &mut turn => match next {
+                Turn::Now => return Ok(()),
+                Turn::Graceful => {
+                    if let Some(graceful) = graceful.take() {
+                        graceful(served.as_mut());
+                    }
+                }
+            },
+            () = &mut idle_out, if graceful.is_some() => {
+                tracing::debug!("closing an idle HTTP/2 connection");
+                if let Some(graceful) = graceful.take() {
+                    graceful(served.as_mut());
+                }
+            }
+            () = &mut nothing_open, if graceful.is_none() => return Ok(()),
+        }
     }
 }
 

@@ -8,8 +8,6 @@
 //! down or refuses the upgrade (401, 403, 404...) produces a real HTTP response the
 //! browser can show, not a WebSocket that opens and dies.
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
@@ -149,7 +147,8 @@ fn is_valid_key(key: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
-/// Carries out a WebSocket upgrade request from `client`: checks it, connects the
+/// Carries out a WebSocket upgrade request from the client whose address is `client`
+/// (as `X-Forwarded-For` carries it): checks it, connects the
 /// backend and repeats the handshake there. The client's stream is the caller's: hyper
 /// hands it over after the response, or the caller has it already (see
 /// [`crate::request_head`]). The backend's connection is kept in `backend` while the
@@ -158,7 +157,7 @@ fn is_valid_key(key: &[u8]) -> bool {
 pub async fn handle<B>(
     settings: &Settings,
     tasks: &Tasks,
-    client: SocketAddr,
+    client: &HeaderValue,
     mut req: Request<B>,
     backend: &mut Option<Stream>,
 ) -> Result<Upgrade, Failed> {
@@ -332,7 +331,7 @@ async fn refused(
 /// `key`.
 fn backend_request<B>(
     req: &Request<B>,
-    peer: SocketAddr,
+    peer: &HeaderValue,
     client: Scheme,
     key: &HeaderValue,
 ) -> Vec<u8> {
@@ -459,7 +458,8 @@ mod tests {
             .header("sec-websocket-protocol", "chat")
             .body(())
             .unwrap();
-        let peer: SocketAddr = "10.0.0.9:4000".parse().unwrap();
+        let peer = headers::address_value("10.0.0.9".parse().unwrap());
+        let peer = &peer;
         let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
         let got = lines(&backend_request(&req, peer, Scheme::Https, &key));
         assert_eq!(
@@ -488,7 +488,8 @@ mod tests {
             .header("x-forwarded-host", "public.example")
             .body(())
             .unwrap();
-        let peer: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        let peer = headers::address_value("2001:db8::1".parse().unwrap());
+        let peer = &peer;
         let key = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA==");
         let got = lines(&backend_request(&req, peer, Scheme::Http, &key));
         assert_eq!(
