@@ -1,13 +1,19 @@
 //! The end, from outside, of the task an HTTP exchange runs in — the task of its
-//! HTTP/1.1 connection, or of its HTTP/2 stream — and the watch on whether its client
-//! keeps taking the response.
+//! HTTP/1.1 connection, or of its HTTP/2 stream — and the task's deadlines: whether its
+//! client keeps taking the response, and when the backend's response head is due.
 //!
 //! hyper polls a response body only when it can send what the body gives, so a body
 //! cannot notice by itself that its client stopped reading, nor end itself while it is
 //! not polled. The task's own future (in `crate::server`) polls its [`Abort`] and a
-//! [`StallWatch`] beside hyper's future and, once asked, drops what it serves: the
-//! HTTP/1.1 connection closes, the HTTP/2 stream is reset (RST_STREAM CANCEL). The
-//! exchange reads [`Abort::cause`] when it is dropped.
+//! [`Watch`] beside hyper's future and, once asked, drops what it serves: the HTTP/1.1
+//! connection closes, the HTTP/2 stream is reset (RST_STREAM CANCEL). The exchange
+//! reads [`Abort::cause`] when it is dropped.
+//!
+//! The deadlines are watched lazily, with one timer per task that is moved only when a
+//! deadline comes earlier than the one it is set to: a keep-alive connection's
+//! requests each have a response deadline a minute ahead, and resetting a timer for
+//! each cost more than the rest of the exchange's bookkeeping; instead the timer fires
+//! at the first deadline, finds the current one later, and is set once more.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +45,9 @@ pub struct Abort {
     /// How long a handed-over part may wait (`http.write_timeout`), in microseconds;
     /// `NONE`: no limit.
     limit_us: AtomicU64,
+    /// When the backend's response head is due (`http.response_timeout`), in
+    /// microseconds after `created`; `NONE`: none is awaited.
+    head_due_us: AtomicU64,
 }
 
 impl Default for Abort {
@@ -49,6 +58,7 @@ impl Default for Abort {
             created: Instant::now(),
             handed_over_us: AtomicU64::new(NONE),
             limit_us: AtomicU64::new(NONE),
+            head_due_us: AtomicU64::new(NONE),
         }
     }
 }
@@ -83,18 +93,13 @@ impl Abort {
     /// The body handed hyper a part at `at` (`Some`), or hyper asked for the next one
     /// (`None`).
     pub fn handed_over(&self, at: Option<Instant>) {
-        let us = at.map_or(NONE, |at| {
-            (at.saturating_duration_since(self.created).as_micros() as u64).min(NONE - 1)
-        });
-        self.handed_over_us.store(us, Ordering::Relaxed);
+        self.handed_over_us
+            .store(self.micros(at), Ordering::Relaxed);
     }
 
     /// Since when a part handed over has waited for the client, if one does.
     pub fn waiting_since(&self) -> Option<Instant> {
-        match self.handed_over_us.load(Ordering::Relaxed) {
-            NONE => None,
-            us => Some(self.created + Duration::from_micros(us)),
-        }
+        self.instant(self.handed_over_us.load(Ordering::Relaxed))
     }
 
     /// How long a handed-over part may wait before the exchange ends as
@@ -109,6 +114,32 @@ impl Abort {
             NONE => None,
             us => Some(Duration::from_micros(us)),
         }
+    }
+
+    /// The response head is due at `at` (`Some`), or no longer awaited (`None`): the
+    /// task is woken by then, and the exchange, polled, answers 504 itself.
+    pub fn set_head_due(&self, at: Option<Instant>) {
+        self.head_due_us.store(self.micros(at), Ordering::Relaxed);
+    }
+
+    fn micros(&self, at: Option<Instant>) -> u64 {
+        at.map_or(NONE, |at| {
+            (at.saturating_duration_since(self.created).as_micros() as u64).min(NONE - 1)
+        })
+    }
+
+    fn instant(&self, us: u64) -> Option<Instant> {
+        (us != NONE).then(|| self.created + Duration::from_micros(us))
+    }
+
+    /// When a part handed over will have waited too long, if one waits.
+    fn stall_due(&self) -> Option<Instant> {
+        Some(self.waiting_since()? + self.limit()?)
+    }
+
+    /// When the response head is due, if one is awaited.
+    fn head_due(&self) -> Option<Instant> {
+        self.instant(self.head_due_us.load(Ordering::Relaxed))
     }
 
     /// Runs `f` (the first poll of an HTTP/2 stream's task) with `abort` as the one the
@@ -134,30 +165,59 @@ thread_local! {
     static CURRENT: std::cell::RefCell<Option<Arc<Abort>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The timer a task keeps for its [`Abort`]'s stall watch: armed while a handed-over
-/// part waits, it asks for the end (`client_stalled`) once the part waited the limit.
-/// Made only once a part had to wait.
+/// The one timer a task keeps for its deadlines ([`Abort`]'s, and its own): set to the
+/// earliest, moved only when a deadline comes earlier than the one it is set to, and
+/// made only once a deadline exists.
 #[derive(Debug, Default)]
-pub struct StallWatch {
+pub struct Watch {
     timer: Option<Pin<Box<Sleep>>>,
+    /// Where the timer is set, while it has not fired.
+    armed: Option<Instant>,
 }
 
-impl StallWatch {
-    /// Checks `abort`'s watch after the task's future was polled; registers `cx` for
-    /// the deadline.
-    pub fn check(&mut self, abort: &Abort, cx: &mut Context<'_>) {
-        let (Some(since), Some(limit)) = (abort.waiting_since(), abort.limit()) else {
-            return;
+impl Watch {
+    /// Checks `abort`'s deadlines and `other` (the task's own: an idle connection's)
+    /// after the task's future was polled, and registers `cx` for the earliest. A
+    /// part the client did not take in time asks the task to stop
+    /// (`client_stalled`); a response head overdue wakes the task, whose exchange then
+    /// answers 504. Returns true when `other` has passed.
+    pub fn check(&mut self, abort: &Abort, other: Option<Instant>, cx: &mut Context<'_>) -> bool {
+        let stall = abort.stall_due();
+        let head = abort.head_due();
+        let Some(need) = [stall, head, other].into_iter().flatten().min() else {
+            return false;
         };
-        let deadline = tokio::time::Instant::from_std(since + limit);
+        // tokio's clock: the same as the system's, except in tests with paused time.
+        let now = tokio::time::Instant::now().into_std();
+        if now < need {
+            self.arm(need, cx);
+            return false;
+        }
+        if stall.is_some_and(|at| now >= at) {
+            abort.request(Outcome::ClientStalled);
+        }
+        if head.is_some_and(|at| now >= at) || abort.cause().is_some() {
+            // The task's future runs again at once: the exchange answers, or ends.
+            cx.waker().wake_by_ref();
+        }
+        other.is_some_and(|at| now >= at)
+    }
+
+    /// Keeps the timer set no later than `need`, and registered with `cx`.
+    fn arm(&mut self, need: Instant, cx: &mut Context<'_>) {
+        let deadline = tokio::time::Instant::from_std(need);
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
+        if self.armed.is_none_or(|armed| need < armed) {
             timer.as_mut().reset(deadline);
+            self.armed = Some(need);
         }
         if timer.as_mut().poll(cx).is_ready() {
-            abort.request(Outcome::ClientStalled);
+            // Fired for a deadline that has moved later since: set it anew.
+            timer.as_mut().reset(deadline);
+            self.armed = Some(need);
+            let _ = timer.as_mut().poll(cx);
         }
     }
 }
@@ -195,9 +255,9 @@ mod tests {
     }
 
     /// One check of the watch, as the task does after each poll.
-    async fn check(watch: &mut StallWatch, abort: &Abort) {
+    async fn check(watch: &mut Watch, abort: &Abort) {
         std::future::poll_fn(|cx| {
-            watch.check(abort, cx);
+            watch.check(abort, None, cx);
             Poll::Ready(())
         })
         .await
@@ -207,7 +267,7 @@ mod tests {
     async fn a_part_the_client_does_not_take_within_the_limit_ends_the_task() {
         let abort = Abort::default();
         abort.set_limit(Some(Duration::from_secs(30)));
-        let mut watch = StallWatch::default();
+        let mut watch = Watch::default();
         // Nothing waits: no timer.
         check(&mut watch, &abort).await;
         assert!(watch.timer.is_none());
@@ -228,5 +288,50 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         check(&mut watch, &abort).await;
         assert_eq!(abort.cause(), Some(Outcome::ClientStalled));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_is_moved_only_for_an_earlier_deadline() {
+        let abort = Abort::default();
+        let mut watch = Watch::default();
+        let now = || tokio::time::Instant::now().into_std();
+        let t0 = now();
+        abort.set_head_due(Some(t0 + Duration::from_secs(60)));
+        check(&mut watch, &abort).await;
+        let first = abort.head_due();
+        assert_eq!(watch.armed, first);
+        // Later requests have later deadlines: the timer stays where it is.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        abort.set_head_due(Some(now() + Duration::from_secs(60)));
+        check(&mut watch, &abort).await;
+        assert_eq!(watch.armed, first);
+        // An earlier one moves it.
+        abort.set_head_due(Some(now() + Duration::from_secs(5)));
+        check(&mut watch, &abort).await;
+        assert_eq!(watch.armed, abort.head_due());
+        assert!(watch.armed < first);
+        // Past the deadline the check wakes the task (the exchange answers 504); the
+        // task is not asked to stop.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let woken = std::future::poll_fn(|cx| {
+            let waker = std::sync::Arc::new(Flag::default());
+            let waker_ref = std::task::Waker::from(waker.clone());
+            let mut cx2 = Context::from_waker(&waker_ref);
+            watch.check(&abort, None, &mut cx2);
+            let _ = cx;
+            Poll::Ready(waker.0.load(Ordering::SeqCst))
+        })
+        .await;
+        assert!(woken);
+        assert_eq!(abort.cause(), None);
+    }
+
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
     }
 }

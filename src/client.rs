@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,10 +42,17 @@ pub struct ClientConn {
     /// Exchanges open on it ([`Busy`] guards): requests whose response has not ended,
     /// WebSockets relayed.
     busy: AtomicUsize,
-    /// When `busy` last dropped to 0 (or the connection was accepted).
-    idle_since: Mutex<Instant>,
-    /// Woken when `busy` drops to 0.
+    /// When it was accepted: `idle_since_us` counts from it.
+    created: Instant,
+    /// When `busy` last dropped to 0 (or the connection was accepted), in microseconds
+    /// after `created`.
+    idle_since_us: AtomicU64,
+    /// Woken when `busy` drops to 0, for an HTTP/2 connection (its streams end in other
+    /// tasks); an HTTP/1.1 connection's exchanges end in its own task, which looks
+    /// itself.
     became_idle: tokio::sync::Notify,
+    /// Someone waits on `became_idle`.
+    idle_watched: AtomicBool,
     /// Why the connection ended, when it was not simply the client leaving
     /// (`Outcome::idx() + 1`; 0: nothing known): the exchanges it cut short read it.
     cause: AtomicU8,
@@ -79,8 +86,10 @@ impl ClientConn {
             _slot: slot,
             active,
             busy: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            created: Instant::now(),
+            idle_since_us: AtomicU64::new(0),
             became_idle: tokio::sync::Notify::new(),
+            idle_watched: AtomicBool::new(false),
             cause: AtomicU8::new(0),
             abort: Arc::default(),
             signals: Signals::default(),
@@ -90,11 +99,27 @@ impl ClientConn {
         conn
     }
 
+    /// Since when nothing has been open on it.
+    fn idle_since(&self) -> Instant {
+        self.created + Duration::from_micros(self.idle_since_us.load(Ordering::SeqCst))
+    }
+
+    /// Marks it idle from now (a connection whose serving starts now).
+    pub fn idle_from_now(&self) {
+        let us = self.created.elapsed().as_micros() as u64;
+        self.idle_since_us.store(us, Ordering::SeqCst);
+    }
+
+    /// When it will have been idle for `limit`, if nothing is open on it.
+    pub fn idle_due(&self, limit: Duration) -> Option<Instant> {
+        self.is_idle().then(|| self.idle_since() + limit)
+    }
+
     /// Completes once the connection has had nothing open for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
             self.until_idle().await;
-            let since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+            let since = self.idle_since();
             if since.elapsed() >= limit && self.is_idle() {
                 return;
             }
@@ -102,8 +127,10 @@ impl ClientConn {
         }
     }
 
-    /// Completes once nothing is open on the connection.
+    /// Completes once nothing is open on the connection. For an HTTP/2 connection,
+    /// whose exchanges end in their streams' tasks.
     pub async fn until_idle(&self) {
+        self.idle_watched.store(true, Ordering::SeqCst);
         loop {
             let notified = self.became_idle.notified();
             tokio::pin!(notified);
@@ -282,8 +309,10 @@ impl std::ops::Deref for Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         if self.0.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            self.0.became_idle.notify_waiters();
+            self.0.idle_from_now();
+            if self.0.idle_watched.load(Ordering::SeqCst) {
+                self.0.became_idle.notify_waiters();
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, Version};
 use tokio::time::Sleep;
 
@@ -42,7 +43,7 @@ use crate::config::HttpLog;
 use crate::error::ProxyError;
 use crate::gate::Gate;
 use crate::headers;
-use crate::live::{HttpTimers, LiveDetail, LiveHttp, Registration};
+use crate::live::{LiveDetail, LiveHttp, Registration};
 use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
 use crate::report::{self, Written};
 use crate::side::Side;
@@ -59,15 +60,17 @@ pub struct Exchange {
     id: u64,
     started: Instant,
     method: Method,
-    /// The request target's path (no query), kept as the request's own bytes.
-    path: hyper::Uri,
+    /// The request target (its path goes into the record), kept as the request's own
+    /// bytes.
+    target: Option<PathAndQuery>,
     head: Option<Head>,
     /// The backend connection, while the exchange uses it.
     lease: Option<Lease>,
     /// The request body's progress, if it has a body.
     request: Option<Arc<Progress>>,
-    /// In the live table, once a stream.
-    registration: Option<Registration>,
+    /// In the live table, once a stream (boxed: most exchanges never are, and the
+    /// exchange is moved with every response).
+    registration: Option<Box<Registration>>,
     /// Body bytes passed to the client.
     sent: u64,
     heartbeats: u64,
@@ -85,9 +88,9 @@ struct Head {
 impl Exchange {
     /// A request has arrived on `busy`'s connection.
     pub fn begin<B>(gate: Arc<Gate>, busy: Busy, req: &Request<B>) -> Exchange {
-        // An HTTP/2 stream's task hands its abort over on its first poll, which is
-        // this; an HTTP/1.1 exchange is ended with its connection.
-        let abort = Abort::take_current().unwrap_or_else(|| busy.abort.clone());
+        // An HTTP/1.1 exchange is ended with its connection; an HTTP/2 exchange takes
+        // its stream task's abort when that task first polls it (see `send`).
+        let abort = busy.abort.clone();
         Exchange {
             id: gate.next_id(),
             gate,
@@ -95,7 +98,7 @@ impl Exchange {
             abort,
             started: Instant::now(),
             method: req.method().clone(),
-            path: req.uri().clone(),
+            target: req.uri().path_and_query().cloned(),
             head: None,
             lease: None,
             request: None,
@@ -114,13 +117,45 @@ impl Exchange {
     }
 
     /// Sends `req` to the backend and waits for the response head, at most until
-    /// `deadline`. A request a reused connection turned out unable to take (the backend
-    /// closed it meanwhile) goes once more, on a new connection.
+    /// `deadline`; the exchange comes back with the answer. A request a reused
+    /// connection turned out unable to take (the backend closed it meanwhile) goes once
+    /// more, on a new connection.
     pub async fn send(
+        mut self,
+        req: Request<RequestBody>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> (Exchange, Result<Response<Incoming>, ProxyError>) {
+        // The first poll: on an HTTP/2 stream, inside its task's first poll, which
+        // hands the task's abort over (hyper makes a stream's request future in the
+        // connection's task, before it spawns the stream's).
+        if let Some(abort) = Abort::take_current() {
+            self.abort = abort;
+        }
+        let answer = self.request(req, deadline).await;
+        (self, answer)
+    }
+
+    async fn request(
         &mut self,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        // The task's watch wakes it by the deadline (see `crate::abort`); each poll
+        // below checks it. No timer of the exchange's own.
+        let due = deadline.map(tokio::time::Instant::into_std);
+        self.abort.set_head_due(due);
+        let answer = self.request_until(req, due).await;
+        self.abort.set_head_due(None);
+        answer
+    }
+
+    /// [`Exchange::request`], with the head due at `due`.
+    async fn request_until(
+        &mut self,
+        mut req: Request<RequestBody>,
+        due: Option<Instant>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let overdue = || due.is_some_and(|at| Instant::now() >= at);
         let worker = self.busy.worker;
         loop {
             let pooled = std::future::poll_fn(|cx| {
@@ -131,29 +166,30 @@ impl Exchange {
                 Some(lease) => lease,
                 None => {
                     let settings = self.gate.settings_full();
-                    let fresh = settings.backend.fresh();
-                    match deadline {
-                        Some(at) => tokio::time::timeout_at(at, fresh)
-                            .await
-                            .map_err(|_| ProxyError::BackendTimeout)??,
-                        None => fresh.await?,
-                    }
+                    // Boxed: a connect's future is large, and most requests reuse a
+                    // connection; inline it would make every request's future larger.
+                    let mut fresh = Box::pin(settings.backend.fresh());
+                    std::future::poll_fn(|cx| match fresh.as_mut().poll(cx) {
+                        Poll::Ready(lease) => Poll::Ready(lease),
+                        Poll::Pending if overdue() => Poll::Ready(Err(ProxyError::BackendTimeout)),
+                        Poll::Pending => Poll::Pending,
+                    })
+                    .await?
                 }
             };
             let lease = self.lease.insert(lease);
             let mut sent = pin!(lease.sender.try_send_request(req));
-            let head = std::future::poll_fn(|cx| {
+            let answer = std::future::poll_fn(|cx| {
                 // The connection writes the request and reads the answer as it is
                 // driven here, in the exchange's task.
                 let _ = lease.drive(cx);
-                sent.as_mut().poll(cx)
-            });
-            let answer = match deadline {
-                Some(at) => tokio::time::timeout_at(at, head)
-                    .await
-                    .map_err(|_| ProxyError::BackendTimeout)?,
-                None => head.await,
-            };
+                match sent.as_mut().poll(cx) {
+                    Poll::Ready(answer) => Poll::Ready(Ok(answer)),
+                    Poll::Pending if overdue() => Poll::Ready(Err(ProxyError::BackendTimeout)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
             match answer {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => {
@@ -229,6 +265,7 @@ impl Exchange {
         .then(sse::Scanner::new);
         let timers = self.gate.settings().http_timers;
         self.abort.set_limit(timers.write_timeout);
+        let stream_after = timers.stream_after;
         if event_stream {
             self.register();
         }
@@ -237,7 +274,7 @@ impl Exchange {
             ex: self,
             inner: body,
             scanner,
-            timers,
+            stream_after,
             draining: false,
             end_now: false,
             timer: None,
@@ -280,7 +317,7 @@ impl Exchange {
                 bytes: self.sent,
             },
         );
-        self.registration = Some(registration);
+        self.registration = Some(Box::new(registration));
     }
 
     fn info(&self) -> ExchangeInfo {
@@ -289,7 +326,7 @@ impl Exchange {
             connection: self.busy.id,
             client: self.busy.peer,
             worker: self.busy.worker,
-            path: self.path.path().into(),
+            path: self.target.as_ref().map_or("/", PathAndQuery::path).into(),
         }
     }
 
@@ -380,7 +417,7 @@ impl Exchange {
         report::exchange_ended(
             &self.gate.metrics,
             &self.gate.live,
-            self.registration.take(),
+            self.registration.take().map(|r| *r),
             &record,
             Written { listed, logged },
         );
@@ -421,7 +458,8 @@ pub struct ForwardedBody {
     inner: Incoming,
     /// An event stream's boundaries, where wsgate may write into it.
     scanner: Option<sse::Scanner>,
-    timers: HttpTimers,
+    /// `http.stream_after`, as of the head (read at each part until it is a stream).
+    stream_after: Duration,
     /// The drain asked this event stream to end at its next boundary.
     draining: bool,
     /// The part just handed over ended at the boundary the drain waited for.
@@ -484,7 +522,7 @@ impl ForwardedBody {
     /// When a body still open makes the exchange a stream.
     fn stream_at(&self) -> Instant {
         let head = self.ex.head.as_ref().map_or(self.ex.started, |h| h.at);
-        head + self.timers.stream_after
+        head + self.stream_after
     }
 
     /// hyper asks for more: what was handed over is taken; and what the drain or a
@@ -511,8 +549,9 @@ impl ForwardedBody {
         }
         if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
             if requests.reconfigure() {
-                self.timers = self.ex.gate.settings().http_timers;
-                self.ex.abort.set_limit(self.timers.write_timeout);
+                let timers = self.ex.gate.settings().http_timers;
+                self.ex.abort.set_limit(timers.write_timeout);
+                self.stream_after = timers.stream_after;
                 // A deadline may have moved later: start the timer afresh.
                 self.timer = None;
             }
@@ -528,6 +567,7 @@ impl ForwardedBody {
     /// The body waits for the backend: the timers' turn. Ready with what a timer
     /// decided, or pending until the next deadline.
     fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
+        let timers = self.ex.gate.settings().http_timers;
         loop {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
@@ -540,7 +580,7 @@ impl ForwardedBody {
                     soonest(at);
                 }
             }
-            if let Some(idle) = self.timers.stream_idle_timeout {
+            if let Some(idle) = timers.stream_idle_timeout {
                 let last_request = self.ex.request.as_ref().and_then(|p| p.last());
                 let last = last_request.map_or(self.last_data, |r| r.max(self.last_data));
                 if now >= last + idle {
@@ -551,7 +591,7 @@ impl ForwardedBody {
                 }
                 soonest(last + idle);
             }
-            if let (Some(beat), Some(scanner)) = (self.timers.sse_heartbeat, &mut self.scanner)
+            if let (Some(beat), Some(scanner)) = (timers.sse_heartbeat, &mut self.scanner)
                 && !self.draining
             {
                 let at = self.last_sent + beat;

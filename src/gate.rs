@@ -246,7 +246,11 @@ impl Settings {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(config.http.header_read_timeout)
+            // hyper's head timer is a timer made and dropped per request; the
+            // connection's task closes one idle for `header_read_timeout` instead (a
+            // keep-alive connection left idle, a head that does not come whole), with
+            // one timer moved only as needed (see `crate::abort::Watch`).
+            .header_read_timeout(None)
             .max_buf_size(config.http.max_header_size.max(8192))
             // Responses carry the backend's own Date, or none: wsgate adds nothing.
             .auto_date_header(false);

@@ -2,6 +2,7 @@
 //! as one [`Exchange`], and the response streams back. Also the body type of every
 //! response wsgate returns, and the responses it makes itself for a [`ProxyError`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -119,10 +120,10 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Body::Full(Some(bytes.into()))
 }
 
-/// Forwards a plain HTTP request from `busy`'s connection as one exchange, and returns
-/// the response: the backend's, streaming, or wsgate's own when the backend cannot
-/// answer.
-pub async fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Response<Body> {
+/// Forwards a plain HTTP request from `busy`'s connection as one exchange: the request
+/// is prepared here, at once, and the future returned waits for the response — the
+/// backend's, streaming, or wsgate's own when the backend cannot answer.
+pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwarding {
     let (scheme, limit) = {
         let settings = gate.settings();
         let config = &settings.config;
@@ -146,14 +147,38 @@ pub async fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Res
     parts.version = Version::HTTP_11;
     let body = ex.request_body(body);
     let deadline = exchange::deadline(limit);
-    match ex.send(Request::from_parts(parts, body), deadline).await {
-        Ok(resp) => ex
-            .respond(resp, client_version)
-            .map(|body| body.map_or_else(Body::empty, Body::Forwarded)),
-        Err(e) => {
-            ex.refuse(e);
-            error_response(e, e.message())
-        }
+    Forwarding {
+        sending: Box::pin(ex.send(Request::from_parts(parts, body), deadline)),
+        client_version,
+    }
+}
+
+/// A forwarded request waiting for its response head. The wait is boxed: it is most of
+/// the request's state, and hyper moves a request's future a few times; one allocation
+/// costs less than copying it each time (this future is a pointer and a byte).
+pub struct Forwarding {
+    sending: Pin<Box<dyn Future<Output = Sent> + Send>>,
+    client_version: Version,
+}
+
+/// An exchange whose request went out, and the backend's answer.
+type Sent = (Exchange, Result<Response<Incoming>, ProxyError>);
+
+impl Future for Forwarding {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let this = self.get_mut();
+        let (ex, answer) = std::task::ready!(this.sending.as_mut().poll(cx));
+        Poll::Ready(match answer {
+            Ok(resp) => ex
+                .respond(resp, this.client_version)
+                .map(|body| body.map_or_else(Body::empty, Body::Forwarded)),
+            Err(e) => {
+                ex.refuse(e);
+                error_response(e, e.message())
+            }
+        })
     }
 }
 

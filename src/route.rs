@@ -5,7 +5,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use hyper::body::Incoming;
@@ -34,31 +36,58 @@ pub fn service(
     Request<Incoming>,
     Response = Response<Body>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+    Future = Routed,
 > + Clone
 + Send
 + 'static {
-    let first = Arc::new(Mutex::new(first));
+    let first = Arc::new(Mutex::new(first.map(Box::new)));
     service_fn(move |req| {
-        let gate = gate.clone();
         // From here until its response ends, the exchange keeps its connection busy.
         let busy = Busy::new(conn.clone());
-        let answer = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        async move {
-            Ok::<_, Infallible>(match answer {
-                Some(answer) => answer,
-                None => route(gate, busy, req).await,
-            })
+        match first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(answer) => Routed::Answer(Some(answer)),
+            None => route(gate.clone(), busy, req),
         }
     })
 }
 
+/// What a request became: an answer decided already, a forwarded exchange, or a
+/// WebSocket upgrade. Small (the larger states are boxed): hyper moves it a few times.
+pub enum Routed {
+    Answer(Option<Box<Response<Body>>>),
+    Forward(proxy::Forwarding),
+    Upgrade(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Future for Routed {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match self.get_mut() {
+            Routed::Answer(answer) => match answer.take() {
+                Some(answer) => *answer,
+                // Polled again after its answer: a bug of the caller's; answer anyway.
+                None => proxy::error_response(ProxyError::BackendFailed, "answered already"),
+            },
+            Routed::Forward(forwarding) => std::task::ready!(Pin::new(forwarding).poll(cx)),
+            Routed::Upgrade(upgrading) => std::task::ready!(upgrading.as_mut().poll(cx)),
+        };
+        Poll::Ready(Ok(response))
+    }
+}
+
 /// A request hyper read: a WebSocket upgrade (its relay spawned once hyper hands the
 /// client's stream over), or plain HTTP forwarded to the backend.
-async fn route(gate: Arc<Gate>, busy: Busy, mut req: Request<Incoming>) -> Response<Body> {
-    if !upgrade::is_websocket_upgrade(&req) {
-        return proxy::forward(gate, busy, req).await;
+fn route(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Routed {
+    if upgrade::is_websocket_upgrade(&req) {
+        Routed::Upgrade(Box::pin(route_upgrade(gate, busy, req)))
+    } else {
+        Routed::Forward(proxy::forward(gate, busy, req))
     }
+}
+
+/// A WebSocket upgrade hyper read.
+async fn route_upgrade(gate: Arc<Gate>, busy: Busy, mut req: Request<Incoming>) -> Response<Body> {
     let client = hyper::upgrade::on(&mut req);
     let over_h2 = upgrade::is_extended_connect(&req);
     let mut pending = PendingUpgrade::new(&gate, &busy, &req);

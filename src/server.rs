@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
-use crate::abort::{Abort, StallWatch};
+use crate::abort::{Abort, Watch};
 use crate::client::{Busy, ClientConn, ClientIo, Signals};
 use crate::error::ProxyError;
 use crate::gate::Gate;
@@ -285,7 +285,7 @@ where
         self.0.spawn(StreamTask {
             inner: Some(Box::pin(fut)),
             abort: Arc::default(),
-            stall: StallWatch::default(),
+            watch: Watch::default(),
             polled: false,
         });
     }
@@ -298,7 +298,8 @@ where
 struct StreamTask<F> {
     inner: Option<Pin<Box<F>>>,
     abort: Arc<Abort>,
-    stall: StallWatch,
+    /// The stream's deadlines: its client taking the body, the backend's head.
+    watch: Watch,
     /// Polled before: the exchange has taken the abort already.
     polled: bool,
 }
@@ -327,11 +328,7 @@ impl<F: Future> Future for StreamTask<F> {
                 Poll::Ready(())
             }
             Poll::Pending => {
-                this.stall.check(&this.abort, cx);
-                if this.abort.cause().is_some() {
-                    // Asked to stop during this poll: the waker fired already.
-                    cx.waker().wake_by_ref();
-                }
+                this.watch.check(&this.abort, None, cx);
                 Poll::Pending
             }
         }
@@ -361,6 +358,7 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
         idle: Some(config.http.header_read_timeout),
         // Each stream has its own (see `StreamTask`).
         abort: None,
+        head_limit: None,
     };
     drop(settings);
     let result = drive(served, |c| c.graceful_shutdown(), driving).await;
@@ -376,6 +374,7 @@ async fn serve_http1(
     first: Option<Response<Body>>,
 ) {
     let settings = gate.settings();
+    let settings_head_limit = settings.config.http.header_read_timeout;
     let service = route::service(gate.clone(), conn.clone(), first);
     let io = TokioIo::new(ClientIo::new(
         stream,
@@ -396,6 +395,7 @@ async fn serve_http1(
         drain: !conn.accepted_draining,
         idle: None,
         abort: Some(&conn.abort),
+        head_limit: Some(settings_head_limit),
     };
     let result = drive(served, |c| c.graceful_shutdown(), driving).await;
     ended(result);
@@ -419,6 +419,10 @@ struct Driving<'a> {
     idle: Option<Duration>,
     /// HTTP/1.1: the connection's own abort (an HTTP/2 stream's is its task's).
     abort: Option<&'a Abort>,
+    /// HTTP/1.1: closed once nothing was open on it for this long
+    /// (`http.header_read_timeout`): a keep-alive connection left idle, or a request
+    /// head that does not come whole in time.
+    head_limit: Option<Duration>,
 }
 
 /// What [`drive`] does next, besides serving.
@@ -454,17 +458,22 @@ where
         }
         result
     };
-    // The signals, the exchange's abort and its stall watch: a few atomic operations
-    // per wake-up.
-    let mut stall = StallWatch::default();
+    // The signals, the exchange's abort and the task's deadlines: a few atomic
+    // operations per wake-up.
+    let mut watch = Watch::default();
     let mut told_graceful = false;
+    conn.idle_from_now();
     let mut turn = std::pin::pin!(std::future::poll_fn(move |cx| {
         let signals = conn.signals.poll(cx);
         if signals & Signals::FORCE != 0 {
             return Poll::Ready(Turn::Now);
         }
         if let Some(abort) = d.abort {
-            stall.check(abort, cx);
+            let idle = d.head_limit.and_then(|limit| conn.idle_due(limit));
+            if watch.check(abort, idle, cx) {
+                tracing::debug!("closing an HTTP/1.1 connection idle past header_read_timeout");
+                return Poll::Ready(Turn::Now);
+            }
             if abort.poll(cx).is_ready() {
                 return Poll::Ready(Turn::Now);
             }
@@ -555,11 +564,19 @@ async fn reject_client(gate: Arc<Gate>, stream: TcpStream, _permit: OwnedSemapho
         }
         async move { Ok::<_, Infallible>(proxy::error_response(full, full.message())) }
     });
-    let mut builder = gate.settings().http1.clone();
+    let (mut builder, limit) = {
+        let settings = gate.settings();
+        (
+            settings.http1.clone(),
+            settings.config.http.header_read_timeout,
+        )
+    };
     builder.keep_alive(false);
     let served = builder.serve_connection(TokioIo::new(stream), service);
+    // One request, read within `header_read_timeout` (hyper's own head timer is off:
+    // see `Settings::http1`), and its short answer.
     tokio::select! {
-        _ = served => {}
+        _ = tokio::time::timeout(limit, served) => {}
         () = gate.tasks.force.cancelled() => {}
     }
 }
