@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ pub struct Abort {
     /// When the backend's response head is due (`http.response_timeout`), in
     /// microseconds after `created`; `NONE`: none is awaited.
     head_due_us: AtomicU64,
+    /// The task's watch found the head overdue: the exchange checks this flag, not the
+    /// clock, each time it is polled.
+    head_overdue: AtomicBool,
 }
 
 impl Default for Abort {
@@ -59,6 +62,7 @@ impl Default for Abort {
             handed_over_us: AtomicU64::new(NONE),
             limit_us: AtomicU64::new(NONE),
             head_due_us: AtomicU64::new(NONE),
+            head_overdue: AtomicBool::new(false),
         }
     }
 }
@@ -119,7 +123,13 @@ impl Abort {
     /// The response head is due at `at` (`Some`), or no longer awaited (`None`): the
     /// task is woken by then, and the exchange, polled, answers 504 itself.
     pub fn set_head_due(&self, at: Option<Instant>) {
+        self.head_overdue.store(false, Ordering::Release);
         self.head_due_us.store(self.micros(at), Ordering::Relaxed);
+    }
+
+    /// The response head is overdue (the task's watch found so).
+    pub fn head_overdue(&self) -> bool {
+        self.head_overdue.load(Ordering::Acquire)
     }
 
     fn micros(&self, at: Option<Instant>) -> u64 {
@@ -179,45 +189,55 @@ impl Watch {
     /// Checks `abort`'s deadlines and `other` (the task's own: an idle connection's)
     /// after the task's future was polled, and registers `cx` for the earliest. A
     /// part the client did not take in time asks the task to stop
-    /// (`client_stalled`); a response head overdue wakes the task, whose exchange then
-    /// answers 504. Returns true when `other` has passed.
+    /// (`client_stalled`); a response head overdue is marked and wakes the task, whose
+    /// exchange then answers 504. Returns true when `other` has passed.
+    ///
+    /// Most calls cost a few atomic loads: while the timer is set no later than the
+    /// earliest deadline and has not fired, the clock is not even read.
     pub fn check(&mut self, abort: &Abort, other: Option<Instant>, cx: &mut Context<'_>) -> bool {
         let stall = abort.stall_due();
         let head = abort.head_due();
         let Some(need) = [stall, head, other].into_iter().flatten().min() else {
             return false;
         };
+        if let (Some(armed), Some(timer)) = (self.armed, &self.timer)
+            && armed <= need
+            && !timer.is_elapsed()
+        {
+            return false;
+        }
         // tokio's clock: the same as the system's, except in tests with paused time.
         let now = tokio::time::Instant::now().into_std();
         if now < need {
             self.arm(need, cx);
             return false;
         }
+        self.armed = None;
         if stall.is_some_and(|at| now >= at) {
             abort.request(Outcome::ClientStalled);
         }
-        if head.is_some_and(|at| now >= at) || abort.cause().is_some() {
+        if head.is_some_and(|at| now >= at) {
+            abort.head_overdue.store(true, Ordering::Release);
+        }
+        if abort.head_overdue() || abort.cause().is_some() {
             // The task's future runs again at once: the exchange answers, or ends.
             cx.waker().wake_by_ref();
         }
         other.is_some_and(|at| now >= at)
     }
 
-    /// Keeps the timer set no later than `need`, and registered with `cx`.
+    /// Sets the timer to `need` and registers `cx` with it (the task's waker stays the
+    /// same, so one poll after each reset is enough).
     fn arm(&mut self, need: Instant, cx: &mut Context<'_>) {
         let deadline = tokio::time::Instant::from_std(need);
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if self.armed.is_none_or(|armed| need < armed) {
-            timer.as_mut().reset(deadline);
-            self.armed = Some(need);
-        }
+        timer.as_mut().reset(deadline);
+        self.armed = Some(need);
         if timer.as_mut().poll(cx).is_ready() {
-            // Fired for a deadline that has moved later since: set it anew.
-            timer.as_mut().reset(deadline);
-            self.armed = Some(need);
-            let _ = timer.as_mut().poll(cx);
+            // Already due (the clock moved between the check and now): look again.
+            cx.waker().wake_by_ref();
         }
     }
 }

@@ -155,7 +155,10 @@ impl Exchange {
         mut req: Request<RequestBody>,
         due: Option<Instant>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let overdue = || due.is_some_and(|at| Instant::now() >= at);
+        // The task's watch marks the head overdue and wakes the task (see
+        // `crate::abort::Watch`): a flag, not a clock, per poll.
+        let abort = self.abort.clone();
+        let overdue = || due.is_some() && abort.head_overdue();
         let worker = self.busy.worker;
         loop {
             let pooled = std::future::poll_fn(|cx| {
@@ -356,27 +359,34 @@ impl Exchange {
         self.ended = true;
         // An HTTP/1.1 connection's abort serves its next exchange too.
         self.abort.handed_over(None);
-        let releasing = Instant::now();
-        if let Some(lease) = self.lease.take() {
-            if outcome == Outcome::Completed {
-                self.gate.settings().backend.put(self.busy.worker, lease);
-            } else {
-                drop(lease);
-            }
-        }
-        let release = releasing.elapsed();
+        let settings = self.gate.settings();
         let stream = self.registration.is_some();
         let listed = stream || outcome != Outcome::Completed;
-        let logged = match self.gate.log_http() {
+        let logged = match settings.config.log.http {
             HttpLog::Streams => listed,
             HttpLog::All => true,
             HttpLog::Off => false,
         };
+        let release = |lease: Option<Lease>| {
+            if let Some(lease) = lease {
+                if outcome == Outcome::Completed {
+                    settings.backend.put(self.busy.worker, lease);
+                } else {
+                    drop(lease);
+                }
+            }
+        };
         if !listed && !logged {
-            // A short request that completed: one counter, nothing else.
+            // A short request that completed: its connection back in the pool and one
+            // counter, nothing else (not even the clock).
+            release(self.lease.take());
             self.gate.metrics.http_completed();
             return;
         }
+        let releasing = Instant::now();
+        release(self.lease.take());
+        let release = releasing.elapsed();
+        drop(settings);
         let head = self.head.as_ref();
         let received = self.request.as_ref().map_or(0, |p| p.bytes());
         let record = Record {

@@ -23,7 +23,6 @@ use tokio_util::task::TaskTracker;
 use crate::backend::Backend;
 use crate::client::{Clients, Signals};
 use crate::config::Config;
-use crate::config::HttpLog;
 use crate::drain::{Drain, Plan};
 use crate::error::TlsError;
 use crate::live::{ExchangeConfig, HttpTimers, LiveTable};
@@ -96,11 +95,6 @@ impl Gate {
     /// The settings in force, to hold across an await (a new backend connection).
     pub fn settings_full(&self) -> Arc<Settings> {
         self.settings.load_full()
-    }
-
-    /// Which HTTP exchanges get a log line (`log.http`).
-    pub fn log_http(&self) -> HttpLog {
-        self.settings().config.log.http
     }
 
     /// A process-unique id, for a client connection or an exchange.
