@@ -250,12 +250,11 @@ impl Pool {
         }
     }
 
-    /// Takes `lease` back if it can carry another request; else closes it.
-    fn put(&self, mut lease: Lease) {
-        let waker = std::task::Waker::noop();
-        // The response just ended: one poll lets the connection see whether it stays
-        // open (a `Connection: close` answer ends it here).
-        if lease.drive(&mut Context::from_waker(waker)).is_ready() || !lease.is_reusable() {
+    /// Takes `lease` back if it can carry another request; else closes it. A
+    /// connection that will close after all (a `Connection: close` answer) is found
+    /// when it is taken next, which polls it first.
+    fn put(&self, lease: Lease) {
+        if !lease.is_reusable() {
             return;
         }
         let mut idle = lock(&self.idle);

@@ -41,6 +41,17 @@ pub struct HopByHop<'a> {
 
 impl<'a> HopByHop<'a> {
     pub fn of(headers: &'a HeaderMap) -> Self {
+        // The usual values name nothing beyond the fixed list: say so without taking
+        // them apart.
+        let plain = headers.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes().trim_ascii();
+            v.eq_ignore_ascii_case(b"keep-alive")
+                || v.eq_ignore_ascii_case(b"close")
+                || v.eq_ignore_ascii_case(b"upgrade")
+        });
+        if plain {
+            return HopByHop { named: Vec::new() };
+        }
         let named = header_tokens(headers, header::CONNECTION)
             .filter(|t| {
                 !t.is_empty()

@@ -691,3 +691,32 @@ async fn keep_alive_requests_share_one_backend_connection() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "backend connections");
 }
+
+#[tokio::test]
+async fn a_backend_that_closes_after_each_answer_gets_a_new_connection_per_request() {
+    // A raw backend: one request per connection, answered with `Connection: close`.
+    let (l, backend_addr) = listener().await;
+    let answering = tokio::spawn(async move {
+        for n in 0..3 {
+            let (mut s, _) = within(l.accept()).await.unwrap();
+            read_head(&mut s).await;
+            let body = format!("answer {n}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            within(s.write_all(resp.as_bytes())).await.unwrap();
+        }
+    });
+    let gate = start_gate(test_config(backend_addr)).await;
+    let mut s = within(TcpStream::connect(gate.addr)).await.unwrap();
+    for n in 0..3 {
+        within(s.write_all(b"GET / HTTP/1.1\r\nHost: dash.example\r\n\r\n"))
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(status(&head), 200, "{head}");
+        assert_eq!(body, format!("answer {n}").as_bytes());
+    }
+    within(answering).await.unwrap();
+}
