@@ -53,6 +53,9 @@ pub struct ClientConn {
     became_idle: tokio::sync::Notify,
     /// Someone waits on `became_idle`.
     idle_watched: AtomicBool,
+    /// A write to the client is waiting for room: the connection is not idle while it
+    /// still owes the client bytes.
+    writing: AtomicBool,
     /// Why the connection ended, when it was not simply the client leaving
     /// (`Outcome::idx() + 1`; 0: nothing known): the exchanges it cut short read it.
     cause: AtomicU8,
@@ -90,6 +93,7 @@ impl ClientConn {
             idle_since_us: AtomicU64::new(0),
             became_idle: tokio::sync::Notify::new(),
             idle_watched: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
             cause: AtomicU8::new(0),
             abort: Arc::default(),
             signals: Signals::default(),
@@ -110,9 +114,10 @@ impl ClientConn {
         self.idle_since_us.store(us, Ordering::SeqCst);
     }
 
-    /// When it will have been idle for `limit`, if nothing is open on it.
+    /// When it will have been idle for `limit`, if nothing is open on it and nothing
+    /// waits to be written to it.
     pub fn idle_due(&self, limit: Duration) -> Option<Instant> {
-        self.is_idle().then(|| self.idle_since() + limit)
+        (self.is_idle() && !self.writing.load(Ordering::SeqCst)).then(|| self.idle_since() + limit)
     }
 
     /// Completes once the connection has had nothing open for `limit`.
@@ -329,6 +334,8 @@ pub struct ClientIo<S> {
     /// Armed while a write waits: the moment it gives up.
     stall: Option<Pin<Box<Sleep>>>,
     stall_armed: bool,
+    /// A write is waiting (the connection says so, see [`ClientConn::idle_due`]).
+    waiting: bool,
 }
 
 impl<S> ClientIo<S> {
@@ -339,6 +346,7 @@ impl<S> ClientIo<S> {
             write_timeout,
             stall: None,
             stall_armed: false,
+            waiting: false,
         }
     }
 
@@ -376,12 +384,27 @@ impl<S> ClientIo<S> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         match polled {
+            Poll::Pending if !self.waiting => {
+                self.waiting = true;
+                self.conn.writing.store(true, Ordering::SeqCst);
+                match self.waited(cx) {
+                    Ok(()) => Poll::Pending,
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            }
             Poll::Pending => match self.waited(cx) {
                 Ok(()) => Poll::Pending,
                 Err(e) => Poll::Ready(Err(e)),
             },
             Poll::Ready(result) => {
                 self.stall_armed = false;
+                if std::mem::take(&mut self.waiting) {
+                    self.conn.writing.store(false, Ordering::SeqCst);
+                    if self.conn.is_idle() {
+                        // Idle from when the client took the last bytes.
+                        self.conn.idle_from_now();
+                    }
+                }
                 if let Err(e) = &result {
                     self.failed(e);
                 }
