@@ -8,10 +8,12 @@
 #       strace   `strace -c -f`: system calls per message (or per churn cycle)
 #       callgrind valgrind's exact user-space instruction count per message, then the
 #                functions by self cost (slow: run at least 6 s)
-# MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`)
+# MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
+#       http: keep-alive `GET /small` (100 B) with wrk (-t1, CONNECTIONS, default 50)
+#       to an nginx origin made from bench/origin.conf, figures per request
 #
 # Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and
-# perf, strace or valgrind (Debian: linux-perf, strace, valgrind). Output goes to stdout;
+# perf, strace or valgrind (and for http: nginx and wrk) (Debian: linux-perf, strace, valgrind). Output goes to stdout;
 # raw data stays in a temporary directory that is printed first. Environment:
 # CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
 # 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
@@ -21,11 +23,13 @@
 set -euo pipefail
 
 tool=${1:?TOOL: perf, strace or callgrind}
-mode=${2:?MODE: echo, bulk, latency or churn}
+mode=${2:?MODE: echo, bulk, latency, churn or http}
 secs=${3:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release
 tmp=$(mktemp -d)
+unit=message
+[ "$mode" = http ] && unit=request
 echo "profile: $tool under $mode for ${secs}s, ${CONFIG:-default} configuration; data in $tmp"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -49,7 +53,17 @@ lean)
     ;;
 esac
 
-"$bin/wsgate-bench" echo --listen "127.0.0.1:$backend_port" 2>"$tmp/echo.log" &
+if [ "$mode" = http ]; then
+    # The benchmark's own origin, its placeholders filled in as `wsgate-bench run` does.
+    small=$(printf '%0100d' 0)
+    piece=$(printf '%02048d' 0)
+    sed -e "s|{{LISTEN}}|127.0.0.1:$backend_port|" -e "s|{{DIR}}|$tmp|g" \
+        -e "s|{{SMALL}}|$small|g" -e "s|{{PIECE}}|$piece|" \
+        "$root/bench/origin.conf" >"$tmp/origin.conf"
+    nginx -c "$tmp/origin.conf" -e "$tmp/origin-error.log" 2>"$tmp/echo.log" &
+else
+    "$bin/wsgate-bench" echo --listen "127.0.0.1:$backend_port" 2>"$tmp/echo.log" &
+fi
 echo_pid=$!
 cat >"$tmp/wsgate.toml" <<EOF
 listen = "127.0.0.1:$listen_port"
@@ -75,6 +89,12 @@ for _ in $(seq 100); do
 done
 
 load() {
+    if [ "$mode" = http ]; then
+        # wrk's total of completed requests ("N requests in ...").
+        wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "http://127.0.0.1:$listen_port/small" |
+            awk '/requests in/ {print $1}'
+        return
+    fi
     "$bin/wsgate-bench" load --mode "$mode" ${CONNECTIONS:+--connections "$CONNECTIONS"} \
         --url "ws://127.0.0.1:$listen_port/" --duration "${1}s" --warmup 0s 2>&1 |
         sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["messages"])'
@@ -87,7 +107,7 @@ perf)
     perf_pid=$!
     n=$(load "$secs")
     wait "$perf_pid" || true
-    echo "messages: $n"
+    echo "${unit}s: $n"
     perf report -i "$tmp/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
         grep '%' | head -5
     perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
@@ -101,7 +121,7 @@ strace)
     sleep 0.3
     kill -INT "$strace_pid"
     wait "$strace_pid" || true
-    echo "messages: $n; system calls per message:"
+    echo "${unit}s: $n; system calls per $unit:"
     awk -v n="$n" '$4 ~ /^[0-9]+$/ && $NF != "total" {printf "  %-16s %7.2f\n", $NF, $4 / n}' \
         "$tmp/strace.txt" | sort -k2 -nr | head -20
     ;;
@@ -115,7 +135,7 @@ callgrind)
     wait "$wsgate_pid" || true
     out=$tmp/callgrind.out
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-    echo "messages: $n; user-space instructions per message: $((total / n))"
+    echo "${unit}s: $n; user-space instructions per $unit: $((total / n))"
     callgrind_annotate "$out" 2>/dev/null | sed -n '/^Ir/,$p' | head -40
     ;;
 *)

@@ -22,8 +22,8 @@ use crate::abort::Abort;
 use crate::gate::Slot;
 use crate::record::Outcome;
 
-/// One accepted client connection. It holds a `max_connections` slot until it drops,
-/// which for a WebSocket is when its relay ends.
+/// One accepted client connection. Its [`Seat`] is given back when it drops, or, for a
+/// WebSocket relayed over HTTP/1.1, when the relay ends.
 #[derive(Debug)]
 pub struct ClientConn {
     /// Process-unique id (the exchanges on it have their own), in log lines.
@@ -36,9 +36,7 @@ pub struct ClientConn {
     /// It came while wsgate was draining: it is served one request, then closed.
     /// Connections from before the drain close gracefully when it begins.
     pub accepted_draining: bool,
-    _slot: Slot,
-    /// `wsgate_connections_active`, decremented on drop.
-    active: metrics::Gauge,
+    seat: Arc<Seat>,
     /// Exchanges open on it ([`Busy`] guards): requests whose response has not ended,
     /// WebSockets relayed.
     busy: AtomicUsize,
@@ -80,14 +78,17 @@ impl ClientConn {
         registry: &Arc<Clients>,
     ) -> Arc<Self> {
         active.increment(1.0);
+        let seat = Arc::new(Seat {
+            _slot: slot,
+            active,
+        });
         let conn = Arc::new(ClientConn {
             id,
             peer,
             forwarded_for: crate::headers::address_value(peer.ip()),
             worker,
             accepted_draining,
-            _slot: slot,
-            active,
+            seat,
             busy: AtomicUsize::new(0),
             created: Instant::now(),
             idle_since_us: AtomicU64::new(0),
@@ -203,9 +204,35 @@ fn is_timeout(error: &hyper::Error) -> bool {
 
 impl Drop for ClientConn {
     fn drop(&mut self) {
-        self.active.decrement(1.0);
         self.registry.remove(self.worker, self.id);
     }
+}
+
+/// A client connection's place while its TCP connection is open: its `max_connections`
+/// slot and its count in `wsgate_connections_active`, given back when the last holder
+/// drops it.
+#[derive(Debug)]
+pub struct Seat {
+    _slot: Slot,
+    active: metrics::Gauge,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
+}
+
+/// What a WebSocket relayed over a client connection keeps of it for the WebSocket's
+/// whole life.
+#[derive(Debug)]
+pub struct Kept {
+    _seat: Arc<Seat>,
+    /// Over HTTP/2 the connection goes on serving other streams and must count the
+    /// WebSocket as open on it. Over HTTP/1.1 the connection's task ended with the
+    /// upgrade: the seat is all that is left to hold, and an idle WebSocket does not keep
+    /// the connection's HTTP state (hundreds of bytes) alive.
+    _busy: Option<Busy>,
 }
 
 /// What the drain and the exit ask of every client connection's task: a set of flags and
@@ -301,6 +328,16 @@ impl Busy {
     pub fn new(conn: Arc<ClientConn>) -> Busy {
         conn.busy.fetch_add(1, Ordering::SeqCst);
         Busy(conn)
+    }
+}
+
+impl Busy {
+    /// What a WebSocket relayed over this connection keeps of it (see [`Kept`]).
+    pub fn keep(self, over_h2: bool) -> Kept {
+        Kept {
+            _seat: self.0.seat.clone(),
+            _busy: over_h2.then_some(self),
+        }
     }
 }
 

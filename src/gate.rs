@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
 use hyper::server::conn::http1;
@@ -25,7 +26,7 @@ use crate::client::{Clients, Signals};
 use crate::config::Config;
 use crate::drain::{Drain, Plan};
 use crate::error::TlsError;
-use crate::live::{ExchangeConfig, HttpTimers, LiveTable};
+use crate::live::{ExchangeConfig, LiveTable};
 use crate::logging::Logging;
 use crate::metrics::Metrics;
 use crate::report;
@@ -204,8 +205,22 @@ fn exchange_config(config: &Config) -> ExchangeConfig {
         timers: Arc::new(config.websocket.timers()),
         max_frame_size: config.websocket.max_frame_size,
         drain_close_code: config.shutdown.client_close_code,
-        http: http_timers(config),
     }
+}
+
+/// The timers of an HTTP exchange's body (`[http]`), read per part of the body from [`Settings`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpTimers {
+    /// A response body the client has not asked for more of for this long ends the
+    /// exchange (`client_stalled`); `None`: never.
+    pub write_timeout: Option<Duration>,
+    /// No body bytes either way for this long ends the exchange
+    /// (`stream_idle_timeout`); `None`: never.
+    pub stream_idle_timeout: Option<Duration>,
+    /// A quiet event stream gets an SSE comment line after this long; `None`: never.
+    pub sse_heartbeat: Option<Duration>,
+    /// A body still open this long after its head makes the exchange a stream.
+    pub stream_after: Duration,
 }
 
 /// The timers of an HTTP exchange's body, from the configuration.

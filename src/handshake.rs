@@ -6,7 +6,7 @@
 //! and the connection, and an upgrade hand-off per WebSocket; for a request whose answer
 //! is a bodiless 101 almost always, that was about a fifth of wsgate's user-space work per
 //! WebSocket. Only the rare refusal has a body (Content-Length, chunked, or until close):
-//! for that answer [`Replay`] hands the bytes already read, and the rest of the stream, to
+//! for that answer [`RefusalStream`] hands the bytes already read, and the rest of the stream, to
 //! hyper's client, which knows every way a body can be framed.
 
 use std::io;
@@ -18,7 +18,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::stream::Replayed;
+use crate::stream::Prefixed;
 
 /// Header lines accepted in a response head (hyper's client accepts 100).
 const MAX_HEADERS: usize = 100;
@@ -95,7 +95,7 @@ impl ResponseHead {
         self.read.freeze()
     }
 
-    /// Everything read, head included, for [`Replay`].
+    /// Everything read, head included, for [`RefusalStream`].
     pub fn into_read(self) -> Bytes {
         self.read.freeze()
     }
@@ -167,8 +167,8 @@ fn parse(buf: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, Handshake
 /// what the stream has. Writes are swallowed, since the request they would carry already
 /// went out. This lets hyper's client read a refused handshake's response, body
 /// framing and all, as if it had sent the request itself.
-pub struct Replay<S> {
-    stream: Replayed<S>,
+pub struct RefusalStream<S> {
+    stream: Prefixed<S>,
     /// Nothing is readable before the request is "written": an HTTP client treats bytes
     /// that arrive while no request is in flight as an error.
     requested: bool,
@@ -176,17 +176,17 @@ pub struct Replay<S> {
     reader: Option<Waker>,
 }
 
-impl<S> Replay<S> {
+impl<S> RefusalStream<S> {
     pub fn new(read: Bytes, stream: S) -> Self {
-        Replay {
-            stream: Replayed::new(read, stream),
+        RefusalStream {
+            stream: Prefixed::new(read, stream),
             requested: false,
             reader: None,
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for RefusalStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -201,7 +201,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
@@ -364,21 +364,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn replay_reads_what_was_read_then_the_stream_and_swallows_writes() {
+    async fn a_refusal_stream_reads_what_was_read_then_the_stream_and_swallows_writes() {
         let (ours, mut theirs) = tokio::io::duplex(1024);
-        let mut replay = Replay::new(Bytes::from_static(b"HTTP/1.1 403 "), ours);
+        let mut refusal = RefusalStream::new(Bytes::from_static(b"HTTP/1.1 403 "), ours);
         // Nothing to read before the request went out, however much was read before.
         let mut byte = [0u8; 1];
         let mut early = ReadBuf::new(&mut byte);
         let pending = std::future::poll_fn(|cx| {
-            Poll::Ready(Pin::new(&mut replay).poll_read(cx, &mut early).is_pending())
+            Poll::Ready(
+                Pin::new(&mut refusal)
+                    .poll_read(cx, &mut early)
+                    .is_pending(),
+            )
         });
         assert!(pending.await);
-        replay.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        refusal.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         theirs.write_all(b"Forbidden\r\n").await.unwrap();
         drop(theirs);
         let mut got = String::new();
-        replay.read_to_string(&mut got).await.unwrap();
+        refusal.read_to_string(&mut got).await.unwrap();
         assert_eq!(got, "HTTP/1.1 403 Forbidden\r\n");
     }
 }

@@ -39,23 +39,6 @@ pub struct ExchangeConfig {
     pub max_frame_size: Option<u64>,
     /// The Close code a drain sends WebSocket clients (`shutdown.client_close_code`).
     pub drain_close_code: u16,
-    /// The HTTP streams' timers.
-    pub http: HttpTimers,
-}
-
-/// The timers of an HTTP exchange's body (`[http]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HttpTimers {
-    /// A response body the client has not asked for more of for this long ends the
-    /// exchange (`client_stalled`); `None`: never.
-    pub write_timeout: Option<Duration>,
-    /// No body bytes either way for this long ends the exchange
-    /// (`stream_idle_timeout`); `None`: never.
-    pub stream_idle_timeout: Option<Duration>,
-    /// A quiet event stream gets an SSE comment line after this long; `None`: never.
-    pub sse_heartbeat: Option<Duration>,
-    /// A body still open this long after its head makes the exchange a stream.
-    pub stream_after: Duration,
 }
 
 /// A close requested through the admin API.
@@ -774,12 +757,6 @@ mod tests {
                 timers: Arc::new(crate::config::Config::default().websocket.timers()),
                 max_frame_size: None,
                 drain_close_code: 1012,
-                http: HttpTimers {
-                    write_timeout: Some(Duration::from_secs(30)),
-                    stream_idle_timeout: None,
-                    sse_heartbeat: None,
-                    stream_after: Duration::from_secs(1),
-                },
             },
             10,
         )

@@ -7,7 +7,7 @@
 //! WebSocket upgrade in a narrow, unambiguous shape ([`classify`]), the upgrade goes on
 //! in the same task and the relay runs there too; anything else — any other request,
 //! any doubt — goes to hyper with the bytes already read replayed in front of the
-//! stream ([`crate::stream::Replayed`]), so hyper sees the connection as if nobody had touched it.
+//! stream ([`crate::stream::Prefixed`]), so hyper sees the connection as if nobody had touched it.
 //!
 //! The shape accepted is stricter than hyper: `GET` of an origin-form target in
 //! HTTP/1.1, lines ending in CRLF, one `Host`, no `Content-Length` and no

@@ -99,13 +99,12 @@ async fn route_upgrade(gate: Arc<Gate>, busy: Busy, mut req: Request<Incoming>) 
                 negotiated: accepted.negotiated,
                 info: accepted.info,
             };
-            // The relay keeps the client connection busy (and its slot taken).
             relay::spawn(
                 &gate.tasks.tracker,
                 handoff,
                 &gate.live,
                 &gate.metrics,
-                busy,
+                busy.keep(over_h2),
             );
             accepted.response
         }

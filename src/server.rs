@@ -31,7 +31,7 @@ use crate::proxy::{self, Body};
 use crate::relay::{self, Handoff, Leg};
 use crate::request_head::{self, FirstRequest};
 use crate::route::{self, PendingUpgrade};
-use crate::stream::{Replayed, Stream};
+use crate::stream::{Prefixed, Stream};
 use crate::upgrade;
 
 /// Pause after an accept error such as EMFILE, so a full descriptor table does not
@@ -200,9 +200,10 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
                     };
                     // A task of its own, the size of the relay (under 1 KiB), for the
                     // WebSocket's whole life: this task's future, with every step before
-                    // the relay in it, is three times that. It keeps the connection busy
-                    // (and its slot taken) until it ends.
-                    let relay = relay::start(handoff, &gate.live, gate.metrics.clone(), busy);
+                    // the relay in it, is three times that. It keeps the connection's
+                    // seat (its slot) until it ends.
+                    let relay =
+                        relay::start(handoff, &gate.live, gate.metrics.clone(), busy.keep(false));
                     gate.tasks.tracker.spawn(relay);
                     return;
                 }
@@ -218,7 +219,7 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
     };
     Box::pin(serve_http1(
         gate,
-        Replayed::new(read, stream),
+        Prefixed::new(read, stream),
         conn,
         first_response,
     ))
@@ -369,7 +370,7 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
 /// request if given.
 async fn serve_http1(
     gate: Arc<Gate>,
-    stream: Replayed<Stream>,
+    stream: Prefixed<Stream>,
     conn: Arc<ClientConn>,
     first: Option<Response<Body>>,
 ) {

@@ -1,7 +1,7 @@
 //! The byte streams wsgate relays — plain TCP or TLS over TCP on either side, and the
 //! stream of a WebSocket carried by an HTTP/2 request (RFC 8441) — and what the relay
 //! needs of each ([`Transport`]); and a stream with bytes already read in front of it
-//! ([`Replayed`]), for a connection whose first request wsgate looked at before hyper.
+//! ([`Prefixed`]), for a connection whose first request wsgate looked at before hyper.
 
 use std::io;
 use std::pin::Pin;
@@ -151,23 +151,23 @@ impl Transport for Stream {
 /// A stream whose first bytes were already read: reads return those first, then the
 /// stream's own. Writes go to the stream.
 #[derive(Debug)]
-pub struct Replayed<S> {
+pub struct Prefixed<S> {
     read: Bytes,
     stream: S,
 }
 
-impl<S> Replayed<S> {
+impl<S> Prefixed<S> {
     pub fn new(read: Bytes, stream: S) -> Self {
-        Replayed { read, stream }
+        Prefixed { read, stream }
     }
 
-    /// The stream, and what of the replayed bytes was not read yet.
+    /// The stream, and what of the prefix was not read yet.
     pub fn into_parts(self) -> (S, Bytes) {
         (self.stream, self.read)
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -184,7 +184,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,13 +221,13 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_replayed_stream_reads_its_prefix_first() {
+    async fn a_prefixed_stream_reads_its_prefix_first() {
         let (mut near, far) = tokio::io::duplex(64);
-        let mut replayed = Replayed::new(Bytes::from_static(b"first "), far);
+        let mut prefixed = Prefixed::new(Bytes::from_static(b"first "), far);
         near.write_all(b"then").await.unwrap();
         drop(near);
         let mut all = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut replayed, &mut all)
+        tokio::io::AsyncReadExt::read_to_string(&mut prefixed, &mut all)
             .await
             .unwrap();
         assert_eq!(all, "first then");

@@ -23,7 +23,7 @@ use crate::handshake;
 use crate::headers::{self, Scheme};
 use crate::proxy::{self, Body};
 use crate::relay::Leg;
-use crate::stream::{Replayed, Stream};
+use crate::stream::{Prefixed, Stream};
 
 /// An upgrade wsgate could not carry out, and why (for the response body).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,9 +261,9 @@ pub async fn client_stream(
             buffered: Bytes::new(),
         });
     }
-    match upgraded.downcast::<TokioIo<ClientIo<Replayed<Stream>>>>() {
+    match upgraded.downcast::<TokioIo<ClientIo<Prefixed<Stream>>>>() {
         Ok(parts) => {
-            // What was replayed and hyper did not read comes first (hyper reads all it
+            // What was read ahead and hyper did not read comes first (hyper reads all it
             // can, so this is empty in practice).
             let (stream, unread) = parts.io.into_inner().into_inner().into_parts();
             let buffered = if unread.is_empty() {
@@ -297,9 +297,9 @@ async fn refused(
         tracing::debug!(error = %e, "reading the backend's refusal failed");
         ProxyError::BackendFailed
     };
-    let replay = handshake::Replay::new(head.into_read(), backend);
+    let refusal = handshake::RefusalStream::new(head.into_read(), backend);
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(replay))
+        .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(refusal))
         .await
         .map_err(failed)?;
     let force = tasks.force.clone();
