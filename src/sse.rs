@@ -30,31 +30,42 @@ impl Scanner {
     }
 
     /// Takes in `bytes`; returns the offset just past the first boundary reached within
-    /// them (the end of the empty line that closes an event), if any.
+    /// them (the end of the empty line that closes an event), if any. It jumps from line
+    /// ending to line ending (`memchr`): every byte of every event passes here, and a
+    /// look at each one cost more than the rest of wsgate's work on the event.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
         let mut first = None;
-        for (i, &b) in bytes.iter().enumerate() {
-            let after_cr = std::mem::take(&mut self.after_cr);
-            match b {
-                // The LF of a CRLF: the line already ended at the CR.
-                b'\n' if after_cr => {}
-                b'\r' | b'\n' => {
-                    self.after_cr = b == b'\r';
-                    if self.in_line {
-                        self.in_line = false;
-                        self.in_event = true;
-                    } else {
-                        // An empty line: the event (if any) is complete. The LF of a
-                        // CRLF right behind belongs with it.
-                        self.in_event = false;
-                        if first.is_none() {
-                            let lf = b == b'\r' && bytes.get(i + 1) == Some(&b'\n');
-                            first = Some(i + 1 + usize::from(lf));
-                        }
-                    }
-                }
-                _ => self.in_line = true,
+        // The first byte not taken in yet.
+        let mut next = 0;
+        for at in memchr::memchr2_iter(b'\r', b'\n', bytes) {
+            if at > next {
+                // Characters of the current line came before this ending.
+                self.in_line = true;
+                self.after_cr = false;
             }
+            next = at + 1;
+            let b = bytes[at];
+            // The LF of a CRLF: the line already ended at the CR.
+            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+                continue;
+            }
+            self.after_cr = b == b'\r';
+            if self.in_line {
+                self.in_line = false;
+                self.in_event = true;
+            } else {
+                // An empty line: the event (if any) is complete. The LF of a CRLF right
+                // behind belongs with it.
+                self.in_event = false;
+                if first.is_none() {
+                    let lf = b == b'\r' && bytes.get(next) == Some(&b'\n');
+                    first = Some(next + usize::from(lf));
+                }
+            }
+        }
+        if bytes.len() > next {
+            self.in_line = true;
+            self.after_cr = false;
         }
         first
     }
@@ -182,8 +193,54 @@ mod tests {
         events
     }
 
+    /// The scanner's rules one byte at a time, as plainly as they can be written: the
+    /// reference [`Scanner::feed`] is held to.
+    fn reference_feed(s: &mut Scanner, bytes: &[u8]) -> Option<usize> {
+        let mut first = None;
+        for (i, &b) in bytes.iter().enumerate() {
+            let after_cr = std::mem::take(&mut s.after_cr);
+            match b {
+                b'\n' if after_cr => {}
+                b'\r' | b'\n' => {
+                    s.after_cr = b == b'\r';
+                    if s.in_line {
+                        s.in_line = false;
+                        s.in_event = true;
+                    } else {
+                        s.in_event = false;
+                        if first.is_none() {
+                            let lf = b == b'\r' && bytes.get(i + 1) == Some(&b'\n');
+                            first = Some(i + 1 + usize::from(lf));
+                        }
+                    }
+                }
+                _ => s.in_line = true,
+            }
+        }
+        first
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any bytes (line endings dense among them), cut anywhere: the same boundaries
+        /// and the same state as the byte-at-a-time reference.
+        #[test]
+        fn feed_agrees_with_the_byte_at_a_time_reference(
+            bytes in prop::collection::vec(prop::sample::select(vec![b'\r', b'\n', b'a', b':']), 0..200),
+            cuts in prop::collection::vec(0usize..200, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let (mut fast, mut plain, mut at) = (Scanner::new(), Scanner::new(), 0);
+            for cut in cuts {
+                let piece = &bytes[at..cut];
+                at = cut;
+                prop_assert_eq!(fast.feed(piece), reference_feed(&mut plain, piece));
+                prop_assert_eq!(fast, plain);
+            }
+        }
 
         /// Whatever the events and however the body is cut into pieces, a heartbeat
         /// written wherever the scanner says "boundary" changes no event the client
