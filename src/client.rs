@@ -2,7 +2,7 @@
 //! exchanges are open on it (which tells when it is idle), why it ended when it cut an
 //! exchange short, and its socket, watched for writes that make no progress. Also every
 //! open client connection in one registry ([`Clients`]), through which the drain and
-//! the exit reach them.
+//! the exit reach them, and the limit on how many may be open ([`Slots`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::abort::Abort;
-use crate::gate::Slot;
 use crate::record::Outcome;
 
 /// One accepted client connection. Its [`Seat`] is given back when it drops, or, for a
@@ -507,5 +506,69 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_shutdown(cx);
         this.wrote(cx, polled)
+    }
+}
+
+/// Client connections open, and how many may be (`max_connections`, which a reload
+/// may change).
+#[derive(Debug)]
+pub struct Slots {
+    max: AtomicUsize,
+    taken: AtomicUsize,
+}
+
+/// One client connection's place; given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    pub fn new(max: usize) -> Self {
+        Slots {
+            max: AtomicUsize::new(max),
+            taken: AtomicUsize::new(0),
+        }
+    }
+
+    /// A new `max_connections`: a lower one refuses until enough connections have
+    /// ended, a higher one admits at once.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+    }
+
+    /// A place for one more connection, unless `max_connections` are open.
+    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let before = self.taken.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max.load(Ordering::Acquire) {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_limit_in_force() {
+        let slots = Arc::new(Slots::new(2));
+        let a = slots.try_take().unwrap();
+        let _b = slots.try_take().unwrap();
+        assert!(slots.try_take().is_none());
+        drop(a);
+        let c = slots.try_take().unwrap();
+        // A lower limit refuses until enough have ended; a higher one admits at once.
+        slots.set_max(1);
+        drop(c);
+        assert!(slots.try_take().is_none());
+        slots.set_max(3);
+        assert!(slots.try_take().is_some());
     }
 }

@@ -8,10 +8,11 @@
 //!   [`Drain`];
 //! - the live table of exchanges (which also holds their configuration) and the
 //!   metrics;
-//! - the connection limit.
+//! - the connection limit ([`Slots`]) and every open client connection
+//!   ([`Clients`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
-use crate::client::{Clients, Signals};
+use crate::client::{Clients, Signals, Slots};
 use crate::config::Config;
 use crate::drain::{Drain, Plan};
 use crate::error::TlsError;
@@ -66,10 +67,7 @@ impl Gate {
     pub fn new(config: Config, workers: usize, logging: Option<Logging>) -> Result<Gate, TlsError> {
         let settings = Settings::new(config, workers)?;
         let metrics = Arc::new(Metrics::new(settings.max_connections));
-        let slots = Arc::new(Slots {
-            max: AtomicUsize::new(settings.max_connections),
-            taken: AtomicUsize::new(0),
-        });
+        let slots = Arc::new(Slots::new(settings.max_connections));
         let config = &settings.config;
         Ok(Gate {
             started: std::time::Instant::now(),
@@ -171,9 +169,7 @@ impl Gate {
         {
             tracing::warn!(error = %e, "cannot switch the log format");
         }
-        self.slots
-            .max
-            .store(settings.max_connections, Ordering::Release);
+        self.slots.set_max(settings.max_connections);
         self.metrics
             .connections_max
             .set(settings.max_connections as f64);
@@ -285,58 +281,4 @@ pub struct Tasks {
     pub stop: CancellationToken,
     /// The drain deadline passed: abort what is left.
     pub force: CancellationToken,
-}
-
-/// Client connections open, and how many may be (`max_connections`, which a reload
-/// may change).
-#[derive(Debug)]
-pub struct Slots {
-    max: AtomicUsize,
-    taken: AtomicUsize,
-}
-
-/// One client connection's place; given back when dropped.
-#[derive(Debug)]
-pub struct Slot(Arc<Slots>);
-
-impl Slots {
-    /// A place for one more connection, unless `max_connections` are open.
-    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        let before = self.taken.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max.load(Ordering::Acquire) {
-            self.taken.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Slot(self.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.taken.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_follow_the_limit_in_force() {
-        let slots = Arc::new(Slots {
-            max: AtomicUsize::new(2),
-            taken: AtomicUsize::new(0),
-        });
-        let a = slots.try_take().unwrap();
-        let _b = slots.try_take().unwrap();
-        assert!(slots.try_take().is_none());
-        drop(a);
-        let c = slots.try_take().unwrap();
-        // A lower limit refuses until enough have ended; a higher one admits at once.
-        slots.max.store(1, Ordering::Release);
-        drop(c);
-        assert!(slots.try_take().is_none());
-        slots.max.store(3, Ordering::Release);
-        assert!(slots.try_take().is_some());
-    }
 }
