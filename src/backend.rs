@@ -20,6 +20,7 @@ use crate::config::{self, Config};
 use crate::error::{ProxyError, TlsError};
 use crate::stream::Stream;
 use crate::tls::BackendTls;
+use crate::wakeups::Wakeups;
 
 /// How long an idle backend connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -155,6 +156,7 @@ impl Backend {
             finished: false,
             reused: false,
             origin: self.connector.clone(),
+            wakeups: Wakeups::default(),
         })
     }
 
@@ -178,32 +180,45 @@ pub type Sender = http1::SendRequest<RequestBody>;
 /// task and no channel between them. Dropping it closes the connection.
 pub struct Lease {
     pub sender: Sender,
-    conn: Pin<Box<http1::Connection<TokioIo<Stream>, RequestBody>>>,
+    conn: Pin<Box<Connection>>,
     /// The connection future completed: the connection is closed or failed.
     finished: bool,
     /// It served an exchange before this one.
     reused: bool,
     /// The connector that made it: a reload that changes the backend makes another.
     origin: Connector,
+    /// The waker the connection and the response are polled with.
+    wakeups: Wakeups,
 }
 
+type Connection = http1::Connection<TokioIo<Stream>, RequestBody>;
+
 impl Lease {
-    /// Does the connection's I/O that can be done now; ready once it has ended (closed
-    /// by the backend, failed, or done with a response that closes it).
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.finished {
-            return Poll::Ready(());
-        }
-        match self.conn.as_mut().poll(cx) {
-            Poll::Ready(result) => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "backend connection ended");
-                }
-                self.finished = true;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
-        }
+    /// Polls the connection (it does the I/O that can be done now), then `reader`
+    /// (what reads the response: its head, then its body) with the lease's own waker,
+    /// only if something woke either since the last poll, and again while their own
+    /// polls wake them (see [`crate::wakeups`]).
+    pub fn poll<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: impl FnMut(&mut Context<'_>) -> Poll<R>,
+    ) -> Poll<R> {
+        let Lease {
+            conn,
+            finished,
+            wakeups,
+            ..
+        } = self;
+        wakeups.poll(cx, |own| {
+            drive(conn, finished, own);
+            reader(own)
+        })
+    }
+
+    /// The next [`Lease::poll`] runs though nothing woke the connection: a new reader
+    /// (the response's body) has never asked it for anything.
+    pub fn rouse(&self) {
+        self.wakeups.rouse();
     }
 
     /// It served an exchange before this one, so a request it cannot take is no sign
@@ -215,6 +230,28 @@ impl Lease {
     /// It can carry another request: open, and done with the last one.
     pub fn is_reusable(&self) -> bool {
         !self.finished && self.sender.is_ready()
+    }
+
+    /// Polls the connection once, whoever woke it, and tells whether it has ended (the
+    /// backend closed it while it was idle).
+    fn has_ended(&mut self) -> bool {
+        let mut own = Context::from_waker(self.wakeups.waker());
+        drive(&mut self.conn, &mut self.finished, &mut own);
+        self.finished
+    }
+}
+
+/// Polls `conn`; `finished` once it has ended (closed by the backend, failed, or done
+/// with a response that closes it).
+fn drive(conn: &mut Pin<Box<Connection>>, finished: &mut bool, cx: &mut Context<'_>) {
+    if *finished {
+        return;
+    }
+    if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "backend connection ended");
+        }
+        *finished = true;
     }
 }
 
@@ -243,7 +280,10 @@ impl Pool {
                 continue;
             }
             let mut lease = idle.lease;
-            if lease.drive(cx).is_pending() && lease.is_reusable() {
+            // The backend may have closed it meanwhile: poll it for this task.
+            lease.rouse();
+            let _ = lease.poll(cx, |_| Poll::<()>::Pending);
+            if lease.is_reusable() {
                 lease.reused = true;
                 return Some(lease);
             }
@@ -257,6 +297,8 @@ impl Pool {
         if !lease.is_reusable() {
             return;
         }
+        // No task polls it while it waits: a wake-up only marks it.
+        lease.wakeups.forget_task();
         let mut idle = lock(&self.idle);
         if idle.len() >= MAX_IDLE_PER_WORKER {
             // The oldest goes: drop it outside the lock.
@@ -278,15 +320,13 @@ impl Pool {
     /// Closes the connections idle for longer than [`POOL_IDLE_TIMEOUT`] and those the
     /// backend closed.
     fn sweep(&self) {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
         let mut gone = Vec::new();
         {
             let mut idle = lock(&self.idle);
             let mut i = 0;
             while i < idle.len() {
                 let expired = idle[i].since.elapsed() >= POOL_IDLE_TIMEOUT;
-                if expired || idle[i].lease.drive(&mut cx).is_ready() {
+                if expired || idle[i].lease.has_ended() {
                     gone.push(idle.swap_remove(i));
                 } else {
                     i += 1;
@@ -356,24 +396,18 @@ mod tests {
                 .await
                 .unwrap();
         };
-        let response = std::future::poll_fn(|cx| {
-            let _ = lease.drive(cx);
-            sent.as_mut().poll(cx)
-        });
+        let response = std::future::poll_fn(|cx| lease.poll(cx, |own| sent.as_mut().poll(own)));
         let (resp, ()) = tokio::join!(response, answer);
         let mut body = resp.ok().unwrap().into_body();
         use hyper::body::Body as _;
-        let collected = std::future::poll_fn(|cx| {
-            let _ = lease.drive(cx);
-            std::pin::Pin::new(&mut body).poll_frame(cx)
-        });
+        lease.rouse();
+        let collected =
+            std::future::poll_fn(|cx| lease.poll(cx, |own| Pin::new(&mut body).poll_frame(own)));
         let frame = collected.await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "ok");
         // The end of the body.
-        let end = std::future::poll_fn(|cx| {
-            let _ = lease.drive(cx);
-            std::pin::Pin::new(&mut body).poll_frame(cx)
-        });
+        let end =
+            std::future::poll_fn(|cx| lease.poll(cx, |own| Pin::new(&mut body).poll_frame(own)));
         assert!(end.await.is_none());
     }
 

@@ -41,7 +41,7 @@ use crate::body::{Progress, RequestBody};
 use crate::client::Busy;
 use crate::config::HttpLog;
 use crate::error::ProxyError;
-use crate::gate::Gate;
+use crate::gate::{Gate, HttpTimers};
 use crate::headers;
 use crate::live::{LiveDetail, LiveHttp, Registration};
 use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
@@ -185,8 +185,7 @@ impl Exchange {
             let answer = std::future::poll_fn(|cx| {
                 // The connection writes the request and reads the answer as it is
                 // driven here, in the exchange's task.
-                let _ = lease.drive(cx);
-                match sent.as_mut().poll(cx) {
+                match lease.poll(cx, |own| sent.as_mut().poll(own)) {
                     Poll::Ready(answer) => Poll::Ready(Ok(answer)),
                     Poll::Pending if overdue() => Poll::Ready(Err(ProxyError::BackendTimeout)),
                     Poll::Pending => Poll::Pending,
@@ -255,6 +254,11 @@ impl Exchange {
             event_stream,
         });
         self.note_head();
+        if let Some(lease) = &self.lease {
+            // The body has never asked the connection for anything: its first poll
+            // must reach it.
+            lease.rouse();
+        }
         if body.is_end_stream() {
             // No body (HEAD, 204, 304, an empty one): done with the head.
             self.finish(Outcome::Completed);
@@ -268,7 +272,6 @@ impl Exchange {
         .then(sse::Scanner::new);
         let timers = self.gate.settings().http_timers;
         self.abort.set_limit(timers.write_timeout);
-        let stream_after = timers.stream_after;
         if event_stream {
             self.register();
         }
@@ -277,7 +280,7 @@ impl Exchange {
             ex: self,
             inner: body,
             scanner,
-            stream_after,
+            timers,
             draining: false,
             end_now: false,
             timer: None,
@@ -468,8 +471,8 @@ pub struct ForwardedBody {
     inner: Incoming,
     /// An event stream's boundaries, where wsgate may write into it.
     scanner: Option<sse::Scanner>,
-    /// `http.stream_after`, as of the head (read at each part until it is a stream).
-    stream_after: Duration,
+    /// The body's timers as of the head, or of the last reload.
+    timers: HttpTimers,
     /// The drain asked this event stream to end at its next boundary.
     draining: bool,
     /// The part just handed over ended at the boundary the drain waited for.
@@ -532,7 +535,7 @@ impl ForwardedBody {
     /// When a body still open makes the exchange a stream.
     fn stream_at(&self) -> Instant {
         let head = self.ex.head.as_ref().map_or(self.ex.started, |h| h.at);
-        head + self.stream_after
+        head + self.timers.stream_after
     }
 
     /// hyper asks for more: what was handed over is taken; and what the drain or a
@@ -559,9 +562,8 @@ impl ForwardedBody {
         }
         if let Poll::Ready(requests) = r.entry.poll_requests(cx) {
             if requests.reconfigure() {
-                let timers = self.ex.gate.settings().http_timers;
-                self.ex.abort.set_limit(timers.write_timeout);
-                self.stream_after = timers.stream_after;
+                self.timers = self.ex.gate.settings().http_timers;
+                self.ex.abort.set_limit(self.timers.write_timeout);
                 // A deadline may have moved later: start the timer afresh.
                 self.timer = None;
             }
@@ -577,7 +579,12 @@ impl ForwardedBody {
     /// The body waits for the backend: the timers' turn. Ready with what a timer
     /// decided, or pending until the next deadline.
     fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Cut>>> {
-        let timers = self.ex.gate.settings().http_timers;
+        let timers = self.timers;
+        let heartbeat = timers.sse_heartbeat.is_some() && self.scanner.is_some();
+        if self.ex.registration.is_some() && timers.stream_idle_timeout.is_none() && !heartbeat {
+            // No deadline to watch (the common stream): no clock to read either.
+            return Poll::Pending;
+        }
         loop {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
@@ -650,51 +657,46 @@ impl hyper::body::Body for ForwardedBody {
         if this.end_now || (this.draining && this.scanner.is_some_and(|s| s.at_boundary())) {
             return this.end(Outcome::Shutdown);
         }
-        // Twice at most: a connection polled for the first time may only then hand the
-        // body the bytes it read with the head.
-        for first in [true, false] {
-            if let Some(lease) = &mut this.ex.lease {
-                let _ = lease.drive(cx);
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let frame = match frame.into_data() {
-                        Ok(data) => data,
-                        // Trailers pass as they are.
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    };
-                    let mut data = frame;
-                    if let Some(scanner) = &mut this.scanner {
-                        let boundary = scanner.feed(&data);
-                        if this.draining
-                            && let Some(at) = boundary
-                        {
-                            // The rest belongs to the next event, which the client
-                            // will not get: the stream ends here.
-                            data.truncate(at);
-                            this.end_now = true;
-                        }
+        let inner = &mut this.inner;
+        let polled = match &mut this.ex.lease {
+            Some(lease) => lease.poll(cx, |own| Pin::new(&mut *inner).poll_frame(own)),
+            None => Pin::new(inner).poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let mut data = match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers pass as they are.
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                };
+                if let Some(scanner) = &mut this.scanner {
+                    let boundary = scanner.feed(&data);
+                    if this.draining
+                        && let Some(at) = boundary
+                    {
+                        // The rest belongs to the next event, which the client will
+                        // not get: the stream ends here.
+                        data.truncate(at);
+                        this.end_now = true;
                     }
-                    let polled = this.hand_over(data, Instant::now());
-                    if this.inner.is_end_stream() && !this.end_now {
-                        // hyper will not ask again: the body is whole.
-                        this.ex.finish(Outcome::Completed);
-                    }
-                    return polled;
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "the backend's response body failed");
-                    return this.cut(
-                        Outcome::BackendAborted,
-                        "the backend's response ended early",
-                    );
+                let polled = this.hand_over(data, Instant::now());
+                if this.inner.is_end_stream() && !this.end_now {
+                    // hyper will not ask again: the body is whole.
+                    this.ex.finish(Outcome::Completed);
                 }
-                Poll::Ready(None) => return this.end(Outcome::Completed),
-                Poll::Pending if first => continue,
-                Poll::Pending => {}
+                polled
             }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "the backend's response body failed");
+                this.cut(
+                    Outcome::BackendAborted,
+                    "the backend's response ended early",
+                )
+            }
+            Poll::Ready(None) => this.end(Outcome::Completed),
+            Poll::Pending => this.waiting(cx),
         }
-        this.waiting(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -14,7 +14,9 @@
 //!    WebSocket or an HTTP request, and however many share one HTTP/2 connection.
 //! 2. A plain request goes to [`proxy`] as one [`exchange::Exchange`]: it borrows an
 //!    HTTP/1.1 connection from its worker's pool of idle [`backend`] connections and
-//!    drives it in its own task, the request body counted on the way ([`body`], header
+//!    drives it in its own task, with a waker of its own ([`wakeups`]: the task runs
+//!    for what happens outside it, not for its own polls), the request body counted
+//!    on the way ([`body`], header
 //!    rules in [`headers`]). The response streams back in an
 //!    [`exchange::ForwardedBody`], which sees where the exchange ends: the body's end,
 //!    the backend failing (a truncation toward the client, never a clean end), a timer,
@@ -91,6 +93,7 @@ pub mod sse;
 mod stream;
 mod tls;
 pub mod upgrade;
+mod wakeups;
 mod worker;
 
 use std::future::Future;
