@@ -175,11 +175,14 @@ impl Backend {
 /// The request sender of a backend connection.
 pub type Sender = http1::SendRequest<RequestBody>;
 
+/// A request the connection could not take, given back when it was never sent.
+pub type TrySendError = hyper::client::conn::TrySendError<hyper::Request<RequestBody>>;
+
 /// A backend connection lent to one exchange, which drives it in its own task: the
 /// request goes out and the response comes in as the exchange polls it, with no other
 /// task and no channel between them. Dropping it closes the connection.
 pub struct Lease {
-    pub sender: Sender,
+    sender: Sender,
     conn: Pin<Box<Connection>>,
     /// The connection future completed: the connection is closed or failed.
     finished: bool,
@@ -213,6 +216,17 @@ impl Lease {
             drive(conn, finished, own);
             reader(own)
         })
+    }
+
+    /// Hands `req` to the connection; it goes out when the lease is next polled (which
+    /// the caller does at once: the wake-up it causes is left to that poll).
+    pub fn send(
+        &mut self,
+        req: hyper::Request<RequestBody>,
+    ) -> impl Future<Output = Result<hyper::Response<hyper::body::Incoming>, TrySendError>> + use<>
+    {
+        let sender = &mut self.sender;
+        self.wakeups.quietly(|| sender.try_send_request(req))
     }
 
     /// The next [`Lease::poll`] runs though nothing woke the connection: a new reader

@@ -181,7 +181,7 @@ impl Exchange {
                 }
             };
             let lease = self.lease.insert(lease);
-            let mut sent = pin!(lease.sender.try_send_request(req));
+            let mut sent = pin!(lease.send(req));
             let answer = std::future::poll_fn(|cx| {
                 // The connection writes the request and reads the answer as it is
                 // driven here, in the exchange's task.

@@ -103,6 +103,16 @@ impl Wakeups {
         Poll::Pending
     }
 
+    /// Runs `f`, which is about to be followed by a poll of the side (a request handed
+    /// to the connection): what it wakes is left to that poll, not sent to the task.
+    pub fn quietly<R>(&self, f: impl FnOnce() -> R) -> R {
+        let s = &*self.shared;
+        s.polling.store(true, Ordering::SeqCst);
+        let r = f();
+        s.polling.store(false, Ordering::SeqCst);
+        r
+    }
+
     /// The next [`Wakeups::poll`] runs whatever woke or did not: the side changes
     /// hands (a new task), or a reader that has never asked joins it.
     pub fn rouse(&self) {
@@ -211,6 +221,22 @@ mod tests {
             Poll::Pending
         });
         assert_eq!(rounds, ROUNDS + 1);
+    }
+
+    #[test]
+    fn what_a_request_handed_over_wakes_is_left_to_the_next_poll() {
+        let w = Wakeups::default();
+        let (count, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let _ = w.poll(&mut cx, |_| -> Poll<()> { Poll::Pending });
+        w.quietly(|| w.waker().wake_by_ref());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "the task was not woken");
+        let mut rounds = 0;
+        let _ = w.poll(&mut cx, |_| -> Poll<()> {
+            rounds += 1;
+            Poll::Pending
+        });
+        assert_eq!(rounds, 1, "but the side is polled");
     }
 
     #[test]
