@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Profiles a release wsgate under one load of the benchmark, on loopback.
+# Profiles a release wsgate (or nginx, the anchor) under one load of the benchmark, on
+# loopback.
 #
 #   bash bench/profile.sh TOOL MODE [SECONDS]
 #
@@ -10,26 +11,35 @@
 #                functions by self cost (slow: run at least 6 s)
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
 #       http: keep-alive `GET /small` (100 B) with wrk (-t1, CONNECTIONS, default 50)
-#       to an nginx origin made from bench/origin.conf, figures per request
+#       to an nginx origin made from bench/origin.conf, figures per request, or
+#       sse: CONNECTIONS (default 200) event streams at 10 events/s each from the
+#       load generator's own backend (`wsgate-bench load --mode sse-load`), figures
+#       per event (opening the streams included)
 #
-# Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and
-# perf, strace or valgrind (and for http: nginx and wrk) (Debian: linux-perf, strace, valgrind). Output goes to stdout;
-# raw data stays in a temporary directory that is printed first. Environment:
+# Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and perf,
+# strace or valgrind (and for http: nginx and wrk) (Debian: linux-perf, strace,
+# valgrind). Output goes to stdout; raw data stays in a temporary directory that is
+# printed first. Environment: PROXY (`wsgate`, or `nginx`: the benchmark's nginx from
+# bench/nginx.conf, one worker and no master process so that one process does all the
+# work, no access log; CONFIG, RUST_LOG and WORKERS are then wsgate's only);
 # CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
 # 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
 # `lean`: as `wsgate-lean` — pings off, no admin listener, RUST_LOG=warn), CONNECTIONS
 # (the load's connections), RUST_LOG (overrides the configuration's log level), WORKERS
-# (wsgate's `workers`, default "auto"). The admin listener is not scraped here.
+# (wsgate's `workers`, default "auto"), WSGATE (another wsgate binary to profile, e.g.
+# an earlier commit's build, for a before/after count). The admin listener is not
+# scraped here.
 set -euo pipefail
 
 tool=${1:?TOOL: perf, strace or callgrind}
-mode=${2:?MODE: echo, bulk, latency, churn or http}
+mode=${2:?MODE: echo, bulk, latency, churn, http or sse}
 secs=${3:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release
 tmp=$(mktemp -d)
 unit=message
 [ "$mode" = http ] && unit=request
+[ "$mode" = sse ] && unit=event
 echo "profile: $tool under $mode for ${secs}s, ${CONFIG:-default} configuration; data in $tmp"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -61,10 +71,13 @@ if [ "$mode" = http ]; then
         -e "s|{{SMALL}}|$small|g" -e "s|{{PIECE}}|$piece|" \
         "$root/bench/origin.conf" >"$tmp/origin.conf"
     nginx -c "$tmp/origin.conf" -e "$tmp/origin-error.log" 2>"$tmp/echo.log" &
+    echo_pid=$!
+elif [ "$mode" = sse ]; then
+    echo_pid="" # the load generator is the backend
 else
     "$bin/wsgate-bench" echo --listen "127.0.0.1:$backend_port" 2>"$tmp/echo.log" &
+    echo_pid=$!
 fi
-echo_pid=$!
 cat >"$tmp/wsgate.toml" <<EOF
 listen = "127.0.0.1:$listen_port"
 backend = "http://127.0.0.1:$backend_port"
@@ -79,9 +92,26 @@ wrap=()
 if [ "$tool" = callgrind ]; then
     wrap=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$tmp/callgrind.out")
 fi
-RUST_LOG=${RUST_LOG:-$level} "${wrap[@]}" "$bin/wsgate" --config "$tmp/wsgate.toml" 2>"$tmp/wsgate.log" &
+case ${PROXY:-wsgate} in
+wsgate)
+    RUST_LOG=${RUST_LOG:-$level} "${wrap[@]}" "${WSGATE:-$bin/wsgate}" --config "$tmp/wsgate.toml" \
+        2>"$tmp/wsgate.log" &
+    ;;
+nginx)
+    mkdir -p "$tmp/proxy"
+    sed -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" -e "s|{{BACKEND}}|127.0.0.1:$backend_port|" \
+        -e "s|{{DIR}}|$tmp/proxy|g" -e "s|{{WORKERS}}|1|" -e "s|{{ACCESS_LOG}}|access_log off;|" \
+        -e "s|{{LISTEN_TLS}}||" -e "s|{{TLS}}||" -e "s|^master_process on;|master_process off;|" \
+        "$root/bench/nginx.conf" >"$tmp/proxy.conf"
+    "${wrap[@]}" nginx -c "$tmp/proxy.conf" -e "$tmp/proxy/error.log" 2>"$tmp/wsgate.log" &
+    ;;
+*)
+    echo "unknown PROXY $PROXY: wsgate or nginx" >&2
+    exit 2
+    ;;
+esac
 wsgate_pid=$!
-cleanup() { kill "$wsgate_pid" "$echo_pid" 2>/dev/null || true; }
+cleanup() { kill "$wsgate_pid" ${echo_pid:+"$echo_pid"} 2>/dev/null || true; }
 trap cleanup EXIT
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$listen_port") 2>/dev/null && break
@@ -93,6 +123,14 @@ load() {
         # wrk's total of completed requests ("N requests in ...").
         wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "http://127.0.0.1:$listen_port/small" |
             awk '/requests in/ {print $1}'
+        return
+    fi
+    if [ "$mode" = sse ]; then
+        # Every event the streams received.
+        "$bin/wsgate-bench" load --mode sse-load --connections "${CONNECTIONS:-200}" \
+            --url "http://127.0.0.1:$listen_port/events" \
+            --backend-listen "127.0.0.1:$backend_port" --duration "${1}s" --warmup 0s 2>&1 |
+            sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["received"])'
         return
     fi
     "$bin/wsgate-bench" load --mode "$mode" ${CONNECTIONS:+--connections "$CONNECTIONS"} \
