@@ -10,8 +10,9 @@
 #       callgrind valgrind's exact user-space instruction count per message, then the
 #                functions by self cost (slow: run at least 6 s)
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
-#       http: keep-alive `GET /small` (100 B) with wrk (-t1, CONNECTIONS, default 50)
-#       to an nginx origin made from bench/origin.conf, figures per request, or
+#       http: keep-alive `GET /small` (100 B; HTTP_PATH=/large: 16 KiB) with wrk (-t1,
+#       CONNECTIONS, default 50) to an nginx origin made from bench/origin.conf,
+#       figures per request, or
 #       sse: CONNECTIONS (default 200) event streams at 10 events/s each from the
 #       load generator's own backend (`wsgate-bench load --mode sse-load`), figures
 #       per event (opening the streams included)
@@ -121,7 +122,7 @@ done
 load() {
     if [ "$mode" = http ]; then
         # wrk's total of completed requests ("N requests in ...").
-        wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "http://127.0.0.1:$listen_port/small" |
+        wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "http://127.0.0.1:$listen_port${HTTP_PATH:-/small}" |
             awk '/requests in/ {print $1}'
         return
     fi
