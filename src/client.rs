@@ -556,6 +556,69 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
+    /// A socket that fails as the kernel fails one once TCP keepalive or
+    /// TCP_USER_TIMEOUT gave up on the peer (a laptop that slept, a cable pulled), or
+    /// with another error.
+    struct Failing(io::ErrorKind);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(self.0.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn conn() -> Arc<ClientConn> {
+        let slots = Arc::new(Slots::new(1));
+        ClientConn::new(
+            1,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            0,
+            false,
+            slots.try_take().unwrap(),
+            metrics::Gauge::noop(),
+            &Arc::new(Clients::new(1)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_peer_the_kernel_gave_up_on_makes_the_connection_unresponsive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A read or a write that timed out: its exchanges end as client_unresponsive.
+        let c = conn();
+        let mut io = ClientIo::new(Failing(io::ErrorKind::TimedOut), c.clone(), None);
+        assert!(io.read(&mut [0; 8]).await.is_err());
+        assert_eq!(c.cause(), Some(Outcome::ClientUnresponsive));
+        let c = conn();
+        let mut io = ClientIo::new(Failing(io::ErrorKind::TimedOut), c.clone(), None);
+        assert!(io.write(b"event").await.is_err());
+        assert_eq!(c.cause(), Some(Outcome::ClientUnresponsive));
+        // A reset says only that the client left (client_aborted, the default).
+        let c = conn();
+        let mut io = ClientIo::new(Failing(io::ErrorKind::ConnectionReset), c.clone(), None);
+        assert!(io.write(b"event").await.is_err());
+        assert_eq!(c.cause(), None);
+    }
+
     #[test]
     fn slots_follow_the_limit_in_force() {
         let slots = Arc::new(Slots::new(2));
