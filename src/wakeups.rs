@@ -137,56 +137,58 @@ mod tests {
 
     use super::*;
 
+    /// A task's waker that counts its wake-ups.
     #[derive(Default)]
-    struct Count(AtomicUsize);
+    struct Task(AtomicUsize);
 
-    impl Wake for Count {
+    impl Wake for Task {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    fn task() -> (Arc<Count>, Waker) {
-        let count = Arc::new(Count::default());
-        (count.clone(), Waker::from(count))
+    impl Task {
+        fn new() -> (Arc<Task>, Waker) {
+            let task = Arc::new(Task::default());
+            (task.clone(), Waker::from(task))
+        }
+
+        fn woken(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Polls the side for the task of `waker` with rounds that find nothing; how many ran.
+    fn quiet_poll(w: &Wakeups, waker: &Waker) -> usize {
+        let mut rounds = 0;
+        let polled: Poll<()> = w.poll(&mut Context::from_waker(waker), |_| {
+            rounds += 1;
+            Poll::Pending
+        });
+        assert!(polled.is_pending());
+        rounds
     }
 
     #[test]
     fn a_quiet_side_is_not_polled_and_a_wake_from_outside_reaches_the_task() {
         let w = Wakeups::default();
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
-        let mut rounds = 0;
+        let (task, waker) = Task::new();
         // The first poll runs; nothing woke the side since, so the next does not.
-        let polled: Poll<()> = w.poll(&mut cx, |_| {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert!(polled.is_pending());
-        assert_eq!(rounds, 1);
-        let _ = w.poll(&mut cx, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, 1);
+        assert_eq!(quiet_poll(&w, &waker), 1);
+        assert_eq!(quiet_poll(&w, &waker), 0);
         // The socket becomes readable: the task is woken, and the side polled again.
         w.waker().wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        let _ = w.poll(&mut cx, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, 2);
+        assert_eq!(task.woken(), 1);
+        assert_eq!(quiet_poll(&w, &waker), 1);
     }
 
     #[test]
     fn a_wake_from_within_a_round_runs_another_round_not_the_task() {
         let w = Wakeups::default();
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
+        let (task, waker) = Task::new();
         let mut rounds = 0;
         // Round 1 wakes the side (a body part handed over); round 2 takes it.
-        let polled = w.poll(&mut cx, |own| {
+        let polled = w.poll(&mut Context::from_waker(&waker), |own| {
             rounds += 1;
             if rounds == 1 {
                 own.waker().wake_by_ref();
@@ -197,72 +199,50 @@ mod tests {
         });
         assert_eq!(polled, Poll::Ready("part"));
         assert_eq!(rounds, 2);
-        assert_eq!(count.0.load(Ordering::SeqCst), 0, "the task was not woken");
+        assert_eq!(task.woken(), 0, "the task was not woken");
     }
 
     #[test]
     fn a_side_that_keeps_waking_itself_hands_back_to_the_task() {
         let w = Wakeups::default();
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
+        let (task, waker) = Task::new();
         let mut rounds = 0;
         // As tokio's spent budget does: every poll wakes at once.
-        let polled: Poll<()> = w.poll(&mut cx, |own| {
+        let polled: Poll<()> = w.poll(&mut Context::from_waker(&waker), |own| {
             rounds += 1;
             own.waker().wake_by_ref();
             Poll::Pending
         });
         assert!(polled.is_pending());
         assert_eq!(rounds, ROUNDS);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the task runs again");
+        assert_eq!(task.woken(), 1, "the task runs again");
         // And when it does, the side is polled.
-        let _ = w.poll(&mut cx, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, ROUNDS + 1);
+        assert_eq!(quiet_poll(&w, &waker), 1);
     }
 
     #[test]
     fn what_a_request_handed_over_wakes_is_left_to_the_next_poll() {
         let w = Wakeups::default();
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
-        let _ = w.poll(&mut cx, |_| -> Poll<()> { Poll::Pending });
+        let (task, waker) = Task::new();
+        quiet_poll(&w, &waker);
         w.quietly(|| w.waker().wake_by_ref());
-        assert_eq!(count.0.load(Ordering::SeqCst), 0, "the task was not woken");
-        let mut rounds = 0;
-        let _ = w.poll(&mut cx, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, 1, "but the side is polled");
+        assert_eq!(task.woken(), 0, "the task was not woken");
+        assert_eq!(quiet_poll(&w, &waker), 1, "but the side is polled");
     }
 
     #[test]
     fn a_side_in_the_pool_wakes_no_task_and_is_polled_when_taken() {
         let w = Wakeups::default();
-        let (count, waker) = task();
-        let mut cx = Context::from_waker(&waker);
-        let _ = w.poll(&mut cx, |_| -> Poll<()> { Poll::Pending });
+        let (task, waker) = Task::new();
+        quiet_poll(&w, &waker);
         w.forget_task();
         w.waker().wake_by_ref();
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(task.woken(), 0);
         // Another task takes it: the mark is still there.
-        let (_, waker2) = task();
-        let mut cx2 = Context::from_waker(&waker2);
-        let mut rounds = 0;
-        let _ = w.poll(&mut cx2, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, 1);
+        let (_, other) = Task::new();
+        assert_eq!(quiet_poll(&w, &other), 1);
         // rouse: the next poll runs though nothing woke it.
         w.rouse();
-        let _ = w.poll(&mut cx2, |_| -> Poll<()> {
-            rounds += 1;
-            Poll::Pending
-        });
-        assert_eq!(rounds, 2);
+        assert_eq!(quiet_poll(&w, &other), 1);
     }
 }
