@@ -117,93 +117,100 @@ impl Exchange {
     }
 
     /// Sends `req` to the backend and waits for the response head, at most until
-    /// `deadline`; the exchange comes back with the answer. A request a reused
-    /// connection turned out unable to take (the backend closed it meanwhile) goes once
-    /// more, on a new connection.
-    pub async fn send(
+    /// `deadline`: the response for a client speaking `client_version`, with a body
+    /// that carries the exchange on (see [`Exchange::respond`]), or the error wsgate
+    /// answers with, recorded. A request a reused connection turned out unable to take
+    /// (the backend closed it meanwhile) goes once more, on a new connection.
+    // One async block, and no async fn: an async fn keeps a second copy of its
+    // arguments (the request, the exchange) in its future, and each level of nesting
+    // more. This future is boxed per request: nested, it was 2 KiB, past the
+    // allocator's fast sizes, and its parts were copied two dozen times.
+    #[allow(clippy::manual_async_fn)]
+    pub fn forward(
         mut self,
-        req: Request<RequestBody>,
-        deadline: Option<tokio::time::Instant>,
-    ) -> (Exchange, Result<Response<Incoming>, ProxyError>) {
-        // The first poll: on an HTTP/2 stream, inside its task's first poll, which
-        // hands the task's abort over (hyper makes a stream's request future in the
-        // connection's task, before it spawns the stream's).
-        if let Some(abort) = Abort::take_current() {
-            self.abort = abort;
-        }
-        let answer = self.request(req, deadline).await;
-        (self, answer)
-    }
-
-    async fn request(
-        &mut self,
-        req: Request<RequestBody>,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        // The task's watch wakes it by the deadline (see `crate::abort`); each poll
-        // below checks it. No timer of the exchange's own.
-        let due = deadline.map(tokio::time::Instant::into_std);
-        self.abort.set_head_due(due);
-        let answer = self.request_until(req, due).await;
-        self.abort.set_head_due(None);
-        answer
-    }
-
-    /// [`Exchange::request`], with the head due at `due`.
-    async fn request_until(
-        &mut self,
         mut req: Request<RequestBody>,
-        due: Option<Instant>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        // The task's watch marks the head overdue and wakes the task (see
-        // `crate::abort::Watch`): a flag, not a clock, per poll.
-        let abort = self.abort.clone();
-        let overdue = || due.is_some() && abort.head_overdue();
-        let worker = self.busy.worker;
-        loop {
-            let pooled = std::future::poll_fn(|cx| {
-                Poll::Ready(self.gate.settings().backend.take(worker, cx))
-            })
-            .await;
-            let lease = match pooled {
-                Some(lease) => lease,
-                None => {
-                    let settings = self.gate.settings_full();
-                    // Boxed: a connect's future is large, and most requests reuse a
-                    // connection; inline it would make every request's future larger.
-                    let mut fresh = Box::pin(settings.backend.fresh());
-                    std::future::poll_fn(|cx| match fresh.as_mut().poll(cx) {
-                        Poll::Ready(lease) => Poll::Ready(lease),
-                        Poll::Pending if overdue() => Poll::Ready(Err(ProxyError::BackendTimeout)),
-                        Poll::Pending => Poll::Pending,
-                    })
-                    .await?
-                }
-            };
-            let lease = self.lease.insert(lease);
-            let mut sent = pin!(lease.send(req));
-            let answer = std::future::poll_fn(|cx| {
-                // The connection writes the request and reads the answer as it is
-                // driven here, in the exchange's task.
-                match lease.poll(cx, |own| sent.as_mut().poll(own)) {
-                    Poll::Ready(answer) => Poll::Ready(Ok(answer)),
-                    Poll::Pending if overdue() => Poll::Ready(Err(ProxyError::BackendTimeout)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await?;
-            match answer {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => {
-                    let reused = lease.is_reused();
-                    self.lease = None;
-                    match e.take_message() {
-                        Some(unsent) if reused => req = unsent,
-                        _ => {
-                            tracing::debug!(error = %e.error(), "backend request failed");
-                            return Err(ProxyError::BackendFailed);
+        deadline: Option<tokio::time::Instant>,
+        client_version: Version,
+    ) -> impl Future<Output = Result<Response<Option<ForwardedBody>>, ProxyError>> + Send + 'static
+    {
+        async move {
+            // The first poll: on an HTTP/2 stream, inside its task's first poll, which
+            // hands the task's abort over (hyper makes a stream's request future in the
+            // connection's task, before it spawns the stream's).
+            if let Some(abort) = Abort::take_current() {
+                self.abort = abort;
+            }
+            // The task's watch wakes it by the deadline and marks the head overdue (see
+            // `crate::abort::Watch`): each poll below checks a flag, not a clock, and the
+            // exchange has no timer of its own.
+            let due = deadline.is_some();
+            self.abort
+                .set_head_due(deadline.map(tokio::time::Instant::into_std));
+            let worker = self.busy.worker;
+            let answer = loop {
+                let overdue = || due && self.abort.head_overdue();
+                let pooled = std::future::poll_fn(|cx| {
+                    Poll::Ready(self.gate.settings().backend.take(worker, cx))
+                })
+                .await;
+                let lease = match pooled {
+                    Some(lease) => lease,
+                    None => {
+                        let settings = self.gate.settings_full();
+                        // Boxed: a connect's future is large, and most requests reuse a
+                        // connection; inline it would make every request's future larger.
+                        let mut fresh = Box::pin(settings.backend.fresh());
+                        let fresh = std::future::poll_fn(|cx| match fresh.as_mut().poll(cx) {
+                            Poll::Ready(lease) => Poll::Ready(lease),
+                            Poll::Pending if overdue() => {
+                                Poll::Ready(Err(ProxyError::BackendTimeout))
+                            }
+                            Poll::Pending => Poll::Pending,
+                        })
+                        .await;
+                        match fresh {
+                            Ok(lease) => lease,
+                            Err(e) => break Err(e),
                         }
                     }
+                };
+                let abort = &self.abort;
+                let lease = self.lease.insert(lease);
+                let mut sent = pin!(lease.send(req));
+                let answer = std::future::poll_fn(|cx| {
+                    // The connection writes the request and reads the answer as it is
+                    // driven here, in the exchange's task.
+                    match lease.poll(cx, |own| sent.as_mut().poll(own)) {
+                        Poll::Ready(answer) => Poll::Ready(Some(answer)),
+                        Poll::Pending if due && abort.head_overdue() => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await;
+                match answer {
+                    None => break Err(ProxyError::BackendTimeout),
+                    Some(Ok(resp)) => break Ok(resp),
+                    Some(Err(mut e)) => {
+                        let reused = lease.is_reused();
+                        self.lease = None;
+                        match e.take_message() {
+                            Some(unsent) if reused => req = unsent,
+                            _ => {
+                                tracing::debug!(error = %e.error(), "backend request failed");
+                                break Err(ProxyError::BackendFailed);
+                            }
+                        }
+                    }
+                }
+            };
+            self.abort.set_head_due(None);
+            // Answered here, in the future, rather than by its caller: the exchange and
+            // the answer are not copied out of it first.
+            match answer {
+                Ok(resp) => Ok(self.respond(resp, client_version)),
+                Err(e) => {
+                    self.refuse(e);
+                    Err(e)
                 }
             }
         }
@@ -211,7 +218,7 @@ impl Exchange {
 
     /// wsgate answers the request itself because of `error` (the caller writes the
     /// answer): recorded with its outcome.
-    pub fn refuse(mut self, error: ProxyError) {
+    fn refuse(mut self, error: ProxyError) {
         self.head = Some(Head {
             status: error.status().as_u16(),
             at: Instant::now(),
@@ -229,7 +236,7 @@ impl Exchange {
 
     /// The backend's response head arrived: the client gets it, with a body that carries
     /// the exchange on (`None`: there is no body, and the exchange is over).
-    pub fn respond(
+    fn respond(
         mut self,
         resp: Response<Incoming>,
         client_version: Version,

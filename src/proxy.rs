@@ -147,38 +147,28 @@ pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwardin
     parts.version = Version::HTTP_11;
     let body = ex.request_body(body);
     let deadline = exchange::deadline(limit);
-    Forwarding {
-        sending: Box::pin(ex.send(Request::from_parts(parts, body), deadline)),
-        client_version,
-    }
+    let request = Request::from_parts(parts, body);
+    Forwarding(Box::pin(ex.forward(request, deadline, client_version)))
 }
 
 /// A forwarded request waiting for its response head. The wait is boxed: it is most of
 /// the request's state, and hyper moves a request's future a few times; one allocation
-/// costs less than copying it each time (this future is a pointer and a byte).
-pub struct Forwarding {
-    sending: Pin<Box<dyn Future<Output = Sent> + Send>>,
-    client_version: Version,
-}
+/// costs less than copying it each time (this future is a pointer).
+pub struct Forwarding(Pin<Box<dyn Future<Output = Answered> + Send>>);
 
-/// An exchange whose request went out, and the backend's answer.
-type Sent = (Exchange, Result<Response<Incoming>, ProxyError>);
+/// The response for the client, or the error wsgate answers with.
+type Answered = Result<Response<Option<ForwardedBody>>, ProxyError>;
 
 impl Future for Forwarding {
     type Output = Response<Body>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
-        let this = self.get_mut();
-        let (ex, answer) = std::task::ready!(this.sending.as_mut().poll(cx));
-        Poll::Ready(match answer {
-            Ok(resp) => ex
-                .respond(resp, this.client_version)
-                .map(|body| body.map_or_else(Body::empty, Body::Forwarded)),
-            Err(e) => {
-                ex.refuse(e);
-                error_response(e, e.message())
-            }
-        })
+        Poll::Ready(
+            match std::task::ready!(self.get_mut().0.as_mut().poll(cx)) {
+                Ok(resp) => resp.map(|body| body.map_or_else(Body::empty, Body::Forwarded)),
+                Err(e) => error_response(e, e.message()),
+            },
+        )
     }
 }
 
