@@ -41,9 +41,19 @@ pub struct HopByHop<'a> {
 
 impl<'a> HopByHop<'a> {
     pub fn of(headers: &'a HeaderMap) -> Self {
+        let connection = headers.get_all(header::CONNECTION);
+        Self::named_by(|| connection.iter())
+    }
+
+    /// Those that `connection` (the values of a `Connection` header, each time it is
+    /// called) names.
+    fn named_by<I>(connection: impl Fn() -> I) -> Self
+    where
+        I: Iterator<Item = &'a HeaderValue>,
+    {
         // The usual values name nothing beyond the fixed list: say so without taking
         // them apart.
-        let plain = headers.get_all(header::CONNECTION).iter().all(|v| {
+        let plain = connection().all(|v| {
             let v = v.as_bytes().trim_ascii();
             v.eq_ignore_ascii_case(b"keep-alive")
                 || v.eq_ignore_ascii_case(b"close")
@@ -52,7 +62,10 @@ impl<'a> HopByHop<'a> {
         if plain {
             return HopByHop { named: Vec::new() };
         }
-        let named = header_tokens(headers, header::CONNECTION)
+        let named = connection()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
             .filter(|t| {
                 !t.is_empty()
                     && !HOP_BY_HOP
@@ -116,18 +129,23 @@ fn remove_present(headers: &mut HeaderMap, present: u8) {
     if present == 0 {
         return;
     }
-    // `Connection` is the first of the fixed list: only then can it name others.
-    if present & 1 != 0 {
-        let named: Vec<HeaderName> = HopByHop::of(headers)
+    // `Connection` is the first of the fixed list: only then can it name others. It is
+    // read and removed with one lookup (a response's `Connection: keep-alive` is
+    // removed on nearly every request).
+    if present & 1 != 0
+        && let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
+    {
+        let named: Vec<HeaderName> = HopByHop::named_by(|| connection.iter())
             .named
             .iter()
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
+        drop(connection.remove_entry_mult());
         for name in &named {
             headers.remove(name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
