@@ -294,7 +294,11 @@ impl Pool {
                 continue;
             }
             let mut lease = idle.lease;
-            // The backend may have closed it meanwhile: poll it for this task.
+            // The backend may have closed it meanwhile: poll it for this task, woken
+            // or not. (Polling only a woken one saves nothing: the poll that ended its
+            // last response always leaves it woken. And the request's own poll cannot
+            // make this check: hyper, finding the end then, keeps the request queued
+            // in the closed connection instead of giving it back to go on another.)
             lease.rouse();
             let _ = lease.poll(cx, |_| Poll::<()>::Pending);
             if lease.is_reusable() {
@@ -428,6 +432,32 @@ mod tests {
     /// A GET without a body.
     fn hyper_body() -> Request<RequestBody> {
         Request::get("/").body(RequestBody::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_backend_closed_is_not_taken() {
+        let (backend, mut accepted) = backend().await;
+        let mut lease = backend.fresh().await.unwrap();
+        let mut server = accepted.recv().await.unwrap();
+        exchange(&mut lease, &mut server).await;
+        backend.put(0, lease);
+        // The backend closes it while it waits. Until its end reaches the connection, a
+        // take may still find it open (and it goes back); once it has, the take's poll
+        // must find it closed. Without that poll, it would be taken forever.
+        drop(server);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match std::future::poll_fn(|cx| Poll::Ready(backend.take(0, cx))).await {
+                    Some(lease) => backend.put(0, lease),
+                    None => break,
+                }
+                // Lets the runtime's I/O driver run (a yield is woken after it).
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a closed connection was taken from the pool until the timeout");
+        assert_eq!(backend.pool(0).len(), 0);
     }
 
     #[tokio::test]
