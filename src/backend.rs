@@ -2,25 +2,20 @@
 //! `https://` backend, all within `http.connect_timeout` — used by both paths. A
 //! WebSocket gets a dedicated connection from [`Backend::connect`]; an HTTP exchange
 //! borrows an HTTP/1.1 connection ([`Lease`]) from its worker's [`Pool`] of idle ones,
-//! or a new one from the same [`Connector`], drives it in its own task and gives it back
-//! when its response has ended.
+//! or a new one from the same [`Connector`], drives it in its own task with
+//! [`crate::h1`] and gives it back when its response has ended.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
 use crate::config::{self, Config};
 use crate::error::{ProxyError, TlsError};
+use crate::h1;
 use crate::stream::Stream;
 use crate::tls::BackendTls;
-use crate::wakeups::Wakeups;
 
 /// How long an idle backend connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,6 +31,8 @@ struct Target {
     /// TLS toward an `https://` backend.
     tls: Option<BackendTls>,
     connect_timeout: Duration,
+    /// The longest response head accepted from the backend.
+    max_header_size: usize,
 }
 
 impl Connector {
@@ -51,6 +48,7 @@ impl Connector {
             backend: config.backend.clone(),
             tls,
             connect_timeout: config.http.connect_timeout,
+            max_header_size: config.http.max_header_size,
         })))
     }
 
@@ -143,20 +141,10 @@ impl Backend {
     /// A new HTTP/1.1 connection.
     pub async fn fresh(&self) -> Result<Lease, ProxyError> {
         let stream = self.connector.connect().await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| {
-                tracing::debug!(error = %e, "backend HTTP/1.1 handshake failed");
-                ProxyError::BackendFailed
-            })?;
         Ok(Lease {
-            sender,
-            conn: Box::pin(conn),
-            finished: false,
+            conn: h1::Conn::new(stream, self.connector.0.max_header_size),
             reused: false,
             origin: self.connector.clone(),
-            wakeups: Wakeups::default(),
         })
     }
 
@@ -172,67 +160,48 @@ impl Backend {
     }
 }
 
-/// The request sender of a backend connection.
-pub type Sender = http1::SendRequest<RequestBody>;
-
-/// A request the connection could not take, given back when it was never sent.
-pub type TrySendError = hyper::client::conn::TrySendError<hyper::Request<RequestBody>>;
-
 /// A backend connection lent to one exchange, which drives it in its own task: the
-/// request goes out and the response comes in as the exchange polls it, with no other
-/// task and no channel between them. Dropping it closes the connection.
+/// request goes out and the response comes in as the exchange polls it (see
+/// [`crate::h1`]), with no other task and no channel between them. Dropping it closes
+/// the connection.
 pub struct Lease {
-    sender: Sender,
-    conn: Pin<Box<Connection>>,
-    /// The connection future completed: the connection is closed or failed.
-    finished: bool,
+    conn: h1::Conn,
     /// It served an exchange before this one.
     reused: bool,
     /// The connector that made it: a reload that changes the backend makes another.
     origin: Connector,
-    /// The waker the connection and the response are polled with.
-    wakeups: Wakeups,
 }
 
-type Connection = http1::Connection<TokioIo<Stream>, RequestBody>;
-
 impl Lease {
-    /// Polls the connection (it does the I/O that can be done now), then `reader`
-    /// (what reads the response: its head, then its body) with the lease's own waker,
-    /// only if something woke either since the last poll, and again while their own
-    /// polls wake them (see [`crate::wakeups`]).
-    pub fn poll<R>(
+    /// Starts the exchange of `req`: it goes out as the lease is polled.
+    pub fn start(&mut self, req: h1::Outgoing) {
+        self.conn.start(req);
+    }
+
+    /// Writes the request and reads the response head (see [`h1::Conn::poll_head`]).
+    pub fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: impl FnMut(&mut Context<'_>) -> Poll<R>,
-    ) -> Poll<R> {
-        let Lease {
-            conn,
-            finished,
-            wakeups,
-            ..
-        } = self;
-        wakeups.poll(cx, |own| {
-            drive(conn, finished, own);
-            reader(own)
-        })
+    ) -> Poll<Result<hyper::Response<()>, h1::Failed>> {
+        self.conn.poll_head(cx)
     }
 
-    /// Hands `req` to the connection; it goes out when the lease is next polled (which
-    /// the caller does at once: the wake-up it causes is left to that poll).
-    pub fn send(
+    /// The next part of the response body (see [`h1::Conn::poll_frame`]).
+    pub fn poll_frame(
         &mut self,
-        req: hyper::Request<RequestBody>,
-    ) -> impl Future<Output = Result<hyper::Response<hyper::body::Incoming>, TrySendError>> + use<>
-    {
-        let sender = &mut self.sender;
-        self.wakeups.quietly(|| sender.try_send_request(req))
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, h1::Error>>> {
+        self.conn.poll_frame(cx)
     }
 
-    /// The next [`Lease::poll`] runs though nothing woke the connection: a new reader
-    /// (the response's body) has never asked it for anything.
-    pub fn rouse(&self) {
-        self.wakeups.rouse();
+    /// The response body has ended.
+    pub fn is_end_stream(&self) -> bool {
+        self.conn.is_end_stream()
+    }
+
+    /// What is known of the response body's length.
+    pub fn size_hint(&self) -> hyper::body::SizeHint {
+        self.conn.size_hint()
     }
 
     /// It served an exchange before this one, so a request it cannot take is no sign
@@ -243,29 +212,15 @@ impl Lease {
 
     /// It can carry another request: open, and done with the last one.
     pub fn is_reusable(&self) -> bool {
-        !self.finished && self.sender.is_ready()
+        self.conn.is_reusable()
     }
 
-    /// Polls the connection once, whoever woke it, and tells whether it has ended (the
-    /// backend closed it while it was idle).
+    /// The backend closed it while it was idle (or sent what nobody asked for). Polled
+    /// for no task: the pool's sweep or next take looks again.
     fn has_ended(&mut self) -> bool {
-        let mut own = Context::from_waker(self.wakeups.waker());
-        drive(&mut self.conn, &mut self.finished, &mut own);
-        self.finished
-    }
-}
-
-/// Polls `conn`; `finished` once it has ended (closed by the backend, failed, or done
-/// with a response that closes it).
-fn drive(conn: &mut Pin<Box<Connection>>, finished: &mut bool, cx: &mut Context<'_>) {
-    if *finished {
-        return;
-    }
-    if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "backend connection ended");
-        }
-        *finished = true;
+        !self
+            .conn
+            .poll_idle(&mut Context::from_waker(std::task::Waker::noop()))
     }
 }
 
@@ -294,29 +249,21 @@ impl Pool {
                 continue;
             }
             let mut lease = idle.lease;
-            // The backend may have closed it meanwhile: poll it for this task, woken
-            // or not. (Polling only a woken one saves nothing: the poll that ended its
-            // last response always leaves it woken. And the request's own poll cannot
-            // make this check: hyper, finding the end then, keeps the request queued
-            // in the closed connection instead of giving it back to go on another.)
-            lease.rouse();
-            let _ = lease.poll(cx, |_| Poll::<()>::Pending);
-            if lease.is_reusable() {
+            // The backend may have closed it meanwhile: a read finds its end, and
+            // otherwise leaves a wake-up for this task.
+            if lease.conn.poll_idle(cx) {
                 lease.reused = true;
                 return Some(lease);
             }
         }
     }
 
-    /// Takes `lease` back if it can carry another request; else closes it. A
-    /// connection that will close after all (a `Connection: close` answer) is found
-    /// when it is taken next, which polls it first.
-    fn put(&self, lease: Lease) {
+    /// Takes `lease` back if it can carry another request; else closes it.
+    fn put(&self, mut lease: Lease) {
         if !lease.is_reusable() {
             return;
         }
-        // No task polls it while it waits: a wake-up only marks it.
-        lease.wakeups.forget_task();
+        lease.conn.reset();
         let mut idle = lock(&self.idle);
         if idle.len() >= MAX_IDLE_PER_WORKER {
             // The oldest goes: drop it outside the lock.
@@ -378,6 +325,8 @@ mod tests {
     use hyper::Request;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use crate::body::RequestBody;
+
     use super::*;
 
     /// A backend on loopback that answers every request on a connection with "ok" and
@@ -399,12 +348,7 @@ mod tests {
     /// Sends one GET on `lease` with an empty body, answered by the test through
     /// `server`; drives the connection until the response has ended.
     async fn exchange(lease: &mut Lease, server: &mut TcpStream) {
-        let (parts, body) = hyper_body().into_parts();
-        let mut sent = std::pin::pin!(
-            lease
-                .sender
-                .try_send_request(Request::from_parts(parts, body))
-        );
+        lease.start(h1::Outgoing::new(hyper_body()));
         let mut head = [0u8; 1024];
         let answer = async {
             let n = server.read(&mut head).await.unwrap();
@@ -414,19 +358,18 @@ mod tests {
                 .await
                 .unwrap();
         };
-        let response = std::future::poll_fn(|cx| lease.poll(cx, |own| sent.as_mut().poll(own)));
+        let response = std::future::poll_fn(|cx| lease.poll_head(cx));
         let (resp, ()) = tokio::join!(response, answer);
-        let mut body = resp.ok().unwrap().into_body();
-        use hyper::body::Body as _;
-        lease.rouse();
-        let collected =
-            std::future::poll_fn(|cx| lease.poll(cx, |own| Pin::new(&mut body).poll_frame(own)));
-        let frame = collected.await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), "ok");
+        assert_eq!(resp.ok().unwrap().status(), 200);
+        let frame = std::future::poll_fn(|cx| lease.poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "ok");
         // The end of the body.
-        let end =
-            std::future::poll_fn(|cx| lease.poll(cx, |own| Pin::new(&mut body).poll_frame(own)));
-        assert!(end.await.is_none());
+        assert!(lease.is_end_stream());
+        assert!(
+            std::future::poll_fn(|cx| lease.poll_frame(cx))
+                .await
+                .is_none()
+        );
     }
 
     /// A GET without a body.

@@ -23,13 +23,13 @@
 //! boundary, or its deadline cut the rest); `admin_close`.
 
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, Version};
@@ -42,6 +42,7 @@ use crate::client::Busy;
 use crate::config::HttpLog;
 use crate::error::ProxyError;
 use crate::gate::{Gate, HttpTimers};
+use crate::h1;
 use crate::headers;
 use crate::live::{LiveDetail, LiveHttp, Registration};
 use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
@@ -128,11 +129,14 @@ impl Exchange {
     #[allow(clippy::manual_async_fn)]
     pub fn forward(
         mut self,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         deadline: Option<tokio::time::Instant>,
         client_version: Version,
     ) -> impl Future<Output = Result<Response<Option<ForwardedBody>>, ProxyError>> + Send + 'static
     {
+        // Encoded at once: the bytes are smaller than the request, and the future keeps
+        // them.
+        let mut outgoing = h1::Outgoing::new(req);
         async move {
             // The first poll: on an HTTP/2 stream, inside its task's first poll, which
             // hands the task's abort over (hyper makes a stream's request future in the
@@ -176,11 +180,11 @@ impl Exchange {
                 };
                 let abort = &self.abort;
                 let lease = self.lease.insert(lease);
-                let mut sent = pin!(lease.send(req));
+                lease.start(outgoing);
                 let answer = std::future::poll_fn(|cx| {
                     // The connection writes the request and reads the answer as it is
-                    // driven here, in the exchange's task.
-                    match lease.poll(cx, |own| sent.as_mut().poll(own)) {
+                    // polled here, in the exchange's task.
+                    match lease.poll_head(cx) {
                         Poll::Ready(answer) => Poll::Ready(Some(answer)),
                         Poll::Pending if due && abort.head_overdue() => Poll::Ready(None),
                         Poll::Pending => Poll::Pending,
@@ -190,13 +194,13 @@ impl Exchange {
                 match answer {
                     None => break Err(ProxyError::BackendTimeout),
                     Some(Ok(resp)) => break Ok(resp),
-                    Some(Err(mut e)) => {
+                    Some(Err(failed)) => {
                         let reused = lease.is_reused();
                         self.lease = None;
-                        match e.take_message() {
-                            Some(unsent) if reused => req = unsent,
+                        match failed.unsent {
+                            Some(unsent) if reused => outgoing = unsent,
                             _ => {
-                                tracing::debug!(error = %e.error(), "backend request failed");
+                                tracing::debug!(error = %failed.error, "backend request failed");
                                 break Err(ProxyError::BackendFailed);
                             }
                         }
@@ -214,6 +218,11 @@ impl Exchange {
                 }
             }
         }
+    }
+
+    /// The backend's response body has ended (or there is no connection to read it from).
+    fn body_ended(&self) -> bool {
+        self.lease.as_ref().is_none_or(Lease::is_end_stream)
     }
 
     /// wsgate answers the request itself because of `error` (the caller writes the
@@ -238,10 +247,10 @@ impl Exchange {
     /// the exchange on (`None`: there is no body, and the exchange is over).
     fn respond(
         mut self,
-        resp: Response<Incoming>,
+        resp: Response<()>,
         client_version: Version,
     ) -> Response<Option<ForwardedBody>> {
-        let (mut parts, body) = resp.into_parts();
+        let (mut parts, ()) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         let headers = &parts.headers;
         let event_stream = is_event_stream(headers);
@@ -261,12 +270,7 @@ impl Exchange {
             event_stream,
         });
         self.note_head();
-        if let Some(lease) = &self.lease {
-            // The body has never asked the connection for anything: its first poll
-            // must reach it.
-            lease.rouse();
-        }
-        if body.is_end_stream() {
+        if self.body_ended() {
             // No body (HEAD, 204, 304, an empty one): done with the head.
             self.finish(Outcome::Completed);
             return Response::from_parts(parts, None);
@@ -285,7 +289,6 @@ impl Exchange {
         let now = Instant::now();
         let forwarded = ForwardedBody {
             ex: self,
-            inner: body,
             scanner,
             timers,
             draining: false,
@@ -474,8 +477,8 @@ pub struct Cut(&'static str);
 /// becomes one, writes heartbeats into quiet event streams, ends an event stream at an
 /// event boundary when the drain asks, and ends the exchange with the body.
 pub struct ForwardedBody {
+    /// The exchange, with the backend connection the body is read from.
     ex: Exchange,
-    inner: Incoming,
     /// An event stream's boundaries, where wsgate may write into it.
     scanner: Option<sse::Scanner>,
     /// The body's timers as of the head, or of the last reload.
@@ -664,10 +667,9 @@ impl hyper::body::Body for ForwardedBody {
         if this.end_now || (this.draining && this.scanner.is_some_and(|s| s.at_boundary())) {
             return this.end(Outcome::Shutdown);
         }
-        let inner = &mut this.inner;
         let polled = match &mut this.ex.lease {
-            Some(lease) => lease.poll(cx, |own| Pin::new(&mut *inner).poll_frame(own)),
-            None => Pin::new(inner).poll_frame(cx),
+            Some(lease) => lease.poll_frame(cx),
+            None => Poll::Ready(None),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -688,7 +690,7 @@ impl hyper::body::Body for ForwardedBody {
                     }
                 }
                 let polled = this.hand_over(data, Instant::now());
-                if this.inner.is_end_stream() && !this.end_now {
+                if this.ex.body_ended() && !this.end_now {
                     // hyper will not ask again: the body is whole.
                     this.ex.finish(Outcome::Completed);
                 }
@@ -707,7 +709,7 @@ impl hyper::body::Body for ForwardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ex.ended || (self.inner.is_end_stream() && !self.end_now)
+        self.ex.ended || (self.ex.body_ended() && !self.end_now)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -715,7 +717,10 @@ impl hyper::body::Body for ForwardedBody {
             // Heartbeats, or an end at a boundary, change the length.
             return SizeHint::default();
         }
-        self.inner.size_hint()
+        self.ex
+            .lease
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Lease::size_hint)
     }
 }
 

@@ -14,10 +14,9 @@
 //!    WebSocket or an HTTP request, and however many share one HTTP/2 connection.
 //! 2. A plain request goes to [`proxy`] as one [`exchange::Exchange`]: it borrows an
 //!    HTTP/1.1 connection from its worker's pool of idle [`backend`] connections and
-//!    drives it in its own task, with a waker of its own ([`wakeups`]: the task runs
-//!    for what happens outside it, not for its own polls), the request body counted
-//!    on the way ([`body`], header
-//!    rules in [`headers`]). The response streams back in an
+//!    drives it in its own task: [`h1`], wsgate's own HTTP/1.1 client, writes the
+//!    request and reads the response on the backend's socket as the task polls it, the
+//!    request body counted on the way ([`body`], header rules in [`headers`]). The response streams back in an
 //!    [`exchange::ForwardedBody`], which sees where the exchange ends: the body's end,
 //!    the backend failing (a truncation toward the client, never a clean end), a timer,
 //!    the drain (an event stream ends at an event boundary, found by [`sse`]), an
@@ -70,6 +69,7 @@ mod exchange;
 mod exit;
 pub mod frame;
 mod gate;
+mod h1;
 mod handshake;
 mod headers;
 mod history;
@@ -93,7 +93,6 @@ pub mod sse;
 mod stream;
 mod tls;
 pub mod upgrade;
-mod wakeups;
 mod worker;
 
 use std::future::Future;

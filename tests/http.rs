@@ -528,6 +528,35 @@ async fn a_response_head_over_max_header_size_is_a_502() {
 }
 
 #[tokio::test]
+async fn a_forwarded_responses_head_over_max_header_size_is_a_502_and_one_under_passes() {
+    let (backend_l, backend_addr) = listener().await;
+    let mut config = test_config(backend_addr);
+    config.http.max_header_size = 4096;
+    let gate = start_gate(config).await;
+    for (pad, expected) in [(3000, 200), (8192, 502)] {
+        let backend = async {
+            let (mut s, _) = within(backend_l.accept()).await.unwrap();
+            read_head(&mut s).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nx-padding: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                "a".repeat(pad)
+            );
+            // wsgate may close while this is still being written.
+            let _ = within(s.write_all(answer.as_bytes())).await;
+            s
+        };
+        let request = "GET /big-head HTTP/1.1\r\nHost: dash.example\r\nConnection: close\r\n\r\n";
+        let ((head, body), _s) = tokio::join!(http_raw(gate.addr, request), backend);
+        assert_eq!(status(&head), expected, "{head}");
+        if expected == 502 {
+            assert!(is_gate_error(&head, "backend_failed"), "{head}");
+        } else {
+            assert_eq!(body, b"ok");
+        }
+    }
+}
+
+#[tokio::test]
 async fn upgrade_request_reaches_the_backend_with_its_headers() {
     let (backend_l, backend_addr) = listener().await;
     let gate = start_gate(test_config(backend_addr)).await;

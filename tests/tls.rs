@@ -446,3 +446,77 @@ async fn rfc8441_websocket_over_tls_alpn_h2() {
     h2_echo_and_close(upgraded).await;
     assert_eq!(within(backend).await.unwrap(), vec![Some(1000)]);
 }
+
+/// Plain HTTP to an `https://` backend: wsgate's own HTTP/1.1 client writes and reads
+/// through TLS (whose records wait for a flush), a request body goes out and a streamed,
+/// chunked answer comes back, twice on one backend connection.
+#[tokio::test]
+async fn http_requests_with_bodies_reach_a_tls_backend_and_reuse_its_connection() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let p = pki("h");
+    let d = dir();
+    let (backend_l, backend_addr) = listener().await;
+    let acceptor = server_tls(&p);
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = backend_l.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                // Answers with the request body, in three chunks of a streamed body.
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let parts: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+                            Ok(Frame::data(bytes::Bytes::from_static(b"you sent: "))),
+                            Ok(Frame::data(body)),
+                            Ok(Frame::data(bytes::Bytes::from_static(b"."))),
+                        ];
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
+                            futures_util::stream::iter(parts),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let mut config = test_config(backend_addr);
+    config.backend =
+        wsgate::config::BackendUrl::parse(&format!("https://localhost:{}", backend_addr.port()))
+            .unwrap();
+    config.backend_tls.ca_file = Some(write(&d, "ca.crt", &p.ca_pem));
+    let gate = start_gate(config).await;
+    // One client connection, so one worker and its pool serve both requests.
+    let stream = within(TcpStream::connect(gate.addr)).await.unwrap();
+    let (mut sender, conn) = within(hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Full<bytes::Bytes>,
+    >(TokioIo::new(stream)))
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    for text in ["one".to_string(), "x".repeat(100_000)] {
+        let req = hyper::Request::post("/echo")
+            .header("host", "dash.example")
+            .body(http_body_util::Full::new(bytes::Bytes::from(text.clone())))
+            .unwrap();
+        let resp = within(sender.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = within(resp.into_body().collect()).await.unwrap().to_bytes();
+        assert_eq!(body, format!("you sent: {text}.").as_bytes());
+    }
+    driver.abort();
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "backend connections"
+    );
+}
