@@ -115,13 +115,16 @@ impl Outgoing {
             Some(Framing::Chunked)
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let size = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            + parts.method.as_str().len()
+        // Exactly the head's length: the buffer is never grown.
+        let size = parts.method.as_str().len()
+            + 1
             + target.len()
-            + 13;
+            + b" HTTP/1.1\r\n".len()
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+                .sum::<usize>()
+            + 2;
         let mut head = Vec::with_capacity(size);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
@@ -134,6 +137,7 @@ impl Outgoing {
             head.extend_from_slice(b"\r\n");
         }
         head.extend_from_slice(b"\r\n");
+        debug_assert_eq!(head.len(), size);
         Outgoing {
             head: Bytes::from(head),
             body: framing.map(|f| (body, f)),
