@@ -544,8 +544,22 @@ impl Conn {
     /// Writes what it can of the request and reads the response head.
     pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Failed>> {
         if let Err(e) = self.poll_send(cx) {
-            let unsent = self.take_unsent();
-            return Poll::Ready(Err(Failed { error: e, unsent }));
+            match self.take_unsent() {
+                Some(unsent) => {
+                    return Poll::Ready(Err(Failed {
+                        error: e,
+                        unsent: Some(unsent),
+                    }));
+                }
+                // The backend may have answered before reading the whole body.
+                None if self.stop_sending(&e) => {}
+                None => {
+                    return Poll::Ready(Err(Failed {
+                        error: e,
+                        unsent: None,
+                    }));
+                }
+            }
         }
         let Reading::Head { head_request } = self.reading else {
             return Poll::Ready(Err(Failed {
@@ -594,6 +608,24 @@ impl Conn {
         }
     }
 
+    /// After `error` writing the request: when it was the socket's (the backend closed
+    /// its side, typically having answered early — a 413 for an upload too large, a 401
+    /// — and reset the connection on the body it left unread), the rest of the request is
+    /// dropped and the response still read: it is often already in the socket's receive
+    /// queue, and it is the answer the client should get, not a 502. The connection is
+    /// not used again. `false` for the client's body failing or overrunning its length:
+    /// the backend got a truncated request and the exchange ends.
+    fn stop_sending(&mut self, error: &Error) -> bool {
+        if !matches!(error, Error::Io(_)) {
+            return false;
+        }
+        self.write.clear();
+        self.body = None;
+        self.unflushed = false;
+        self.keep_alive = false;
+        true
+    }
+
     /// The request, when nothing of it has been written.
     fn take_unsent(&mut self) -> Option<Outgoing> {
         if !self.unsent {
@@ -616,7 +648,9 @@ impl Conn {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        if let Err(e) = self.poll_send(cx) {
+        if let Err(e) = self.poll_send(cx)
+            && !self.stop_sending(&e)
+        {
             self.keep_alive = false;
             return Poll::Ready(Some(Err(e)));
         }

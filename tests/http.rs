@@ -556,6 +556,70 @@ async fn a_forwarded_responses_head_over_max_header_size_is_a_502_and_one_under_
     }
 }
 
+/// A backend that answers an upload before reading its body (a 413 for one too large)
+/// and closes, resetting the connection on the body it left unread: the client gets the
+/// 413, not a 502, though writing the rest of the body to the backend fails.
+#[tokio::test]
+async fn an_answer_sent_before_the_request_body_was_read_reaches_the_client() {
+    const LEN: usize = 16 << 20;
+    const CHUNK: usize = 64 * 1024;
+    let (backend_l, backend_addr) = listener().await;
+    let gate = start_gate(test_config(backend_addr)).await;
+    let backend = async {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        let (head, mut got) = read_head(&mut s).await;
+        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
+        // The upload is under way before the backend refuses it.
+        let mut buf = vec![0u8; CHUNK];
+        while got.len() < CHUNK {
+            let n = within(s.read(&mut buf)).await.unwrap();
+            assert!(n > 0, "wsgate closed the upload");
+            got.extend_from_slice(&buf[..n]);
+        }
+        within(s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+        ))
+        .await
+        .unwrap();
+        // Closed with the body unread: the kernel answers what follows with a reset.
+        drop(s);
+    };
+    let client = async {
+        let c = within(TcpStream::connect(gate.addr)).await.unwrap();
+        let (mut r, mut w) = c.into_split();
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: dash.example\r\nContent-Length: {LEN}\r\n\r\n");
+        within(w.write_all(head.as_bytes())).await.unwrap();
+        // The body goes on until wsgate stops taking it (it may stop reading it once the
+        // answer is out): each write bounded, the loop by the body's length.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; CHUNK];
+            for _ in 0..LEN / CHUNK {
+                match tokio::time::timeout(Duration::from_secs(2), w.write_all(&chunk)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.ends_with(b"too large") {
+            match within(r.read(&mut buf)).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        writer.abort();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let ((), answer) = tokio::join!(backend, client);
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\ntoo large"), "{answer}");
+}
+
 #[tokio::test]
 async fn upgrade_request_reaches_the_backend_with_its_headers() {
     let (backend_l, backend_addr) = listener().await;
