@@ -10,7 +10,8 @@
 #       callgrind valgrind's exact user-space instruction count per message, then the
 #                functions by self cost (slow: run at least 6 s)
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
-#       http: keep-alive `GET /small` (100 B; HTTP_PATH=/large: 16 KiB) with wrk (-t1,
+#       http: keep-alive `GET /small` (100 B; HTTP_PATH=/large: 16 KiB; HTTP_PATH=/post:
+#       the POST of 4 KiB answered with 100 B) with wrk (-t1,
 #       CONNECTIONS, default 50) to an nginx origin made from bench/origin.conf,
 #       figures per request, or
 #       sse: CONNECTIONS (default 200) event streams at 10 events/s each from the
@@ -122,7 +123,14 @@ done
 load() {
     if [ "$mode" = http ]; then
         # wrk's total of completed requests ("N requests in ...").
-        wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "http://127.0.0.1:$listen_port${HTTP_PATH:-/small}" |
+        local script=()
+        if [ "${HTTP_PATH:-}" = /post ]; then
+            # The benchmark's POST row: 4 KiB bodies, a 100-byte answer.
+            printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 4096)\n' >"$tmp/post.lua"
+            script=(-s "$tmp/post.lua")
+        fi
+        wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "${script[@]}" \
+            "http://127.0.0.1:$listen_port${HTTP_PATH:-/small}" |
             awk '/requests in/ {print $1}'
         return
     fi

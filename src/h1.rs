@@ -79,6 +79,9 @@ pub struct Failed {
 /// a connection turned out unable to take can go on another.
 pub struct Outgoing {
     head: Bytes,
+    /// Parts of the body already taken from it and framed, to go out behind the head
+    /// (a request given back unsent after its body's first parts were gathered).
+    framed: Vec<Bytes>,
     body: Option<(RequestBody, Framing)>,
     /// The response will have no body whatever its head says.
     head_request: bool,
@@ -145,6 +148,7 @@ impl Outgoing {
         debug_assert_eq!(head.len(), size);
         Outgoing {
             head: Bytes::from(head),
+            framed: Vec::new(),
             body: framing.map(|f| (body, f)),
             head_request,
         }
@@ -534,6 +538,7 @@ impl Conn {
     /// Starts an exchange: `req` goes out as the connection is polled.
     pub fn start(&mut self, req: Outgoing) {
         self.write.push_back(req.head);
+        self.write.extend(req.framed);
         self.body = req.body;
         self.reading = Reading::Head {
             head_request: req.head_request,
@@ -637,6 +642,7 @@ impl Conn {
         self.reading = Reading::Done;
         Some(Outgoing {
             head,
+            framed: self.write.drain(..).collect(),
             body: self.body.take(),
             head_request,
         })
@@ -795,103 +801,116 @@ impl Conn {
     /// must be waited for.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         loop {
-            if !self.write.is_empty() {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let mut n = 0;
-                for (slot, piece) in slices.iter_mut().zip(self.write.iter()) {
-                    *slot = IoSlice::new(piece);
-                    n += 1;
+            // What the body has ready goes out with what is queued, in one write: a head
+            // and the body hyper read with it are one segment to the backend, not two.
+            while self.body.is_some() && self.write.len() + 3 <= MAX_SLICES {
+                match self.poll_body(cx) {
+                    Poll::Ready(polled) => polled?,
+                    Poll::Pending => break,
                 }
-                let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
-                    Poll::Pending => return Ok(()),
-                    Poll::Ready(Ok(0)) => {
-                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
-                    }
-                    Poll::Ready(Ok(written)) => written,
-                    Poll::Ready(Err(e)) => return Err(e.into()),
-                };
-                self.unsent = false;
-                self.unflushed = true;
-                let mut left = written;
-                while left > 0 {
-                    let Some(front) = self.write.front_mut() else {
-                        break;
-                    };
-                    if front.len() <= left {
-                        left -= front.len();
-                        self.write.pop_front();
-                    } else {
-                        front.advance(left);
-                        left = 0;
-                    }
-                }
-                continue;
             }
-            let Some((body, framing)) = &mut self.body else {
+            if self.write.is_empty() {
                 return self.flush(cx);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut n = 0;
+            for (slot, piece) in slices.iter_mut().zip(self.write.iter()) {
+                *slot = IoSlice::new(piece);
+                n += 1;
+            }
+            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) => {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                }
+                Poll::Ready(Ok(written)) => written,
+                Poll::Ready(Err(e)) => return Err(e.into()),
             };
-            let frame = match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return self.flush(cx),
-                Poll::Ready(None) => None,
-                Poll::Ready(Some(Ok(frame))) => Some(frame),
-                Poll::Ready(Some(Err(e))) => {
-                    self.keep_alive = false;
-                    self.body = None;
-                    return Err(Error::RequestBody(e));
-                }
-            };
-            match (frame, *framing) {
-                (Some(frame), Framing::Length(left)) => {
-                    // Trailers cannot go with a length: dropped, as hyper does.
-                    if let Ok(data) = frame.into_data() {
-                        let n = data.len() as u64;
-                        if n > left {
-                            self.keep_alive = false;
-                            self.body = None;
-                            return Err(Error::RequestLength);
-                        }
-                        *framing = Framing::Length(left - n);
-                        if !data.is_empty() {
-                            self.write.push_back(data);
-                        }
-                    }
-                }
-                (Some(frame), Framing::Chunked) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => {
-                        self.write
-                            .push_back(Bytes::from(format!("{:X}\r\n", data.len())));
-                        self.write.push_back(data);
-                        self.write.push_back(Bytes::from_static(b"\r\n"));
-                    }
-                    Err(frame) => {
-                        let mut end = b"0\r\n".to_vec();
-                        if let Ok(trailers) = frame.into_trailers() {
-                            for (name, value) in &trailers {
-                                end.extend_from_slice(name.as_str().as_bytes());
-                                end.extend_from_slice(b": ");
-                                end.extend_from_slice(value.as_bytes());
-                                end.extend_from_slice(b"\r\n");
-                            }
-                        }
-                        end.extend_from_slice(b"\r\n");
-                        self.write.push_back(Bytes::from(end));
-                        self.body = None;
-                    }
-                },
-                (None, Framing::Length(left)) => {
-                    self.body = None;
-                    if left != 0 {
-                        self.keep_alive = false;
-                        return Err(Error::RequestLength);
-                    }
-                }
-                (None, Framing::Chunked) => {
-                    self.write.push_back(Bytes::from_static(b"0\r\n\r\n"));
-                    self.body = None;
+            self.unsent = false;
+            self.unflushed = true;
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = self.write.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.write.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
                 }
             }
         }
+    }
+
+    /// Takes the request body's next part, if it has one ready, into the write queue,
+    /// framed; at its end, the chunked body's last chunk.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let Some((body, framing)) = &mut self.body else {
+            return Poll::Ready(Ok(()));
+        };
+        let frame = match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            None => None,
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(e)) => {
+                self.keep_alive = false;
+                self.body = None;
+                return Poll::Ready(Err(Error::RequestBody(e)));
+            }
+        };
+        match (frame, *framing) {
+            (Some(frame), Framing::Length(left)) => {
+                // Trailers cannot go with a length: dropped, as hyper does.
+                if let Ok(data) = frame.into_data() {
+                    let n = data.len() as u64;
+                    if n > left {
+                        self.keep_alive = false;
+                        self.body = None;
+                        return Poll::Ready(Err(Error::RequestLength));
+                    }
+                    *framing = Framing::Length(left - n);
+                    if !data.is_empty() {
+                        self.write.push_back(data);
+                    }
+                }
+            }
+            (Some(frame), Framing::Chunked) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    self.write
+                        .push_back(Bytes::from(format!("{:X}\r\n", data.len())));
+                    self.write.push_back(data);
+                    self.write.push_back(Bytes::from_static(b"\r\n"));
+                }
+                Err(frame) => {
+                    let mut end = b"0\r\n".to_vec();
+                    if let Ok(trailers) = frame.into_trailers() {
+                        for (name, value) in &trailers {
+                            end.extend_from_slice(name.as_str().as_bytes());
+                            end.extend_from_slice(b": ");
+                            end.extend_from_slice(value.as_bytes());
+                            end.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    end.extend_from_slice(b"\r\n");
+                    self.write.push_back(Bytes::from(end));
+                    self.body = None;
+                }
+            },
+            (None, Framing::Length(left)) => {
+                self.body = None;
+                if left != 0 {
+                    self.keep_alive = false;
+                    return Poll::Ready(Err(Error::RequestLength));
+                }
+            }
+            (None, Framing::Chunked) => {
+                self.write.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                self.body = None;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -1146,6 +1165,108 @@ mod tests {
             }
         }
         assert!(differ.is_empty(), "{}", differ.join("\n"));
+    }
+
+    /// A client's request body as hyper's server hands it over: the client has sent
+    /// `sent` of a `Content-Length: len` body; the client's end is returned to send more.
+    async fn request_body(len: usize, sent: &[u8]) -> (RequestBody, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(req.into_body());
+            }
+            // Never answered: the connection lives on and feeds the body.
+            std::future::pending::<Result<Response<http_body_util::Empty<Bytes>>, io::Error>>()
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service),
+        );
+        let head = format!("POST /up HTTP/1.1\r\nHost: client\r\nContent-Length: {len}\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(sent).await.unwrap();
+        let incoming = within(rx).await.unwrap();
+        (
+            RequestBody::new(incoming, std::time::Instant::now()).0,
+            client,
+        )
+    }
+
+    /// A request that a connection could not write at all (the backend had reset it) is
+    /// given back whole, the body parts already gathered behind its head included, and
+    /// another connection sends all of it.
+    #[tokio::test]
+    async fn a_request_given_back_unsent_keeps_the_body_parts_it_gathered() {
+        let (body, mut client) = request_body(11, b"hello").await;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/up")
+            .header("host", "backend")
+            .header("content-length", "11")
+            .body(body)
+            .unwrap();
+
+        // A pooled connection the backend reset: nothing can be written to it.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reset = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (peer, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(peer);
+        within(reset.readable()).await.unwrap();
+        let mut dead = Conn::new(Stream::Plain(reset), 64 * 1024);
+        dead.start(Outgoing::new(req));
+        let failed = match within(std::future::poll_fn(|cx| dead.poll_head(cx))).await {
+            Ok(_) => panic!("a reset connection answered"),
+            Err(failed) => failed,
+        };
+        let unsent = failed.unsent.expect("the request is given back");
+
+        // A live backend that reads the whole request, body included, then answers.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let body = request
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|end| request.len() - end - 4);
+                if body.is_some_and(|n| n >= 11) {
+                    break;
+                }
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            request
+        });
+        let mut conn = Conn::new(Stream::Plain(s), 64 * 1024);
+        conn.start(unsent);
+        client.write_all(b" world").await.unwrap();
+        let head = within(std::future::poll_fn(|cx| conn.poll_head(cx))).await;
+        assert!(head.is_ok_and(|head| head.status() == StatusCode::OK));
+        while let Some(frame) = within(std::future::poll_fn(|cx| conn.poll_frame(cx))).await {
+            frame.unwrap();
+        }
+        let request = within(backend).await.unwrap();
+        assert!(
+            request.ends_with(b"\r\n\r\nhello world"),
+            "{}",
+            String::from_utf8_lossy(&request)
+        );
     }
 
     /// A connection that carried a large body goes back to the pool with a small read
