@@ -11,7 +11,8 @@
 #                functions by self cost (slow: run at least 6 s)
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
 #       http: keep-alive `GET /small` (100 B; HTTP_PATH=/large: 16 KiB; HTTP_PATH=/post:
-#       the POST of 4 KiB answered with 100 B) with wrk (-t1,
+#       the POST of 4 KiB answered with 100 B; HTTP_CLOSE=1: a new connection per
+#       request) with wrk (-t1,
 #       CONNECTIONS, default 50) to an nginx origin made from bench/origin.conf,
 #       figures per request, or
 #       sse: CONNECTIONS (default 200) event streams at 10 events/s each from the
@@ -129,6 +130,9 @@ load() {
             printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 4096)\n' >"$tmp/post.lua"
             script=(-s "$tmp/post.lua")
         fi
+        # HTTP_CLOSE=1: a new connection per request, as the benchmark's
+        # `Connection: close` row.
+        [ -n "${HTTP_CLOSE:-}" ] && script+=(-H "Connection: close")
         wrk -t1 -c"${CONNECTIONS:-50}" -d"${1}s" "${script[@]}" \
             "http://127.0.0.1:$listen_port${HTTP_PATH:-/small}" |
             awk '/requests in/ {print $1}'

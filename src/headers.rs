@@ -259,6 +259,9 @@ fn forwarded(
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: &HeaderValue, scheme: Scheme) {
     let present = Present::of(headers);
     remove_present(headers, present.hop_by_hop);
+    // Room for the three at once: the first request of a connection comes in a map
+    // sized for its own fields, which would otherwise grow twice.
+    headers.reserve(3);
     let added = forwarded(headers, present, headers.get(header::HOST), client, scheme);
     for (name, value) in added {
         if name == X_FORWARDED_FOR && present.forwarded_for {

@@ -15,6 +15,7 @@
 //! upgrade headers present. What does not fit is hyper's to judge; a test holds the
 //! fast path to accepting only requests hyper accepts the same way.
 
+use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -50,9 +51,12 @@ pub enum Classified {
 /// Looks at the bytes a connection started with. The request it makes shares `buf`:
 /// its target and header values are slices of it, not copies.
 pub fn classify(buf: &Bytes) -> Classified {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let head_len = match parsed.parse(buf) {
+    // Uninitialised: every plain HTTP connection's first request comes here, and
+    // filling 64 slots would cost more than parsing its few lines.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    let head_len = match parser.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Classified::Incomplete,
         Err(_) => return Classified::Other,
@@ -71,6 +75,15 @@ fn upgrade_request(
 ) -> Option<Request<()>> {
     let head = &buf[..head_len];
     if parsed.method != Some("GET") || parsed.version != Some(1) {
+        return None;
+    }
+    // No upgrade without an `Upgrade` field: a plain request is for hyper before any
+    // header map is built for it.
+    if !parsed
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+    {
         return None;
     }
     // Origin-form only: absolute-form and the rest are hyper's to interpret.
