@@ -258,10 +258,11 @@ fn forwarded(
 /// is left as the client sent it.
 pub fn prepare_request_headers(headers: &mut HeaderMap, client: &HeaderValue, scheme: Scheme) {
     let present = Present::of(headers);
-    remove_present(headers, present.hop_by_hop);
-    // Room for the three at once: the first request of a connection comes in a map
-    // sized for its own fields, which would otherwise grow twice.
+    // The first request of a connection comes in a map hyper sized for its own fields,
+    // which an entry lookup of the removal below grows (a full map grows on any entry)
+    // and the appends after it again: room for the three made first, it grows once.
     headers.reserve(3);
+    remove_present(headers, present.hop_by_hop);
     let added = forwarded(headers, present, headers.get(header::HOST), client, scheme);
     for (name, value) in added {
         if name == X_FORWARDED_FOR && present.forwarded_for {
