@@ -55,6 +55,9 @@ pub enum ProxyError {
     OriginNotAllowed,
     /// wsgate is draining: a new WebSocket should go to another instance.
     Draining,
+    /// A `CONNECT` that is not a WebSocket's (RFC 8441): a tunnel to wherever the client
+    /// names has no place in a reverse proxy for one backend.
+    TunnelRefused,
 }
 
 /// The values of the `result` label of `wsgate_websocket_upgrades_total`: `ok`, a
@@ -85,6 +88,7 @@ impl ProxyError {
             ProxyError::OverCapacity => "over_capacity",
             ProxyError::OriginNotAllowed => "origin_not_allowed",
             ProxyError::Draining => "draining",
+            ProxyError::TunnelRefused => "tunnel_refused",
         }
     }
 
@@ -100,6 +104,9 @@ impl ProxyError {
             ProxyError::OverCapacity => "wsgate is at max_connections; retry shortly",
             ProxyError::OriginNotAllowed => "this origin may not open WebSockets here",
             ProxyError::Draining => "wsgate is shutting down; reconnect to another instance",
+            ProxyError::TunnelRefused => {
+                "wsgate forwards requests to its backend; it opens no tunnels (CONNECT)"
+            }
         }
     }
 
@@ -113,6 +120,7 @@ impl ProxyError {
             ProxyError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
             ProxyError::OverCapacity | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::OriginNotAllowed => StatusCode::FORBIDDEN,
+            ProxyError::TunnelRefused => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -124,7 +132,9 @@ impl ProxyError {
             ProxyError::BackendFailed
             | ProxyError::BackendTimeout
             | ProxyError::BackendBadHandshake => "backend_error",
-            ProxyError::BadHandshake | ProxyError::UnsupportedVersion => "bad_request",
+            ProxyError::BadHandshake
+            | ProxyError::UnsupportedVersion
+            | ProxyError::TunnelRefused => "bad_request",
             ProxyError::OverCapacity => "limit_reached",
             ProxyError::OriginNotAllowed => "origin_refused",
             ProxyError::Draining => "draining",
@@ -139,7 +149,8 @@ impl ProxyError {
             | ProxyError::BackendBadHandshake => Fault::Backend,
             ProxyError::BadHandshake
             | ProxyError::UnsupportedVersion
-            | ProxyError::OriginNotAllowed => Fault::Client,
+            | ProxyError::OriginNotAllowed
+            | ProxyError::TunnelRefused => Fault::Client,
             ProxyError::OverCapacity | ProxyError::Draining => Fault::Wsgate,
         }
     }
@@ -197,7 +208,7 @@ pub enum Error {
 mod tests {
     use super::*;
 
-    const ALL: [ProxyError; 9] = [
+    const ALL: [ProxyError; 10] = [
         ProxyError::BackendUnreachable,
         ProxyError::BackendFailed,
         ProxyError::BackendTimeout,
@@ -207,6 +218,7 @@ mod tests {
         ProxyError::OverCapacity,
         ProxyError::OriginNotAllowed,
         ProxyError::Draining,
+        ProxyError::TunnelRefused,
     ];
 
     #[test]

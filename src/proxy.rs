@@ -110,6 +110,14 @@ pub fn error_response(error: ProxyError, detail: &str) -> Response<Body> {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        // A 405 names what the resource takes (RFC 9110 §15.5.6): any method but
+        // CONNECT goes to the backend; these are the ones HTTP defines.
+        ProxyError::TunnelRefused => {
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+            );
+        }
         _ => {}
     }
     resp

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 
 use crate::client::{Busy, ClientConn};
 use crate::error::ProxyError;
@@ -77,10 +77,16 @@ impl Future for Routed {
 }
 
 /// A request hyper read: a WebSocket upgrade (its relay spawned once hyper hands the
-/// client's stream over), or plain HTTP forwarded to the backend.
+/// client's stream over), a `CONNECT` refused, or plain HTTP forwarded to the backend.
 fn route(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Routed {
     if upgrade::is_websocket_upgrade(&req) {
         Routed::Upgrade(Box::pin(route_upgrade(gate, busy, req)))
+    } else if req.method() == Method::CONNECT {
+        // Its target is an authority, not a path of the backend's, and a 2xx would turn
+        // the connection into a tunnel: nothing to forward.
+        tracing::debug!(peer = %busy.peer, target = %req.uri(), "CONNECT refused");
+        let e = ProxyError::TunnelRefused;
+        Routed::Answer(Some(Box::new(proxy::error_response(e, e.message()))))
     } else {
         Routed::Forward(proxy::forward(gate, busy, req))
     }

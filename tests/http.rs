@@ -678,6 +678,41 @@ async fn upgrade_request_reaches_the_backend_with_its_headers() {
     );
 }
 
+/// A `CONNECT` asks for a tunnel, which a reverse proxy for one backend does not open:
+/// wsgate answers 405 itself, and the backend never sees it (the first request it gets
+/// is the GET that follows).
+#[tokio::test]
+async fn a_connect_is_refused_without_reaching_the_backend() {
+    let (backend_addr, _, mut seen) =
+        recording_backend(|_| Response::new(full("from the backend"))).await;
+    let gate = start_gate(test_config(backend_addr)).await;
+
+    let (head, body) = request_once(
+        gate.addr,
+        "CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&head), 405, "{head}");
+    assert!(is_gate_error(&head, "tunnel_refused"), "{head}");
+    let allow = header(&head, "allow").unwrap_or_default();
+    assert!(
+        allow.contains("GET") && !allow.contains("CONNECT"),
+        "{head}"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("no tunnels"));
+
+    let (head, body) = http_raw(
+        gate.addr,
+        "GET /after HTTP/1.1\r\nHost: dash.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_eq!(body, b"from the backend");
+    let first = within(seen.recv()).await.unwrap();
+    assert_eq!(first.method, hyper::Method::GET);
+    assert_eq!(first.target, "/after");
+}
+
 #[tokio::test]
 async fn bad_handshakes_are_refused_without_contacting_the_backend() {
     // Nothing listens at the backend address: had wsgate tried it, the answer would be
