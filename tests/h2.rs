@@ -1,6 +1,6 @@
 //! HTTP/2 from the client: streams that outlive their head, connections that close when
-//! idle, several WebSockets and exchanges sharing one connection, and the exit with an
-//! idle HTTP/2 connection open. A browser behind TLS speaks HTTP/2 to wsgate, so every
+//! idle, several WebSockets and exchanges sharing one connection, the exit with an
+//! idle HTTP/2 connection open, and a plain CONNECT refused. A browser behind TLS speaks HTTP/2 to wsgate, so every
 //! behaviour that holds over HTTP/1.1 is checked here over h2c as well.
 #![allow(clippy::unwrap_used)]
 
@@ -228,4 +228,42 @@ async fn an_idle_h2_connection_whose_client_does_not_answer_does_not_hold_the_ex
     within(gate.begin_shutdown()).await.unwrap();
     let took = stopping.elapsed();
     assert!(took < Duration::from_secs(2), "the exit took {took:?}");
+}
+
+/// A plain `CONNECT` over HTTP/2 (no `:protocol`, so not a WebSocket's) is refused with a
+/// 405 like over HTTP/1.1, and the connection's other streams go on: a GET on it after
+/// the refusal reaches the backend, the first request the backend sees.
+#[tokio::test]
+async fn a_plain_connect_over_h2_is_refused_and_the_connection_goes_on() {
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (backend, _) = http_backend(move |req: hyper::Request<hyper::body::Incoming>| {
+        let _ = seen_tx.send((req.method().clone(), req.uri().path().to_string()));
+        async { Response::new(full("from the backend")) }
+    })
+    .await;
+    let gate = h2c_gate(backend, |_| {}).await;
+    let (mut sender, _conn) = h2c_connect(gate.addr).await;
+
+    let connect = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("internal.example:443")
+        .body(empty())
+        .unwrap();
+    let resp = within(sender.send_request(connect)).await.unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(
+        resp.headers().get("wsgate-error").unwrap(),
+        "tunnel_refused"
+    );
+
+    let resp = within(sender.send_request(h2_request("GET", "/after", empty())))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        read_body(resp.into_body()).await.unwrap(),
+        b"from the backend"
+    );
+    let (method, path) = within(seen.recv()).await.unwrap();
+    assert_eq!((method, path.as_str()), (hyper::Method::GET, "/after"));
 }
