@@ -549,21 +549,11 @@ impl Conn {
     /// Writes what it can of the request and reads the response head.
     pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Failed>> {
         if let Err(e) = self.poll_send(cx) {
-            match self.take_unsent() {
-                Some(unsent) => {
-                    return Poll::Ready(Err(Failed {
-                        error: e,
-                        unsent: Some(unsent),
-                    }));
-                }
-                // The backend may have answered before reading the whole body.
-                None if self.stop_sending(&e) => {}
-                None => {
-                    return Poll::Ready(Err(Failed {
-                        error: e,
-                        unsent: None,
-                    }));
-                }
+            let unsent = self.take_unsent();
+            // Unless nothing went out (the request goes on another connection), the
+            // backend may have answered before reading the whole body: read on.
+            if unsent.is_some() || !self.stop_sending(&e) {
+                return Poll::Ready(Err(Failed { error: e, unsent }));
             }
         }
         let Reading::Head { head_request } = self.reading else {
@@ -803,6 +793,7 @@ impl Conn {
         loop {
             // What the body has ready goes out with what is queued, in one write: a head
             // and the body hyper read with it are one segment to the backend, not two.
+            // (A chunk takes three pieces: its size line, its data, its CRLF.)
             while self.body.is_some() && self.write.len() + 3 <= MAX_SLICES {
                 match self.poll_body(cx) {
                     Poll::Ready(polled) => polled?,

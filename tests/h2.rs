@@ -1,6 +1,7 @@
 //! HTTP/2 from the client: streams that outlive their head, connections that close when
 //! idle, several WebSockets and exchanges sharing one connection, the exit with an
-//! idle HTTP/2 connection open, and a plain CONNECT refused. A browser behind TLS speaks HTTP/2 to wsgate, so every
+//! idle HTTP/2 connection open, a plain CONNECT refused, and a backend's early answer to
+//! an upload. A browser behind TLS speaks HTTP/2 to wsgate, so every
 //! behaviour that holds over HTTP/1.1 is checked here over h2c as well.
 #![allow(clippy::unwrap_used)]
 
@@ -266,4 +267,41 @@ async fn a_plain_connect_over_h2_is_refused_and_the_connection_goes_on() {
     );
     let (method, path) = within(seen.recv()).await.unwrap();
     assert_eq!((method, path.as_str()), (hyper::Method::GET, "/after"));
+}
+
+/// An upload over HTTP/2 that the backend refuses before reading it (a 413) and closes
+/// on: the client's stream gets the 413, not a 502, as over HTTP/1.1.
+#[tokio::test]
+async fn an_answer_sent_before_the_upload_was_read_reaches_an_h2_client() {
+    const LEN: usize = 16 << 20;
+    let (backend_l, backend_addr) = listener().await;
+    let gate = h2c_gate(backend_addr, |_| {}).await;
+    let backend = async {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        let (head, mut got) = read_head(&mut s).await;
+        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < 64 * 1024 {
+            let n = within(s.read(&mut buf)).await.unwrap();
+            assert!(n > 0, "wsgate closed the upload");
+            got.extend_from_slice(&buf[..n]);
+        }
+        within(s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+        ))
+        .await
+        .unwrap();
+        // Closed with the body unread: the kernel answers what follows with a reset.
+        drop(s);
+    };
+    let client = async {
+        let (mut sender, _conn) = h2c_connect(gate.addr).await;
+        let req = h2_request("POST", "/upload", full(vec![b'x'; LEN]));
+        let resp = within(sender.send_request(req)).await.unwrap();
+        let status = resp.status();
+        (status, read_body(resp.into_body()).await)
+    };
+    let ((), (status, body)) = tokio::join!(backend, client);
+    assert_eq!(status, 413);
+    assert_eq!(body.unwrap(), b"too large");
 }
