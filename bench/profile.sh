@@ -14,13 +14,15 @@
 #       the POST of 4 KiB answered with 100 B; HTTP_CLOSE=1: a new connection per
 #       request) with wrk (-t1,
 #       CONNECTIONS, default 50) to an nginx origin made from bench/origin.conf,
-#       figures per request, or
+#       figures per request; HTTP2=1: the benchmark's HTTP/2 row instead, GET 100 B
+#       over TLS (a self-signed certificate made here with openssl) with h2load -t1
+#       -c CONNECTIONS (default 10) -m 10, or
 #       sse: CONNECTIONS (default 200) event streams at 10 events/s each from the
 #       load generator's own backend (`wsgate-bench load --mode sse-load`), figures
 #       per event (opening the streams included)
 #
 # Needs `cargo build --release --locked -p wsgate -p wsgate-bench` first, and perf,
-# strace or valgrind (and for http: nginx and wrk) (Debian: linux-perf, strace,
+# strace or valgrind (and for http: nginx and wrk; HTTP2=1: h2load and openssl) (Debian: linux-perf, strace,
 # valgrind). Output goes to stdout; raw data stays in a temporary directory that is
 # printed first. Environment: PROXY (`wsgate`, or `nginx`: the benchmark's nginx from
 # bench/nginx.conf, one worker and no master process so that one process does all the
@@ -81,6 +83,16 @@ else
     "$bin/wsgate-bench" echo --listen "127.0.0.1:$backend_port" 2>"$tmp/echo.log" &
     echo_pid=$!
 fi
+tls_wsgate="" tls_listen="" tls_nginx=""
+if [ "$mode" = http ] && [ -n "${HTTP2:-}" ]; then
+    # As the benchmark's certificate (bench/src/http.rs): ECDSA P-256, for 127.0.0.1.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+        -keyout "$tmp/key.pem" -out "$tmp/cert.pem" 2>/dev/null </dev/null
+    tls_wsgate=$(printf '[tls]\ncert = "%s"\nkey = "%s"' "$tmp/cert.pem" "$tmp/key.pem")
+    tls_listen=" ssl http2"
+    tls_nginx="ssl_certificate $tmp/cert.pem; ssl_certificate_key $tmp/key.pem; ssl_protocols TLSv1.2 TLSv1.3;"
+fi
 cat >"$tmp/wsgate.toml" <<EOF
 listen = "127.0.0.1:$listen_port"
 backend = "http://127.0.0.1:$backend_port"
@@ -89,6 +101,7 @@ workers = ${WORKERS:-\"auto\"}
 ping_interval = "$ping_interval"
 [admin]
 listen = "$admin_listen"
+$tls_wsgate
 EOF
 
 wrap=()
@@ -104,7 +117,7 @@ nginx)
     mkdir -p "$tmp/proxy"
     sed -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" -e "s|{{BACKEND}}|127.0.0.1:$backend_port|" \
         -e "s|{{DIR}}|$tmp/proxy|g" -e "s|{{WORKERS}}|1|" -e "s|{{ACCESS_LOG}}|access_log off;|" \
-        -e "s|{{LISTEN_TLS}}||" -e "s|{{TLS}}||" -e "s|^master_process on;|master_process off;|" \
+        -e "s|{{LISTEN_TLS}}|$tls_listen|" -e "s|{{TLS}}|$tls_nginx|" -e "s|^master_process on;|master_process off;|" \
         "$root/bench/nginx.conf" >"$tmp/proxy.conf"
     "${wrap[@]}" nginx -c "$tmp/proxy.conf" -e "$tmp/proxy/error.log" 2>"$tmp/wsgate.log" &
     ;;
@@ -122,6 +135,12 @@ for _ in $(seq 100); do
 done
 
 load() {
+    if [ "$mode" = http ] && [ -n "${HTTP2:-}" ]; then
+        # h2load's succeeded requests ("requests: N total, N started, N done, N succeeded").
+        h2load -t1 -c"${CONNECTIONS:-10}" -m10 -D"$1" "https://127.0.0.1:$listen_port/small" |
+            awk '/^requests:/ {print $8}'
+        return
+    fi
     if [ "$mode" = http ]; then
         # wrk's total of completed requests ("N requests in ...").
         local script=()

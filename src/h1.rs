@@ -386,15 +386,13 @@ fn parse_head(
         // split off, and the values share its bytes (no copy per value).
         let base = buf.as_ptr() as usize;
         let count = parsed.headers.len();
-        let spans: SmallVec<[(usize, usize, usize, usize); 32]> = parsed
-            .headers
-            .iter()
-            .map(|f| {
-                let name = f.name.as_ptr() as usize - base;
-                let value = f.value.as_ptr() as usize - base;
-                (name, name + f.name.len(), value, value + f.value.len())
-            })
-            .collect();
+        // Filled where it lies (`collect` would build it, then move its kilobyte).
+        let mut spans: SmallVec<[(usize, usize, usize, usize); 32]> = SmallVec::new();
+        spans.extend(parsed.headers.iter().map(|f| {
+            let name = f.name.as_ptr() as usize - base;
+            let value = f.value.as_ptr() as usize - base;
+            (name, name + f.name.len(), value, value + f.value.len())
+        }));
         let reason = parsed.reason.unwrap_or("");
         let reason = (Some(reason) != status.canonical_reason())
             .then(|| hyper::ext::ReasonPhrase::try_from(reason.as_bytes().to_vec()).ok())
