@@ -18,7 +18,8 @@ use wsgate::{Listeners, Process};
 /// its slow `memalign` path (~900 instructions each). With glibc, allocation cost ~1,200
 /// instructions per keep-alive GET and ~7,000 per new connection, a sixth of the
 /// latter's user time (callgrind, bench/README.md). Only the binary: the library leaves
-/// the choice to whoever embeds it. Built without huge pages (Cargo.toml).
+/// the choice to whoever embeds it. Version 2, without huge pages (Cargo.toml: both
+/// keep the resident set where glibc kept it).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
