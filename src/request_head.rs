@@ -51,6 +51,9 @@ pub enum Classified {
 /// Looks at the bytes a connection started with. The request it makes shares `buf`:
 /// its target and header values are slices of it, not copies.
 pub fn classify(buf: &Bytes) -> Classified {
+    if plainly_not_an_upgrade(buf) {
+        return Classified::Other;
+    }
     // Uninitialised: every plain HTTP connection's first request comes here, and
     // filling 64 slots would cost more than parsing its few lines.
     let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -65,6 +68,27 @@ pub fn classify(buf: &Bytes) -> Classified {
         Some(request) => Classified::Upgrade { request, head_len },
         None => Classified::Other,
     }
+}
+
+/// Whether `buf` holds a whole head and no `upgrade`, in any case, anywhere: then the
+/// head has no `Upgrade` field and is not a WebSocket upgrade, which a scan for one
+/// letter decides for a fraction of parsing the head. The head ends at the first empty
+/// line (a bare-LF one ends it sooner), so a CRLFCRLF anywhere in `buf` means all of it
+/// is there; without one the head is incomplete or bare-LF, and the parser decides, as
+/// it does for empty lines before the request line (which it skips). An upgrade's
+/// `Connection` field names `Upgrade` a few dozen bytes in, where the scan stops.
+/// Every plain HTTP connection's first request comes here.
+fn plainly_not_an_upgrade(buf: &[u8]) -> bool {
+    if matches!(buf.first(), None | Some(b'\r' | b'\n')) {
+        return false;
+    }
+    let names_upgrade = memchr::memchr2_iter(b'u', b'U', buf).any(|at| {
+        buf.get(at..at + "upgrade".len())
+            .is_some_and(|word| word.eq_ignore_ascii_case(b"upgrade"))
+    });
+    // A request usually arrives alone, its head ending the bytes read.
+    !names_upgrade
+        && (buf.ends_with(b"\r\n\r\n") || memchr::memmem::find(buf, b"\r\n\r\n").is_some())
 }
 
 /// The request, if it is a WebSocket upgrade in the shape the fast path takes.
@@ -420,6 +444,64 @@ mod tests {
                 prop_assert!(upgrade::is_websocket_upgrade(&theirs));
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// The scan that turns away heads without `upgrade` turns away only what the
+        /// parse would have left to hyper too.
+        #[test]
+        fn the_scan_turns_away_no_upgrade(bytes in request_bytes(), cut in 0usize..600) {
+            let bytes = &bytes[..cut.min(bytes.len())];
+            if plainly_not_an_upgrade(bytes) {
+                let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut parsed = httparse::Request::new(&mut []);
+                let parser = httparse::ParserConfig::default();
+                let status =
+                    parser.parse_request_with_uninit_headers(&mut parsed, bytes, &mut slots);
+                let buf = Bytes::copy_from_slice(bytes);
+                let taken = match status {
+                    Ok(httparse::Status::Complete(len)) => {
+                        upgrade_request(&parsed, &buf, len).is_some()
+                    }
+                    _ => false,
+                };
+                let text = String::from_utf8_lossy(bytes);
+                prop_assert!(!taken, "an upgrade turned away: {:?}", text);
+                // The head was whole, as the scan assumed.
+                prop_assert!(!matches!(status, Ok(httparse::Status::Partial)), "{:?}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_without_upgrade_is_turned_away_before_parsing() {
+        assert!(plainly_not_an_upgrade(
+            b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n"
+        ));
+        assert!(plainly_not_an_upgrade(
+            b"GET / HTTP/1.1\r\nUser-Agent: u\r\nAccept-Language: en\r\n\r\n{}"
+        ));
+        // `upgrade` after the head (a body, a pipelined request): parsed all the same.
+        assert!(!plainly_not_an_upgrade(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /upgrade HTTP/1.1\r\n"
+        ));
+        // Incomplete, bare-LF or naming `upgrade` anywhere in the head: parsed.
+        assert!(!plainly_not_an_upgrade(
+            b"GET /small HTTP/1.1\r\nHost: a\r\n"
+        ));
+        assert!(!plainly_not_an_upgrade(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(!plainly_not_an_upgrade(
+            b"\r\n\r\nGET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!plainly_not_an_upgrade(UPGRADE.as_bytes()));
+        assert!(!plainly_not_an_upgrade(
+            &UPGRADE.to_ascii_uppercase().into_bytes()
+        ));
+        assert!(!plainly_not_an_upgrade(
+            b"GET /upgrade HTTP/1.1\r\nHost: a\r\n\r\n"
+        ));
     }
 
     #[test]
