@@ -276,24 +276,7 @@ async fn an_answer_sent_before_the_upload_was_read_reaches_an_h2_client() {
     const LEN: usize = 16 << 20;
     let (backend_l, backend_addr) = listener().await;
     let gate = h2c_gate(backend_addr, |_| {}).await;
-    let backend = async {
-        let (mut s, _) = within(backend_l.accept()).await.unwrap();
-        let (head, mut got) = read_head(&mut s).await;
-        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
-        let mut buf = vec![0u8; 64 * 1024];
-        while got.len() < 64 * 1024 {
-            let n = within(s.read(&mut buf)).await.unwrap();
-            assert!(n > 0, "wsgate closed the upload");
-            got.extend_from_slice(&buf[..n]);
-        }
-        within(s.write_all(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
-        ))
-        .await
-        .unwrap();
-        // Closed with the body unread: the kernel answers what follows with a reset.
-        drop(s);
-    };
+    let backend = backend_refusing_upload(&backend_l, "/upload");
     let client = async {
         let (mut sender, _conn) = h2c_connect(gate.addr).await;
         let req = h2_request("POST", "/upload", full(vec![b'x'; LEN]));

@@ -565,25 +565,8 @@ async fn an_answer_sent_before_the_request_body_was_read_reaches_the_client() {
     const CHUNK: usize = 64 * 1024;
     let (backend_l, backend_addr) = listener().await;
     let gate = start_gate(test_config(backend_addr)).await;
-    let backend = async {
-        let (mut s, _) = within(backend_l.accept()).await.unwrap();
-        let (head, mut got) = read_head(&mut s).await;
-        assert!(head.starts_with("POST /upload HTTP/1.1\r\n"), "{head}");
-        // The upload is under way before the backend refuses it.
-        let mut buf = vec![0u8; CHUNK];
-        while got.len() < CHUNK {
-            let n = within(s.read(&mut buf)).await.unwrap();
-            assert!(n > 0, "wsgate closed the upload");
-            got.extend_from_slice(&buf[..n]);
-        }
-        within(s.write_all(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
-        ))
-        .await
-        .unwrap();
-        // Closed with the body unread: the kernel answers what follows with a reset.
-        drop(s);
-    };
+    // The upload is under way before the backend refuses it.
+    let backend = backend_refusing_upload(&backend_l, "/upload");
     let client = async {
         let c = within(TcpStream::connect(gate.addr)).await.unwrap();
         let (mut r, mut w) = c.into_split();

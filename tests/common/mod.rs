@@ -253,6 +253,32 @@ pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
     }
 }
 
+/// A backend that refuses an upload: it takes the connection on `l`, checks the request
+/// is a `POST` of `path`, lets the first 64 KiB of its body arrive (the upload is under
+/// way), answers 413 `too large` with `Connection: close`, and closes with the rest of
+/// the body unread, so that the kernel answers what follows with a reset.
+pub async fn backend_refusing_upload(l: &TcpListener, path: &str) {
+    const READ_FIRST: usize = 64 * 1024;
+    let (mut s, _) = within(l.accept()).await.unwrap();
+    let (head, mut got) = read_head(&mut s).await;
+    assert!(
+        head.starts_with(&format!("POST {path} HTTP/1.1\r\n")),
+        "{head}"
+    );
+    let mut buf = vec![0u8; READ_FIRST];
+    while got.len() < READ_FIRST {
+        let n = within(s.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "wsgate closed the upload");
+        got.extend_from_slice(&buf[..n]);
+    }
+    within(s.write_all(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+    ))
+    .await
+    .unwrap();
+    drop(s);
+}
+
 /// The value of header `name` in an HTTP head (case-insensitive).
 pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().skip(1).find_map(|l| {
