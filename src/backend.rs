@@ -348,7 +348,7 @@ mod tests {
     /// Sends one GET on `lease` with an empty body, answered by the test through
     /// `server`; drives the connection until the response has ended.
     async fn exchange(lease: &mut Lease, server: &mut TcpStream) {
-        lease.start(h1::Outgoing::new(hyper_body()));
+        lease.start(h1::Outgoing::new(hyper_body(), &[]));
         let mut head = [0u8; 1024];
         let answer = async {
             let n = server.read(&mut head).await.unwrap();

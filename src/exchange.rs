@@ -43,7 +43,6 @@ use crate::config::HttpLog;
 use crate::error::ProxyError;
 use crate::gate::{Gate, HttpTimers};
 use crate::h1;
-use crate::headers;
 use crate::live::{LiveDetail, LiveHttp, Registration};
 use crate::record::{Counters, Details, ExchangeInfo, Framing, HttpDetails, Outcome, Record};
 use crate::report::{self, Written};
@@ -129,14 +128,11 @@ impl Exchange {
     #[allow(clippy::manual_async_fn)]
     pub fn forward(
         mut self,
-        req: Request<RequestBody>,
+        mut outgoing: h1::Outgoing,
         deadline: Option<tokio::time::Instant>,
         client_version: Version,
     ) -> impl Future<Output = Result<Response<Option<ForwardedBody>>, ProxyError>> + Send + 'static
     {
-        // Encoded at once: the bytes are smaller than the request, and the future keeps
-        // them.
-        let mut outgoing = h1::Outgoing::new(req);
         async move {
             // The first poll: on an HTTP/2 stream, inside its task's first poll, which
             // hands the task's abort over (hyper makes a stream's request future in the
@@ -250,8 +246,8 @@ impl Exchange {
         resp: Response<()>,
         client_version: Version,
     ) -> Response<Option<ForwardedBody>> {
-        let (mut parts, ()) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
+        // Without its hop-by-hop fields already: the backend's client reads and drops them.
+        let (parts, ()) = resp.into_parts();
         let headers = &parts.headers;
         let event_stream = is_event_stream(headers);
         let framing = if client_version == Version::HTTP_2 {

@@ -29,6 +29,7 @@ use smallvec::SmallVec;
 use tokio::io::AsyncWrite;
 
 use crate::body::RequestBody;
+use crate::headers::{self, HopByHopField};
 use crate::stream::Stream;
 
 /// The most header fields a response head (or a trailer section) may have: hyper's
@@ -96,11 +97,12 @@ enum Framing {
 }
 
 impl Outgoing {
-    /// Encodes `req` (origin-form target, headers as forwarding left them). The body's
-    /// framing is hyper's client's choice: a valid `Content-Length` the request has; else
-    /// the body's own known length, added as one; else chunks — except for a GET, HEAD or
-    /// CONNECT, which go without their body.
-    pub fn new(req: Request<RequestBody>) -> Outgoing {
+    /// Encodes `req` (origin-form target, headers as forwarding left them), then the
+    /// fields `added` (forwarding's `X-Forwarded-*`). The body's framing is hyper's
+    /// client's choice: a valid `Content-Length` the request has; else the body's own
+    /// known length, added as one; else chunks — except for a GET, HEAD or CONNECT,
+    /// which go without their body.
+    pub fn new(req: Request<RequestBody>, added: &[(HeaderName, HeaderValue)]) -> Outgoing {
         let (mut parts, body) = req.into_parts();
         let head_request = parts.method == Method::HEAD;
         let headers = &mut parts.headers;
@@ -130,6 +132,7 @@ impl Outgoing {
             + b" HTTP/1.1\r\n".len()
             + headers
                 .iter()
+                .chain(added.iter().map(|(n, v)| (n, v)))
                 .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
                 .sum::<usize>()
             + 2;
@@ -138,7 +141,7 @@ impl Outgoing {
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers.iter() {
+        for (name, value) in headers.iter().chain(added.iter().map(|(n, v)| (n, v))) {
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
@@ -158,17 +161,28 @@ impl Outgoing {
 /// The one `Content-Length` of `headers` (every value, comma lists included, the same
 /// number), as hyper reads it; `None` when there is none or it is not valid.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii())?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
+    headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .fold(None, |length, value| {
+            Some(fold_length(length, value.as_bytes()))
+        })?
+        .ok()
+}
+
+/// What `Content-Length` fields say once `value` (one field's, maybe a comma list) is
+/// added to what the fields before it said (`None`: there were none): `Ok(n)` while
+/// every number is `n`, `Err` for good once one is not a number or differs.
+fn fold_length(before: Option<Result<u64, ()>>, value: &[u8]) -> Result<u64, ()> {
+    let mut length = before.transpose()?;
+    for part in value.split(|&b| b == b',') {
+        let n = parse_decimal(part.trim_ascii()).ok_or(())?;
+        if length.is_some_and(|l| l != n) {
+            return Err(());
         }
+        length = Some(n);
     }
-    length
+    length.ok_or(())
 }
 
 /// Digits only, at most 19 of them (no sign, no spaces).
@@ -399,12 +413,23 @@ fn parse_head(
             .flatten();
         let bytes = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
+        let mut fields = ConnectionFields::default();
         for &(name_start, name_end, value_start, value_end) in &spans {
             let name = HeaderName::from_bytes(&bytes[name_start..name_end])
                 .map_err(|_| Error::Parse("a header field's name"))?;
             let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end))
                 .map_err(|_| Error::Parse("a header field's value"))?;
-            headers.append(name, value);
+            if name == header::CONTENT_LENGTH {
+                fields.length = Some(fold_length(fields.length, value.as_bytes()));
+                headers.append(name, value);
+            } else if let Some(field) = headers::hop_by_hop_field(&name) {
+                fields.note(field, value);
+            } else {
+                headers.append(name, value);
+            }
+        }
+        if !fields.naming.is_empty() {
+            headers::remove_named_by_connection(&mut headers, &fields.naming);
         }
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -412,7 +437,7 @@ fn parse_head(
         if let Some(reason) = reason {
             response.extensions_mut().insert(reason);
         }
-        let (decoder, keep_alive) = framing(&mut headers, status, version, head_request)?;
+        let (decoder, keep_alive) = framing(&fields, &mut headers, status, version, head_request)?;
         *response.headers_mut() = headers;
         return Ok(Some(Head {
             response,
@@ -422,38 +447,75 @@ fn parse_head(
     }
 }
 
-/// How the body of a response with `headers` ends (`None`: it has none), and whether the
-/// connection can carry another request after it (RFC 9112 §6.3, §9.3).
+/// What a response head's framing and connection fields say. They describe the
+/// backend's connection, which this client owns, not the message (RFC 9110 §7.6.1):
+/// read here as the head is parsed, the hop-by-hop ones are left out of the response's
+/// header map (adding them and then removing them for the client cost more than
+/// anything else wsgate did with a response head: bench/README.md).
+#[derive(Default)]
+struct ConnectionFields {
+    /// `Connection` names `close`.
+    close: bool,
+    /// `Connection` names `keep-alive`.
+    keep_alive: bool,
+    /// The `Connection` values that name other fields, which are hop-by-hop too (rare).
+    naming: Vec<HeaderValue>,
+    /// The last `Transfer-Encoding` field, if there is one.
+    transfer_encoding: Option<HeaderValue>,
+    /// The `Content-Length` fields, folded ([`fold_length`]), if there are any.
+    length: Option<Result<u64, ()>>,
+}
+
+impl ConnectionFields {
+    /// Notes `value`, of a hop-by-hop `field`.
+    fn note(&mut self, field: HopByHopField, value: HeaderValue) {
+        if field == HopByHopField::Connection {
+            let mut names_others = false;
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if headers::names_other_field(token) {
+                    names_others = true;
+                }
+            }
+            if names_others {
+                self.naming.push(value);
+            }
+        } else if field == HopByHopField::TransferEncoding {
+            self.transfer_encoding = Some(value);
+        }
+    }
+}
+
+/// How the body of a response whose head said `fields` ends (`None`: it has none), and
+/// whether the connection can carry another request after it (RFC 9112 §6.3, §9.3).
+/// A `Content-Length` beside a `Transfer-Encoding` is removed from `headers`.
 fn framing(
+    fields: &ConnectionFields,
     headers: &mut HeaderMap,
     status: StatusCode,
     version: Version,
     head_request: bool,
 ) -> Result<(Option<Decoder>, bool), Error> {
-    let connection = |token: &[u8]| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    };
     let keep_alive = if version == Version::HTTP_11 {
-        !connection(b"close")
+        !fields.close
     } else {
-        connection(b"keep-alive")
+        fields.keep_alive
     };
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((None, keep_alive));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if let Some(coding) = &fields.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(Error::Parse("Transfer-Encoding in an HTTP/1.0 response"));
         }
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        let chunked = coding
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
             .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         // A length beside it would mislead whoever reads the head next: the client's
         // side frames the body anew.
@@ -468,14 +530,12 @@ fn framing(
             (Some(Decoder::Eof), false)
         });
     }
-    if headers.contains_key(header::CONTENT_LENGTH) {
-        return match content_length(headers) {
-            Some(0) => Ok((None, keep_alive)),
-            Some(n) => Ok((Some(Decoder::Length(n)), keep_alive)),
-            None => Err(Error::Parse("an invalid Content-Length")),
-        };
+    match fields.length {
+        Some(Ok(0)) => Ok((None, keep_alive)),
+        Some(Ok(n)) => Ok((Some(Decoder::Length(n)), keep_alive)),
+        Some(Err(())) => Err(Error::Parse("an invalid Content-Length")),
+        None => Ok((Some(Decoder::Eof), false)),
     }
-    Ok((Some(Decoder::Eof), false))
 }
 
 /// Where the connection's reading is.
@@ -933,10 +993,15 @@ mod tests {
         },
     }
 
+    /// Every field, by name (a name's values in their order): a removal reorders a
+    /// map's names.
     fn fields(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
-        h.iter()
+        let mut fields: Vec<_> = h
+            .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-            .collect()
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        fields
     }
 
     async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -990,7 +1055,7 @@ mod tests {
             .header("host", "backend")
             .body(RequestBody::empty())
             .unwrap();
-        conn.start(Outgoing::new(req));
+        conn.start(Outgoing::new(req, &[]));
         let head = match within(std::future::poll_fn(|cx| conn.poll_head(cx))).await {
             Ok(head) => head,
             Err(failed) => return Seen::Head(failed.error.to_string()),
@@ -1030,7 +1095,8 @@ mod tests {
         }
     }
 
-    /// hyper's client on `answer`.
+    /// hyper's client on `answer`, then the forwarding rules' removal of the hop-by-hop
+    /// fields (wsgate's client drops them as it reads the head).
     async fn hypers(method: Method, answer: &[u8], cuts: &[usize]) -> Seen {
         let (s, backend) = answered(answer.to_vec(), cuts.to_vec()).await;
         let (mut sender, conn) =
@@ -1048,7 +1114,8 @@ mod tests {
             Ok(resp) => resp,
             Err(e) => return Seen::Head(e.to_string()),
         };
-        let (parts, mut incoming) = resp.into_parts();
+        let (mut parts, mut incoming) = resp.into_parts();
+        crate::headers::remove_hop_by_hop(&mut parts.headers);
         let mut body = Vec::new();
         let mut trailers = Vec::new();
         while let Some(frame) = within(incoming.frame()).await {
@@ -1105,6 +1172,9 @@ mod tests {
         ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
         ("GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
         ("GET", b"HTTP/1.1 200 Fine By Me\r\nContent-Length: 0\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nServer: x\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nX-Trace: 1\r\nConnection: close, X-Trace\r\nConnection: x-other\r\nX-Other: 2\r\nX-Kept: 3\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\nok"),
         ("GET", b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nX-Odd: \xe9t\xe9\r\nX-Empty:\r\n\r\nno"),
         ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello"),
         ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello"),
@@ -1209,7 +1279,7 @@ mod tests {
         drop(peer);
         within(reset.readable()).await.unwrap();
         let mut dead = Conn::new(Stream::Plain(reset), 64 * 1024);
-        dead.start(Outgoing::new(req));
+        dead.start(Outgoing::new(req, &[]));
         let failed = match within(std::future::poll_fn(|cx| dead.poll_head(cx))).await {
             Ok(_) => panic!("a reset connection answered"),
             Err(failed) => failed,
@@ -1273,7 +1343,7 @@ mod tests {
             .header("host", "backend")
             .body(RequestBody::empty())
             .unwrap();
-        conn.start(Outgoing::new(req));
+        conn.start(Outgoing::new(req, &[]));
         let head = within(std::future::poll_fn(|cx| conn.poll_head(cx))).await;
         assert!(head.is_ok_and(|head| head.status() == StatusCode::OK));
         let mut read = 0;
@@ -1318,14 +1388,22 @@ mod tests {
         );
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        let (decoder, keep_alive) =
-            framing(&mut headers, StatusCode::OK, Version::HTTP_11, false).unwrap();
+        let fields = ConnectionFields {
+            transfer_encoding: Some(HeaderValue::from_static("chunked")),
+            length: Some(Ok(3)),
+            ..ConnectionFields::default()
+        };
+        let (decoder, keep_alive) = framing(
+            &fields,
+            &mut headers,
+            StatusCode::OK,
+            Version::HTTP_11,
+            false,
+        )
+        .unwrap();
         assert_eq!(decoder, Some(Decoder::Chunked(Chunked::new())));
         assert!(!keep_alive);
+        assert!(headers.is_empty());
     }
 
     #[test]
@@ -1438,10 +1516,11 @@ mod tests {
             }
             prop_assert!(ended);
             prop_assert_eq!(got, body);
-            let expected: Vec<(String, Vec<u8>)> = trailers
+            let mut expected: Vec<(String, Vec<u8>)> = trailers
                 .iter()
                 .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
                 .collect();
+            expected.sort_by(|a, b| a.0.cmp(&b.0));
             prop_assert_eq!(seen_trailers, expected);
         }
 

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 use crate::config::Config;
 
@@ -130,8 +131,8 @@ fn remove_present(headers: &mut HeaderMap, present: u8) {
         return;
     }
     // `Connection` is the first of the fixed list: only then can it name others. It is
-    // read and removed with one lookup (a response's `Connection: keep-alive` is
-    // removed on nearly every request).
+    // read and removed with one lookup (browsers send `Connection: keep-alive` with
+    // every HTTP/1.1 request).
     if present & 1 != 0
         && let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
     {
@@ -253,25 +254,75 @@ fn forwarded(
         .flatten()
 }
 
+/// The fields a forwarded request gains (see [`prepare_request_headers`]).
+pub type Added = SmallVec<[(HeaderName, HeaderValue); 3]>;
+
 /// Applies the request header rules to a request forwarded as it is: hop-by-hop
-/// headers removed, the [`forwarded_headers`] set, from one pass over the names. `Host`
-/// is left as the client sent it.
-pub fn prepare_request_headers(headers: &mut HeaderMap, client: &HeaderValue, scheme: Scheme) {
+/// headers removed from `headers`, from one pass over the names, and the
+/// [`forwarded_headers`] returned for the backend leg's encoder to write after the
+/// request's own fields (an `X-Forwarded-For` the request had is removed: the returned
+/// chain replaces it). Appending them to the map instead cost a hash, a probe and
+/// often a growth per field, on every request (bench/README.md). `Host` is left as the
+/// client sent it.
+#[must_use = "the added fields go to the backend"]
+pub fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    scheme: Scheme,
+) -> Added {
     let present = Present::of(headers);
-    // The first request of a connection comes in a map hyper sized for its own fields,
-    // which an entry lookup of the removal below grows (a full map grows on any entry)
-    // and the appends after it again: room for the three made first, it grows once.
-    headers.reserve(3);
     remove_present(headers, present.hop_by_hop);
-    let added = forwarded(headers, present, headers.get(header::HOST), client, scheme);
-    for (name, value) in added {
-        if name == X_FORWARDED_FOR && present.forwarded_for {
-            // The merged chain replaces the values it was made of.
-            headers.insert(name, value);
-        } else {
-            headers.append(name, value);
-        }
+    let added = forwarded(headers, present, headers.get(header::HOST), client, scheme).collect();
+    if present.forwarded_for {
+        headers.remove(X_FORWARDED_FOR);
     }
+    added
+}
+
+/// The fields that a `Connection` header's `values` name beyond the fixed hop-by-hop
+/// list (rare: `keep-alive`, `close` and `Upgrade` are the usual values) removed from
+/// `headers`.
+pub fn remove_named_by_connection(headers: &mut HeaderMap, values: &[HeaderValue]) {
+    let named: SmallVec<[HeaderName; 4]> = HopByHop::named_by(|| values.iter())
+        .named
+        .iter()
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+}
+
+/// Which of the fixed hop-by-hop headers a name is, for a reader that needs what two of
+/// them say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopByHopField {
+    Connection,
+    TransferEncoding,
+    /// `Keep-Alive`, `Proxy-Connection`, `TE` or `Upgrade`.
+    Other,
+}
+
+/// Whether `name` is one of the fixed hop-by-hop headers (not those a `Connection`
+/// header names), and which.
+pub fn hop_by_hop_field(name: &HeaderName) -> Option<HopByHopField> {
+    if name == header::CONNECTION {
+        Some(HopByHopField::Connection)
+    } else if name == header::TRANSFER_ENCODING {
+        Some(HopByHopField::TransferEncoding)
+    } else if HOP_BY_HOP.contains(name) {
+        Some(HopByHopField::Other)
+    } else {
+        None
+    }
+}
+
+/// Whether a `Connection` token names a field beyond the fixed hop-by-hop ones.
+pub fn names_other_field(token: &[u8]) -> bool {
+    !token.is_empty()
+        && !HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
@@ -294,13 +345,21 @@ mod tests {
         assert_eq!(h[header::COOKIE], "a=b");
     }
 
+    /// The request's headers as the backend reads them: the rules applied, the added
+    /// fields after the request's own.
+    fn prepared(h: &mut HeaderMap, client: &HeaderValue, scheme: Scheme) {
+        for (name, value) in prepare_request_headers(h, client, scheme) {
+            h.append(name, value);
+        }
+    }
+
     #[test]
     fn forwarded_headers_append_and_respect_prior_proxies() {
         let peer = address_value("10.1.2.3".parse().unwrap());
         let peer = &peer;
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("dash.example"));
-        prepare_request_headers(&mut h, peer, Scheme::Http);
+        prepared(&mut h, peer, Scheme::Http);
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "dash.example");
@@ -314,7 +373,7 @@ mod tests {
         );
         h.append("x-forwarded-for", HeaderValue::from_static(""));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request_headers(&mut h, peer, Scheme::Https);
+        prepared(&mut h, peer, Scheme::Https);
         let chain: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3"]);
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -431,7 +490,7 @@ mod tests {
             let ip: IpAddr = if v6 { "2001:db8::7".parse().unwrap() } else { "10.9.8.7".parse().unwrap() };
             let scheme = if https { Scheme::Https } else { Scheme::Http };
             let expected = reference(h.clone(), &ip.to_string(), scheme);
-            prepare_request_headers(&mut h, &address_value(ip), scheme);
+            prepared(&mut h, &address_value(ip), scheme);
             prop_assert_eq!(shape(&h), shape(&expected));
         }
     }

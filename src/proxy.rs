@@ -18,6 +18,7 @@ use crate::client::Busy;
 use crate::error::ProxyError;
 use crate::exchange::{self, Exchange, ForwardedBody};
 use crate::gate::Gate;
+use crate::h1;
 use crate::headers::{Scheme, prepare_request_headers};
 
 /// Any error a response body may end with.
@@ -150,13 +151,15 @@ pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwardin
     {
         parts.headers.insert(header::HOST, host);
     }
-    prepare_request_headers(&mut parts.headers, &forwarded_for, scheme);
+    let added = prepare_request_headers(&mut parts.headers, &forwarded_for, scheme);
     parts.uri = origin_form(parts.uri);
     parts.version = Version::HTTP_11;
     let body = ex.request_body(body);
     let deadline = exchange::deadline(limit);
-    let request = Request::from_parts(parts, body);
-    Forwarding(Box::pin(ex.forward(request, deadline, client_version)))
+    // Encoded at once: the bytes are smaller than the request, and the exchange's
+    // future keeps them.
+    let outgoing = h1::Outgoing::new(Request::from_parts(parts, body), &added);
+    Forwarding(Box::pin(ex.forward(outgoing, deadline, client_version)))
 }
 
 /// A forwarded request waiting for its response head. The wait is boxed: it is most of
