@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap};
-use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, Version};
 use tokio::time::Sleep;
 
@@ -60,9 +59,10 @@ pub struct Exchange {
     id: u64,
     started: Instant,
     method: Method,
-    /// The request target (its path goes into the record), kept as the request's own
-    /// bytes.
-    target: Option<PathAndQuery>,
+    /// The request's path, for the record: a copy, not the request's own bytes, which
+    /// share the client connection's read buffer — shared, hyper cannot reuse that
+    /// buffer and allocated a new one for every request.
+    path: Arc<str>,
     head: Option<Head>,
     /// The backend connection, while the exchange uses it.
     lease: Option<Lease>,
@@ -98,7 +98,7 @@ impl Exchange {
             abort,
             started: Instant::now(),
             method: req.method().clone(),
-            target: req.uri().path_and_query().cloned(),
+            path: req.uri().path().into(),
             head: None,
             lease: None,
             request: None,
@@ -338,7 +338,7 @@ impl Exchange {
             connection: self.busy.id,
             client: self.busy.peer,
             worker: self.busy.worker,
-            path: self.target.as_ref().map_or("/", PathAndQuery::path).into(),
+            path: self.path.clone(),
         }
     }
 
