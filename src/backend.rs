@@ -142,7 +142,7 @@ impl Backend {
     pub async fn fresh(&self) -> Result<Lease, ProxyError> {
         let stream = self.connector.connect().await?;
         Ok(Lease {
-            conn: h1::Conn::new(stream, self.connector.0.max_header_size),
+            conn: Box::new(h1::Conn::new(stream, self.connector.0.max_header_size)),
             reused: false,
             origin: self.connector.clone(),
         })
@@ -165,7 +165,11 @@ impl Backend {
 /// [`crate::h1`]), with no other task and no channel between them. Dropping it closes
 /// the connection.
 pub struct Lease {
-    conn: h1::Conn,
+    /// Boxed: a lease moves with its exchange (into the response body, then into
+    /// hyper's dispatcher) and in and out of the pool, a few times per request; the
+    /// connection's state is ten times a pointer's size, and one allocation per backend
+    /// connection costs less than copying it on every move.
+    conn: Box<h1::Conn>,
     /// It served an exchange before this one.
     reused: bool,
     /// The connector that made it: a reload that changes the backend makes another.
