@@ -130,18 +130,13 @@ fn remove_present(headers: &mut HeaderMap, present: u8) {
     if present == 0 {
         return;
     }
-    // `Connection` is the first of the fixed list: only then can it name others. It is
-    // read and removed with one lookup (browsers send `Connection: keep-alive` with
-    // every HTTP/1.1 request).
-    if present & 1 != 0
-        && let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
-    {
-        let named: Vec<HeaderName> = HopByHop::named_by(|| connection.iter())
-            .named
-            .iter()
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        drop(connection.remove_entry_mult());
+    // `Connection` is the first of the fixed list: only then can it name others. Read,
+    // then removed: an entry lookup would have done both at once, but it grows a map
+    // that is full (hyper sizes a request's map to its fields), an allocation and a
+    // rehash on every request with `Connection` (browsers send `keep-alive`).
+    if present & 1 != 0 {
+        let named = named_by_connection(|| headers.get_all(header::CONNECTION).iter());
+        headers.remove(header::CONNECTION);
         for name in &named {
             headers.remove(name);
         }
@@ -283,14 +278,22 @@ pub fn prepare_request_headers(
 /// list (rare: `keep-alive`, `close` and `Upgrade` are the usual values) removed from
 /// `headers`.
 pub fn remove_named_by_connection(headers: &mut HeaderMap, values: &[HeaderValue]) {
-    let named: SmallVec<[HeaderName; 4]> = HopByHop::named_by(|| values.iter())
+    for name in &named_by_connection(|| values.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The names, beyond the fixed list, of the fields that `connection` (the values of a
+/// `Connection` header, each time it is called) names.
+fn named_by_connection<'a, I>(connection: impl Fn() -> I) -> SmallVec<[HeaderName; 2]>
+where
+    I: Iterator<Item = &'a HeaderValue>,
+{
+    HopByHop::named_by(connection)
         .named
         .iter()
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
+        .collect()
 }
 
 /// Which of the fixed hop-by-hop headers a name is, for a reader that needs what two of
