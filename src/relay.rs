@@ -81,7 +81,8 @@ pub fn spawn<F, G>(
             negotiated,
             info,
         };
-        relays.spawn(start(handoff, &live, metrics, guard));
+        // Boxed: one copy of the relay's future into its task, not eight.
+        relays.spawn(Box::pin(start(handoff, &live, metrics, guard)));
     });
 }
 

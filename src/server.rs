@@ -204,10 +204,11 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
                     // A task of its own, the size of the relay (under 1 KiB), for the
                     // WebSocket's whole life: this task's future, with every step before
                     // the relay in it, is three times that. It keeps the connection's
-                    // seat (its slot) until it ends.
+                    // seat (its slot) until it ends. Boxed, as the client's task is
+                    // (see `accept`): one copy into its task instead of eight.
                     let relay =
                         relay::start(handoff, &gate.live, gate.metrics.clone(), busy.keep(false));
-                    gate.tasks.tracker.spawn(relay);
+                    gate.tasks.tracker.spawn(Box::pin(relay));
                     return;
                 }
                 // An answer of wsgate's or the backend's refusal: hyper writes it, with
