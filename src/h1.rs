@@ -2,9 +2,10 @@
 //!
 //! A request is encoded once ([`Outgoing`]); a backend connection ([`Conn`]) writes it,
 //! its body as the client sends it, and reads the response: the head parsed with
-//! httparse into an `http` response, the body decoded by length, by chunks or to the
-//! connection's end. All of it is polled directly on the backend's socket in the
-//! exchange's own task, through the same `cx`.
+//! httparse into an `http` response (without the hop-by-hop fields, which describe this
+//! connection and are read here, never forwarded), the body decoded by length, by
+//! chunks or to the connection's end. All of it is polled directly on the backend's
+//! socket in the exchange's own task, through the same `cx`.
 //!
 //! Why not hyper's client connection: it runs a dispatcher that talks to the request's
 //! sender and to the response body through channels, and a keep-alive GET spent more
@@ -13,7 +14,8 @@
 //! them (a HEAD, 1xx, 204 and 304 response has no body; `Transfer-Encoding` before
 //! `Content-Length`; differing or invalid lengths refused; informational heads
 //! skipped), the request framing hyper would choose, and the same limits on what the
-//! backend may send. The tests hold both to hyper's client on the same bytes.
+//! backend may send. The tests hold both to hyper's client on the same bytes (with the
+//! forwarding rules' removal of hop-by-hop fields applied to what hyper's reads).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
