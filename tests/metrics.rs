@@ -407,7 +407,7 @@ async fn a_real_prometheus_scrapes_wsgate() {
     }
     let (_backend_l, backend_addr) = listener().await;
     let gate = start_gate(test_config(backend_addr)).await;
-    let dir = std::env::temp_dir().join(format!("wsgate-prom-{}", std::process::id()));
+    let dir = common::test_dir(&format!("wsgate-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(

@@ -46,7 +46,7 @@ fn pki(name: &str) -> Pki {
 }
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
+    let d = common::test_dir(&format!(
         "wsgate-tls-{}-{}",
         std::process::id(),
         rand_suffix()

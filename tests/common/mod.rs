@@ -71,11 +71,17 @@ pub fn test_config(backend: SocketAddr) -> Config {
 /// The `wsgate` binary cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
+/// Where the tests keep their files: under cargo's target directory, which
+/// `cargo clean` empties, not the machine's temporary directory, which nothing would.
+pub fn test_dir(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
 /// Writes `text` to a new file (unique within this test process, whose tests run in
 /// parallel) and returns its path.
 pub fn temp_file(name: &str, text: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("wsgate-test-{}", std::process::id()));
+    let dir = test_dir(&format!("wsgate-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&path, text).unwrap();
