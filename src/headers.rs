@@ -67,12 +67,7 @@ impl<'a> HopByHop<'a> {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| {
-                !t.is_empty()
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(t))
-            })
+            .filter(|t| names_other_field(t.as_bytes()))
             .collect();
         HopByHop { named }
     }

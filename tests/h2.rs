@@ -1,7 +1,7 @@
 //! HTTP/2 from the client: streams that outlive their head, connections that close when
 //! idle, several WebSockets and exchanges sharing one connection, the exit with an
-//! idle HTTP/2 connection open, a plain CONNECT refused, and a backend's early answer to
-//! an upload. A browser behind TLS speaks HTTP/2 to wsgate, so every
+//! idle HTTP/2 connection open, a plain CONNECT refused, a backend's early answer to an
+//! upload, and the header rules (`X-Forwarded-*`, hop-by-hop fields). A browser behind TLS speaks HTTP/2 to wsgate, so every
 //! behaviour that holds over HTTP/1.1 is checked here over h2c as well.
 #![allow(clippy::unwrap_used)]
 
@@ -287,4 +287,55 @@ async fn an_answer_sent_before_the_upload_was_read_reaches_an_h2_client() {
     let ((), (status, body)) = tokio::join!(backend, client);
     assert_eq!(status, 413);
     assert_eq!(body.unwrap(), b"too large");
+}
+
+/// The header rules over HTTP/2 as over HTTP/1.1: the backend's request head gets `Host`
+/// from `:authority`, the client's `X-Forwarded-For` with the client's address after it,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`; the client's response has none of the
+/// backend's hop-by-hop fields, nor one its `Connection` names (which hyper's HTTP/2
+/// server would not know to drop).
+#[tokio::test]
+async fn header_rules_hold_for_an_h2_client() {
+    let (backend_l, backend_addr) = listener().await;
+    let gate = h2c_gate(backend_addr, |_| {}).await;
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        let (head, _) = read_head(&mut s).await;
+        within(s.write_all(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Backend-Hop\r\nKeep-Alive: timeout=5\r\n\
+              X-Backend-Hop: 1\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok",
+        ))
+        .await
+        .unwrap();
+        (head, s)
+    });
+    let (mut sender, _conn) = h2c_connect(gate.addr).await;
+    let mut req = h2_request("GET", "/rules?q=1", empty());
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    let resp = within(sender.send_request(req)).await.unwrap();
+    let (seen, _backend_socket) = within(backend).await.unwrap();
+
+    assert!(seen.starts_with("GET /rules?q=1 HTTP/1.1\r\n"), "{seen}");
+    assert_eq!(header(&seen, "host"), Some("dash.example"), "{seen}");
+    assert_eq!(
+        header(&seen, "x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1"),
+        "{seen}"
+    );
+    assert_eq!(seen.matches("x-forwarded-for").count(), 1, "{seen}");
+    assert_eq!(header(&seen, "x-forwarded-proto"), Some("http"), "{seen}");
+    assert_eq!(
+        header(&seen, "x-forwarded-host"),
+        Some("dash.example"),
+        "{seen}"
+    );
+
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h.get("x-end-to-end").unwrap(), "kept");
+    for hop in ["x-backend-hop", "keep-alive", "connection"] {
+        assert!(h.get(hop).is_none(), "{hop} reached the client: {h:?}");
+    }
+    assert_eq!(read_body(resp.into_body()).await.unwrap(), b"ok");
 }
