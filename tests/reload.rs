@@ -174,3 +174,67 @@ async fn a_changed_file_is_reloaded_without_sighup() {
     let (cf, bf) = (c.recv_close().await, b.recv_close().await);
     assert_eq!((cf.close_code(), bf.close_code()), (Some(1001), Some(1001)));
 }
+
+/// A backend connection belongs to the configuration its exchange started with: one
+/// still in use when a reload points `backend` elsewhere is closed when its exchange
+/// ends, not put in the new configuration's pool, where the next request would have
+/// gone to the old backend on it.
+#[tokio::test]
+async fn a_backend_connection_from_before_a_reload_to_another_backend_is_not_reused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (old_l, old_addr) = listener().await;
+    let (new_l, new_addr) = listener().await;
+    // One worker: one pool, which both requests would share.
+    let path = temp_file("moved.toml", &wsgate_config(old_addr, "workers = 1"));
+    let (child, addr, _admin, mut log) = spawn_wsgate_with(&path).await;
+
+    // A response whose body is still open across the reload.
+    let mut client = within(tokio::net::TcpStream::connect(addr)).await.unwrap();
+    within(client.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"))
+        .await
+        .unwrap();
+    let (mut old, _) = within(old_l.accept()).await.unwrap();
+    let (head, _) = read_head(&mut old).await;
+    assert!(head.starts_with("GET /slow HTTP/1.1\r\n"), "{head}");
+    within(old.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"))
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut client).await;
+    assert_eq!(status(&head), 200);
+
+    rewrite(&path, &wsgate_config(new_addr, "workers = 1"));
+    signal(&child, "HUP").await;
+    log_line(&mut log, |l| l["message"] == "configuration reloaded").await;
+
+    // The old response ends whole: its connection could carry another request.
+    within(old.write_all(b"0\r\n\r\n")).await.unwrap();
+    let mut body = Vec::new();
+    while !body.ends_with(b"0\r\n\r\n") {
+        let mut chunk = [0u8; 256];
+        let n = within(client.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "the client's response ended early: {body:?}");
+        body.extend_from_slice(&chunk[..n]);
+    }
+
+    // The next request goes to the new backend, and the old one's connection closes.
+    let next = tokio::spawn(http_raw(
+        addr,
+        "GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ));
+    let (mut new, _) = within(new_l.accept()).await.unwrap();
+    let (head, _) = read_head(&mut new).await;
+    assert!(head.starts_with("GET /next HTTP/1.1\r\n"), "{head}");
+    within(new.write_all(b"HTTP/1.1 204 No Content\r\n\r\n"))
+        .await
+        .unwrap();
+    let (head, _) = within(next).await.unwrap();
+    assert_eq!(status(&head), 204);
+    let mut rest = Vec::new();
+    let n = within(old.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(
+        n,
+        0,
+        "the old backend got {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
