@@ -77,6 +77,7 @@ mod listener;
 mod live;
 pub mod logging;
 mod metrics;
+mod plain;
 mod proxy;
 mod pump;
 mod record;

@@ -221,6 +221,14 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
             }
         }
     };
+    let (read, stream) = if first_response.is_none() {
+        match Box::pin(crate::plain::serve(gate.clone(), stream, conn.clone(), read)).await {
+            crate::plain::Served::Done => return,
+            crate::plain::Served::Fallback(read, stream) => (read, stream),
+        }
+    } else {
+        (read, stream)
+    };
     Box::pin(serve_http1(
         gate,
         Prefixed::new(read, stream),
