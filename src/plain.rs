@@ -9,9 +9,12 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::Body as _;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri, Version};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::client::{Busy, ClientConn};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::client::{Busy, ClientConn, ClientIo};
 use crate::gate::Gate;
 use crate::proxy;
 use crate::stream::Stream;
@@ -38,7 +41,10 @@ fn parse(head: &Bytes) -> (Parsed, usize) {
     if parsed.version != Some(1) {
         return (Parsed::Other, 0);
     }
-    let Some(method) = parsed.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()) else {
+    let Some(method) = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+    else {
         return (Parsed::Other, 0);
     };
     if method == Method::CONNECT {
@@ -79,15 +85,35 @@ fn parse(head: &Bytes) -> (Parsed, usize) {
     (Parsed::Plain(req, close), n)
 }
 
+/// Reads into `buf` when it is empty, as hyper does while a request is in flight: the
+/// client's end (EOF or an error) means it left. Bytes that come (a pipelined request)
+/// are kept and nothing more is read. `Ready(())`: the client left.
+fn poll_client_left<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    if !buf.is_empty() {
+        return std::task::Poll::Pending;
+    }
+    buf.reserve(4096);
+    match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
+        std::task::Poll::Ready(Ok(0) | Err(_)) => std::task::Poll::Ready(()),
+        _ => std::task::Poll::Pending,
+    }
+}
+
 pub async fn serve(
     gate: Arc<Gate>,
-    mut stream: Stream,
+    mut stream: ClientIo<Stream>,
     conn: Arc<ClientConn>,
     first: Bytes,
+    closing: &AtomicBool,
 ) -> Served {
     let max = gate.settings().config.http.max_header_size;
     let mut buf = BytesMut::from(&first[..]);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let closing_now = || closing.load(Ordering::Relaxed) || conn.accepted_draining;
     loop {
         let (req, close) = loop {
             if !buf.is_empty() {
@@ -101,19 +127,45 @@ pub async fn serve(
                     (Parsed::Partial, _) if frozen.len() <= max => {
                         buf.extend_from_slice(&frozen);
                     }
-                    _ => return Served::Fallback(frozen, stream),
+                    _ => return Served::Fallback(frozen, stream.into_inner()),
                 }
+            } else if closing.load(Ordering::Relaxed) {
+                return Served::Done;
             }
             buf.reserve(4096);
-            match stream.read_buf(&mut buf).await {
+            let read = std::future::poll_fn(|cx| {
+                if buf.is_empty() && closing.load(Ordering::Relaxed) {
+                    return std::task::Poll::Ready(Ok(0));
+                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buf)
+            })
+            .await;
+            match read {
                 Ok(0) | Err(_) => return Served::Done,
                 Ok(_) => {}
             }
         };
         let head_request = req.method() == Method::HEAD;
         let busy = Busy::new(conn.clone());
-        let resp = proxy::forward_bodiless(gate.clone(), busy, req).await;
+        let forwarding = proxy::forward_bodiless(gate.clone(), busy, req);
+        let mut forwarding = std::pin::pin!(forwarding);
+        let resp = std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(resp) = forwarding.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Some(resp));
+            }
+            poll_client_left(&mut stream, &mut buf, cx).map(|()| None)
+        })
+        .await;
+        let Some(resp) = resp else {
+            return Served::Done;
+        };
+        let close = close || closing_now();
         let (parts, mut body) = resp.into_parts();
+        let close = close
+            || parts
+                .headers
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -142,14 +194,22 @@ pub async fn serve(
                 }
             }
         }
-        if close {
+        if close && !parts.headers.contains_key(header::CONNECTION) {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
         if !bodiless {
             loop {
-                let frame =
-                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+                let frame = std::future::poll_fn(|cx| {
+                    if let std::task::Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                        return std::task::Poll::Ready(Some(frame));
+                    }
+                    poll_client_left(&mut stream, &mut buf, cx).map(|()| None)
+                })
+                .await;
+                let Some(frame) = frame else {
+                    return Served::Done;
+                };
                 match frame {
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -222,9 +223,32 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
         }
     };
     let (read, stream) = if first_response.is_none() {
-        match Box::pin(crate::plain::serve(gate.clone(), stream, conn.clone(), read)).await {
-            crate::plain::Served::Done => return,
-            crate::plain::Served::Fallback(read, stream) => (read, stream),
+        let (head_limit, write_timeout) = {
+            let settings = gate.settings();
+            (
+                settings.config.http.header_read_timeout,
+                settings.config.http.write_timeout,
+            )
+        };
+        let closing = AtomicBool::new(false);
+        let io = ClientIo::new(stream, conn.clone(), write_timeout);
+        let served = Box::pin(crate::plain::serve(
+            gate.clone(),
+            io,
+            conn.clone(),
+            read,
+            &closing,
+        ));
+        let driving = Driving {
+            conn: &conn,
+            drain: !conn.accepted_draining,
+            idle: None,
+            abort: Some(&conn.abort),
+            head_limit: Some(head_limit),
+        };
+        match drive(served, |_| closing.store(true, Ordering::Relaxed), driving).await {
+            Some(crate::plain::Served::Fallback(read, stream)) => (read, stream),
+            _ => return,
         }
     } else {
         (read, stream)
@@ -414,8 +438,25 @@ async fn serve_http1(
     ended(result);
 }
 
-fn ended(result: hyper::Result<()>) {
-    if let Err(e) = result {
+/// What a served connection's end says of its client.
+trait Noted {
+    fn note(&self, conn: &ClientConn);
+}
+
+impl Noted for hyper::Result<()> {
+    fn note(&self, conn: &ClientConn) {
+        if let Err(e) = self {
+            conn.note_error(e);
+        }
+    }
+}
+
+impl Noted for crate::plain::Served {
+    fn note(&self, _: &ClientConn) {}
+}
+
+fn ended(result: Option<hyper::Result<()>>) {
+    if let Some(Err(e)) = result {
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
     }
@@ -459,17 +500,16 @@ async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
     d: Driving<'_>,
-) -> hyper::Result<()>
+) -> Option<F::Output>
 where
-    F: Future<Output = hyper::Result<()>>,
+    F: Future,
+    F::Output: Noted,
 {
     let conn = d.conn;
-    let note = |result: hyper::Result<()>| {
-        if let Err(e) = &result {
-            // Before `served` drops the exchanges still on it: they read why.
-            conn.note_error(e);
-        }
-        result
+    let note = |result: F::Output| {
+        // Before `served` drops the exchanges still on it: they read why.
+        result.note(conn);
+        Some(result)
     };
     // The signals, the exchange's abort and the task's deadlines: a few atomic
     // operations per wake-up.
@@ -518,7 +558,7 @@ where
             biased;
             result = served.as_mut() => return note(result),
             next = &mut turn => match next {
-                Turn::Now => return Ok(()),
+                Turn::Now => return None,
                 Turn::Graceful => {
                     if let Some(graceful) = graceful.take() {
                         graceful(served.as_mut());
@@ -531,7 +571,7 @@ where
                     graceful(served.as_mut());
                 }
             }
-            () = &mut nothing_open, if graceful.is_none() => return Ok(()),
+            () = &mut nothing_open, if graceful.is_none() => return None,
         }
     }
 }
