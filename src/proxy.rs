@@ -14,6 +14,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, Uri, Version};
 
+use crate::body::RequestBody;
 use crate::client::Busy;
 use crate::error::ProxyError;
 use crate::exchange::{self, Exchange, ForwardedBody};
@@ -136,16 +137,22 @@ pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwardin
     forward_with(gate, busy, req, |ex, body| ex.request_body(body))
 }
 
-/// [`forward`] for a request whose body is already what the backend's connection reads.
+/// [`forward`] for a request without a body (read by [`crate::h1_server`]).
 pub fn forward_bodiless(gate: Arc<Gate>, busy: Busy, req: Request<()>) -> Forwarding {
-    forward_with(gate, busy, req, |_, ()| crate::body::RequestBody::empty())
+    forward_with(gate, busy, req, |_, ()| RequestBody::empty())
+}
+
+/// [`forward`] for a request whose body came whole with its head (read by
+/// [`crate::h1_server`]).
+pub fn forward_full(gate: Arc<Gate>, busy: Busy, req: Request<Bytes>) -> Forwarding {
+    forward_with(gate, busy, req, |ex, body| ex.whole_request_body(body))
 }
 
 fn forward_with<B>(
     gate: Arc<Gate>,
     busy: Busy,
     req: Request<B>,
-    body_of: impl FnOnce(&mut Exchange, B) -> crate::body::RequestBody,
+    body_of: impl FnOnce(&mut Exchange, B) -> RequestBody,
 ) -> Forwarding {
     let (scheme, limit) = {
         let settings = gate.settings();

@@ -1,9 +1,11 @@
 //! The client-facing listener: accepts TCP connections, enforces `max_connections`,
-//! terminates TLS, serves HTTP/1.1 or HTTP/2 on each with hyper and hands every request
-//! to [`crate::route`]. The plain WebSocket upgrade that opens an HTTP/1.1 connection is
-//! read and carried out here, before hyper (see [`crate::request_head`]), watching the
-//! client while the backend answers. Every task serving clients can be ended from
-//! outside: at the exit, when the drain begins, and by an exchange's [`Abort`].
+//! terminates TLS, serves HTTP/1.1 or HTTP/2 on each and hands every request to
+//! [`crate::route`]. On an HTTP/1.1 connection the plain WebSocket upgrade that opens it
+//! is read and carried out here (see [`crate::request_head`]), watching the client while
+//! the backend answers; plain requests are served by [`crate::h1_server`], and from the
+//! first request that is neither on, hyper serves the connection. HTTP/2 is hyper's.
+//! Every task serving clients can be ended from outside: at the exit, when the drain
+//! begins, and by an exchange's [`Abort`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -28,6 +30,7 @@ use crate::abort::{Abort, Watch};
 use crate::client::{Busy, ClientConn, ClientIo, Signals};
 use crate::error::ProxyError;
 use crate::gate::Gate;
+use crate::h1_server;
 use crate::proxy::{self, Body};
 use crate::relay::{self, Handoff, Leg};
 use crate::request_head::{self, FirstRequest};
@@ -222,36 +225,14 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
             }
         }
     };
-    let (read, stream) = if first_response.is_none() {
-        let (head_limit, write_timeout) = {
-            let settings = gate.settings();
-            (
-                settings.config.http.header_read_timeout,
-                settings.config.http.write_timeout,
-            )
-        };
-        let closing = AtomicBool::new(false);
-        let io = ClientIo::new(stream, conn.clone(), write_timeout);
-        let served = Box::pin(crate::plain::serve(
-            gate.clone(),
-            io,
-            conn.clone(),
-            read,
-            &closing,
-        ));
-        let driving = Driving {
-            conn: &conn,
-            drain: !conn.accepted_draining,
-            idle: None,
-            abort: Some(&conn.abort),
-            head_limit: Some(head_limit),
-        };
-        match drive(served, |_| closing.store(true, Ordering::Relaxed), driving).await {
-            Some(crate::plain::Served::Fallback(read, stream)) => (read, stream),
-            _ => return,
-        }
-    } else {
-        (read, stream)
+    let (read, stream) = match first_response {
+        // wsgate's answer to the upgrade: hyper writes it and serves what follows.
+        Some(_) => (read, stream),
+        // Plain requests are served here until one is not (`h1_server`).
+        None => match Box::pin(serve_plain(&gate, stream, &conn, read)).await {
+            Some(rest) => rest,
+            None => return,
+        },
     };
     Box::pin(serve_http1(
         gate,
@@ -402,6 +383,44 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
     ended(result);
 }
 
+/// Serves an HTTP/1.1 connection's plain requests with [`h1_server`], `read` the bytes
+/// read from it so far, under the same driving as hyper's connections. `Some`: a
+/// request that is not plain, which hyper serves from these bytes on.
+async fn serve_plain(
+    gate: &Arc<Gate>,
+    stream: Stream,
+    conn: &Arc<ClientConn>,
+    read: Bytes,
+) -> Option<(Bytes, Stream)> {
+    let (head_limit, write_timeout) = {
+        let settings = gate.settings();
+        let http = &settings.config.http;
+        (http.header_read_timeout, http.write_timeout)
+    };
+    // Set by the driving when the drain or the exit asks the connection to stop taking
+    // requests; the loop reads it between requests and before a response's head.
+    let closing = AtomicBool::new(false);
+    let io = ClientIo::new(stream, conn.clone(), write_timeout);
+    let served = Box::pin(h1_server::serve(
+        gate.clone(),
+        io,
+        conn.clone(),
+        read,
+        &closing,
+    ));
+    let driving = Driving {
+        conn,
+        drain: !conn.accepted_draining,
+        idle: None,
+        abort: Some(&conn.abort),
+        head_limit: Some(head_limit),
+    };
+    match drive(served, |_| closing.store(true, Ordering::Relaxed), driving).await {
+        Some(h1_server::Ended::ToHyper(read, stream)) => Some((read, stream)),
+        Some(h1_server::Ended::Closed) | None => None,
+    }
+}
+
 /// Serves an HTTP/1.1 connection with hyper until it ends; `first` answers its first
 /// request if given.
 async fn serve_http1(
@@ -451,7 +470,7 @@ impl Noted for hyper::Result<()> {
     }
 }
 
-impl Noted for crate::plain::Served {
+impl Noted for h1_server::Ended {
     fn note(&self, _: &ClientConn) {}
 }
 

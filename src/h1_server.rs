@@ -1,0 +1,1026 @@
+//! wsgate's own HTTP/1.1 server for plain requests; hyper serves everything else.
+//!
+//! Most requests a dashboard sends are plain: a `GET` of a page, an asset or a query, a
+//! small `POST`. Served by hyper's server, each cost its connection state machine, its
+//! dispatcher and the header map round trips of its encoder: about a sixth of wsgate's
+//! user-space work per keep-alive request and a quarter of a one-request connection's
+//! (callgrind, see bench/README.md). So a client connection's requests are read here
+//! ([`parse_head`]) and, while they keep a narrow shape, forwarded and answered here;
+//! the first that does not — or any doubt — goes to hyper with the bytes not yet
+//! consumed, and hyper serves the rest of the connection ([`Ended::ToHyper`]), as
+//! [`crate::request_head`] does for a connection's first request.
+//!
+//! The shape: HTTP/1.1, an origin-form target, any method but `CONNECT`, lines ending in
+//! CRLF, exactly one `Host`, no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE`, and a
+//! body only with one plain `Content-Length` whose bytes arrived with the head. Within it
+//! the loop behaves as hyper's server does with wsgate's settings, byte for byte on the
+//! wire: [`encode_head`] follows hyper's encoder, which a differential test holds it to;
+//! a request in flight watches its client as hyper's dispatcher does (an end of stream
+//! while nothing else is buffered means the client left); the connection runs under
+//! [`crate::server`]'s driving (drain, abort, idle limit, response deadline) and writes
+//! through [`ClientIo`] (write timeout).
+//!
+//! (The backend side of HTTP/1.1 is [`crate::h1`].)
+
+use std::future::Future;
+use std::io::{self, IoSlice, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body as _, Frame};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::http::response;
+use hyper::{Method, Request, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::client::{Busy, ClientConn, ClientIo};
+use crate::gate::Gate;
+use crate::proxy::{self, Body};
+use crate::stream::Stream;
+
+/// Header lines a plain request may have; one with more goes to hyper.
+const MAX_HEADERS: usize = 64;
+
+/// Bytes read at once while waiting for a head.
+const READ_CHUNK: usize = 4096;
+
+/// hyper's limit on a request target (`414 URI Too Long` past it).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+/// A request head as the loop reads it.
+// One at a time, briefly: boxing the request would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Parsed {
+    /// A request in the plain shape, its head `len` bytes long and followed by a body of
+    /// `body_len` bytes; `close`: it asks to close the connection after its response.
+    Plain {
+        request: Request<()>,
+        len: usize,
+        body_len: usize,
+        close: bool,
+    },
+    /// The head is not complete yet.
+    Partial,
+    /// Anything else: hyper's.
+    Other,
+}
+
+/// Reads the request head at the start of `buf`. The request shares `buf`'s bytes.
+pub fn parse_head(buf: &Bytes) -> Parsed {
+    // Empty lines before a request line: hyper skips them.
+    if matches!(buf.first(), None | Some(b'\r' | b'\n')) {
+        return if buf.is_empty() {
+            Parsed::Partial
+        } else {
+            Parsed::Other
+        };
+    }
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    plain_request(&parsed, buf, len).unwrap_or(Parsed::Other)
+}
+
+/// The request, if it has the plain shape.
+fn plain_request(parsed: &httparse::Request<'_, '_>, buf: &Bytes, len: usize) -> Option<Parsed> {
+    if parsed.version != Some(1) {
+        return None;
+    }
+    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let target = parsed
+        .path
+        .filter(|p| p.starts_with('/') && p.len() < MAX_TARGET)?;
+    // Every line ends in CRLF: httparse also takes a bare LF, which proxies in front of
+    // wsgate may read differently.
+    let head = &buf[..len];
+    if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
+        return None;
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from_maybe_shared(buf.slice_ref(target.as_bytes())).ok()?;
+    let headers = request.headers_mut();
+    headers.reserve(parsed.headers.len());
+    let (mut hosts, mut close, mut body_len) = (0, false, None);
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_maybe_shared(buf.slice_ref(field.value)).ok()?;
+        match name {
+            // Framing other than a plain length, and what hyper's server answers or
+            // hands over itself: hyper's.
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
+                return None;
+            }
+            header::CONTENT_LENGTH => {
+                if body_len.is_some() {
+                    return None;
+                }
+                body_len = Some(plain_length(value.as_bytes())?);
+            }
+            header::HOST => hosts += 1,
+            header::CONNECTION => {
+                close |= value
+                    .as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    if hosts != 1 {
+        return None;
+    }
+    Some(Parsed::Plain {
+        request,
+        len,
+        body_len: body_len.unwrap_or(0),
+        close,
+    })
+}
+
+/// A `Content-Length` value of digits only (no sign, list or space), at most 18 of them.
+fn plain_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// What hyper's server knows of a response body when it writes the head: nothing (the
+/// body has ended), its exact length, or neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyLength {
+    Known(u64),
+    Unknown,
+}
+
+/// How a response's body goes on the wire after its head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// This many bytes (0: none at all).
+    Length(u64),
+    Chunked,
+    /// Until the connection closes.
+    Close,
+}
+
+/// A response head encoded: its body's framing, and whether the connection closes after
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    pub framing: Framing,
+    pub last: bool,
+}
+
+/// The response head hyper's server writes for `head` (its status, version, reason
+/// phrase and fields) answering a request of `method`, with `body` as hyper would see
+/// it, on a connection that stays open after it if `keep_alive` — wsgate's settings:
+/// lower-case names, no `Date` added. `Err`: hyper refuses to send it (a 1xx, a field
+/// that contradicts the framing) and closes the connection.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    head: &response::Parts,
+    body: Option<BodyLength>,
+    method: &Method,
+    keep_alive: bool,
+) -> Result<Encoded, ()> {
+    let status = head.status;
+    if status.is_informational() {
+        return Err(());
+    }
+    let mut last = !keep_alive;
+    let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
+    if head.version == Version::HTTP_11 && status == StatusCode::OK && reason.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(if head.version == Version::HTTP_10 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        match reason {
+            Some(reason) => out.extend_from_slice(reason.as_bytes()),
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    let can_chunk = method != Method::HEAD
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let can_have_length = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let http10 = head.version == Version::HTTP_10;
+    let mut framing = Framing::Length(0);
+    let mut wrote_len = false;
+    let mut length_value = None;
+    // A field written across several values (`a, b`) whose line is still open.
+    let mut open: Option<HeaderName> = None;
+    let mut chunked_last = true;
+    let close_line = |out: &mut Vec<u8>, open: &mut Option<HeaderName>, chunked_last: bool| {
+        if open.take().is_some() {
+            out.extend_from_slice(if chunked_last {
+                b"\r\n".as_slice()
+            } else {
+                b", chunked\r\n".as_slice()
+            });
+        }
+    };
+    // hyper's server says `close` in the response of an HTTP/1.1 exchange after which
+    // the connection closes: added to the `Connection` field (or as one, after the
+    // others) unless a value has it.
+    let mut says_close = false;
+    let add_close = |out: &mut Vec<u8>, open: &Option<HeaderName>, says_close: bool| {
+        if !keep_alive && !says_close && open.as_ref() == Some(&header::CONNECTION) {
+            out.extend_from_slice(b", close");
+        }
+    };
+    for (name, value) in &head.headers {
+        if open.as_ref().is_some_and(|o| o != name) {
+            add_close(out, &open, says_close);
+            close_line(out, &mut open, chunked_last);
+        }
+        let continuing = open.as_ref() == Some(name);
+        match *name {
+            header::CONTENT_LENGTH => {
+                if wrote_len && !continuing {
+                    return Err(());
+                }
+                match body {
+                    Some(BodyLength::Known(len)) => {
+                        if !continuing {
+                            framing = Framing::Length(len);
+                            out.extend_from_slice(b"content-length: ");
+                            out.extend_from_slice(value.as_bytes());
+                            wrote_len = true;
+                            open = Some(name.clone());
+                        }
+                        continue;
+                    }
+                    Some(BodyLength::Unknown) => {
+                        let len = hyper_length(value.as_bytes()).ok_or(())?;
+                        match length_value {
+                            Some(prev) if prev != len => return Err(()),
+                            Some(_) => {}
+                            None => {
+                                framing = Framing::Length(len);
+                                out.extend_from_slice(b"content-length: ");
+                                out.extend_from_slice(value.as_bytes());
+                                wrote_len = true;
+                                open = Some(name.clone());
+                                length_value = Some(len);
+                            }
+                        }
+                        continue;
+                    }
+                    // No body to send: only a HEAD's answer keeps the field.
+                    None if method != Method::HEAD => continue,
+                    None => {}
+                }
+                wrote_len = true;
+            }
+            header::TRANSFER_ENCODING => {
+                if wrote_len && !continuing {
+                    return Err(());
+                }
+                if http10 || !can_chunk {
+                    continue;
+                }
+                wrote_len = true;
+                chunked_last = is_chunked(value.as_bytes());
+                if continuing {
+                    out.extend_from_slice(b", ");
+                } else {
+                    framing = Framing::Chunked;
+                    out.extend_from_slice(b"transfer-encoding: ");
+                    open = Some(name.clone());
+                }
+                out.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            header::CONNECTION => {
+                if connection_close(value.as_bytes()) {
+                    last = true;
+                    says_close = true;
+                }
+                if continuing {
+                    out.extend_from_slice(b", ");
+                } else {
+                    out.extend_from_slice(b"connection: ");
+                    open = Some(name.clone());
+                }
+                out.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            header::TRAILER => {
+                if http10 || !can_chunk {
+                    continue;
+                }
+                if continuing {
+                    out.extend_from_slice(b", ");
+                } else {
+                    out.extend_from_slice(b"trailer: ");
+                    open = Some(name.clone());
+                }
+                out.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    add_close(out, &open, says_close);
+    close_line(out, &mut open, chunked_last);
+    if !keep_alive && !head.headers.contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_len {
+        framing = match body {
+            Some(BodyLength::Unknown) if http10 || !can_chunk => Framing::Close,
+            Some(BodyLength::Unknown) => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+            None | Some(BodyLength::Known(0)) => {
+                if can_have_length && method != Method::HEAD {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Framing::Length(0)
+            }
+            Some(BodyLength::Known(len)) => {
+                if can_have_length {
+                    // Writing to a Vec cannot fail.
+                    let _ = write!(out, "content-length: {len}\r\n");
+                    Framing::Length(len)
+                } else {
+                    Framing::Length(0)
+                }
+            }
+        };
+    }
+    if !can_chunk {
+        framing = Framing::Length(0);
+    }
+    out.extend_from_slice(b"\r\n");
+    if framing == Framing::Close {
+        last = true;
+    }
+    Ok(Encoded { framing, last })
+}
+
+/// A `Content-Length` value as hyper's encoder reads one: digits, or a list of equal
+/// numbers.
+fn hyper_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
+}
+
+/// Whether a `Transfer-Encoding` value ends in `chunked`.
+fn is_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Whether a `Connection` value has the `close` token.
+fn connection_close(value: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// How serving a connection ended.
+pub enum Ended {
+    /// The connection is done: closed by either side, or failed.
+    Closed,
+    /// A request outside the plain shape: hyper serves the connection from these bytes
+    /// on.
+    ToHyper(Bytes, Stream),
+}
+
+/// Serves `io`'s requests, `read` the bytes already read from it, while they are
+/// plain. `closing` is set by the connection's driver when the drain or the exit asks
+/// it to stop taking requests: the response under way is the last.
+pub async fn serve(
+    gate: Arc<Gate>,
+    mut io: ClientIo<Stream>,
+    conn: Arc<ClientConn>,
+    read: Bytes,
+    closing: &AtomicBool,
+) -> Ended {
+    let max_head = gate.settings().config.http.max_header_size;
+    let mut buf = read
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    let mut out = Vec::new();
+    loop {
+        // The next request: a head in `buf`, or read until there is one.
+        let (request, close) = loop {
+            if buf.is_empty() {
+                if closing.load(Ordering::Relaxed) {
+                    return Ended::Closed;
+                }
+            } else {
+                let frozen = buf.split().freeze();
+                match parse_head(&frozen) {
+                    Parsed::Plain {
+                        request,
+                        len,
+                        body_len,
+                        close,
+                    } if frozen.len() - len >= body_len => {
+                        let body = frozen.slice(len..len + body_len);
+                        buf.extend_from_slice(&frozen[len + body_len..]);
+                        break ((request, body), close);
+                    }
+                    Parsed::Partial if frozen.len() <= max_head => buf = thaw(frozen),
+                    // Too long a head, a body still to come, anything else.
+                    _ => return Ended::ToHyper(frozen, io.into_inner()),
+                }
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK {
+                buf.reserve(READ_CHUNK);
+            }
+            let read = std::future::poll_fn(|cx| {
+                // Nothing half-read to finish: a graceful close ends it here.
+                if buf.is_empty() && closing.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(0));
+                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)
+            })
+            .await;
+            match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {}
+            }
+        };
+        let ((request, body), asked_close) = (request, close);
+        let method = request.method().clone();
+        let busy = Busy::new(conn.clone());
+        let forwarding = if body.is_empty() {
+            proxy::forward_bodiless(gate.clone(), busy, request)
+        } else {
+            proxy::forward_full(gate.clone(), busy, request.map(|()| body))
+        };
+        let mut forwarding = std::pin::pin!(forwarding);
+        let answered = std::future::poll_fn(|cx| {
+            if let Poll::Ready(response) = forwarding.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            client_left(&mut io, &mut buf, cx).map(|()| None)
+        })
+        .await;
+        let Some(response) = answered else {
+            // Dropping the exchange records how it ended.
+            return Ended::Closed;
+        };
+        let keep_alive =
+            !asked_close && !closing.load(Ordering::Relaxed) && !conn.accepted_draining;
+        let (head, body) = response.into_parts();
+        out.clear();
+        let length = if body.is_end_stream() {
+            None
+        } else {
+            Some(
+                body.size_hint()
+                    .exact()
+                    .map_or(BodyLength::Unknown, BodyLength::Known),
+            )
+        };
+        let Ok(encoded) = encode_head(&mut out, &head, length, &method, keep_alive) else {
+            tracing::debug!(status = %head.status, "a response hyper would not send: closing");
+            return Ended::Closed;
+        };
+        drop(head);
+        if !send_body(&mut io, &mut buf, &out, body, encoded.framing).await {
+            return Ended::Closed;
+        }
+        if encoded.last {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+/// `BytesMut` again from bytes nothing else holds (no copy); a copy otherwise.
+fn thaw(bytes: Bytes) -> BytesMut {
+    bytes
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// Reads into `buf` while it is empty, as hyper's dispatcher does while a request is in
+/// flight: the end of the client's stream (or an error) means it left. Bytes that come
+/// (a pipelined request) are kept, and nothing more is read until they are served.
+/// `Ready`: the client left.
+fn client_left<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if !buf.is_empty() {
+        return Poll::Pending;
+    }
+    buf.reserve(READ_CHUNK);
+    match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
+        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(()),
+        _ => Poll::Pending,
+    }
+}
+
+/// One step of a response body.
+enum Step {
+    Frame(Option<Result<Frame<Bytes>, proxy::BoxError>>),
+    /// Nothing ready yet: the head goes out meanwhile.
+    Waiting,
+    ClientLeft,
+}
+
+/// Writes the head `head` and the body in `framing`; the next part of the body is asked
+/// for once the last one was written (the exchange's stall watch counts on that). The
+/// head goes with the body's first part when that is ready at once. `false`: the
+/// connection cannot go on (the client left, the body failed or came short, a write
+/// failed).
+async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    head: &[u8],
+    mut body: Body,
+    framing: Framing,
+) -> bool {
+    let mut remaining = match framing {
+        Framing::Length(0) => {
+            drop(body);
+            return write_parts(io, &[head]).await.is_ok();
+        }
+        Framing::Length(n) => n,
+        Framing::Chunked | Framing::Close => u64::MAX,
+    };
+    let mut head = Some(head);
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                return Poll::Ready(Step::Frame(frame));
+            }
+            if head.is_some() {
+                return Poll::Ready(Step::Waiting);
+            }
+            client_left(io, buf, cx).map(|()| Step::ClientLeft)
+        })
+        .await;
+        let data = match step {
+            Step::Waiting => {
+                if let Some(head) = head.take()
+                    && write_parts(io, &[head]).await.is_err()
+                {
+                    return false;
+                }
+                continue;
+            }
+            Step::ClientLeft => return false,
+            // The backend's body failed, or was cut: the client sees a truncation.
+            Step::Frame(Some(Err(_))) => return false,
+            Step::Frame(None) => break,
+            Step::Frame(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers: hyper sends them only to a request with `TE: trailers`,
+                // which is not a plain one.
+                Err(_) => continue,
+            },
+        };
+        let head_part = head.take().unwrap_or_default();
+        let written = match framing {
+            Framing::Chunked if data.is_empty() => write_parts(io, &[head_part]).await,
+            Framing::Chunked => {
+                let mut size = [0u8; 18];
+                let size = chunk_size(&mut size, data.len());
+                write_parts(io, &[head_part, size, &data, b"\r\n"]).await
+            }
+            Framing::Length(_) => {
+                let take = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                remaining -= take as u64;
+                write_parts(io, &[head_part, &data[..take]]).await
+            }
+            Framing::Close => write_parts(io, &[head_part, &data]).await,
+        };
+        if written.is_err() {
+            return false;
+        }
+        if remaining == 0 || body.is_end_stream() {
+            break;
+        }
+    }
+    drop(body);
+    match framing {
+        Framing::Chunked => write_parts(io, &[head.unwrap_or_default(), b"0\r\n\r\n"])
+            .await
+            .is_ok(),
+        // A body shorter than its length: hyper ends the connection.
+        Framing::Length(_) => remaining == 0,
+        // Its end is the connection's.
+        Framing::Close => {
+            if let Some(head) = head {
+                let _ = write_parts(io, &[head]).await;
+            }
+            false
+        }
+    }
+}
+
+/// `"{len:x}\r\n"` in `buf`.
+fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, digit) in buf[..digits].iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    buf[digits] = b'\r';
+    buf[digits + 1] = b'\n';
+    &buf[..digits + 2]
+}
+
+/// Writes `parts` (in as few system calls as the stream allows) and flushes.
+async fn write_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: smallvec::SmallVec<[IoSlice<'_>; 4]> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n =
+            std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, slices)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Parsed {
+        parse_head(&Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn a_plain_get_is_read_with_its_fields() {
+        let Parsed::Plain {
+            request,
+            len,
+            body_len,
+            close,
+        } = parse("GET /q?x=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\nrest")
+        else {
+            panic!("not plain");
+        };
+        assert_eq!((len, body_len, close), (45, 0, false));
+        assert_eq!(request.uri(), "/q?x=1");
+        assert_eq!(request.headers()["accept"], "*/*");
+        assert_eq!(request.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn close_and_a_plain_length_are_noted() {
+        let Parsed::Plain {
+            body_len, close, ..
+        } = parse(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Close\r\nContent-Length: 4\r\n\r\nbody",
+        )
+        else {
+            panic!("not plain");
+        };
+        assert_eq!((body_len, close), (4, true));
+    }
+
+    #[test]
+    fn anything_outside_the_shape_is_hypers() {
+        for head in [
+            "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",
+            "\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
+            "G@T / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(matches!(parse(head), Parsed::Other), "{head:?}");
+        }
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\n"),
+            Parsed::Partial
+        ));
+        assert!(matches!(parse(""), Parsed::Partial));
+    }
+
+    /// A body of parts whose length nobody knows beforehand (as a backend's chunked
+    /// one), some of them empty.
+    struct Parts(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Parts {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Empty,
+        Whole,
+        Parts,
+    }
+
+    /// One response to one request, as the differential test sends it both ways.
+    #[derive(Clone, Debug)]
+    struct Case {
+        method: &'static str,
+        close: bool,
+        status: u16,
+        version: Version,
+        reason: Option<&'static str>,
+        fields: &'static [(&'static str, &'static str)],
+        body: Kind,
+    }
+
+    impl Case {
+        fn response(&self) -> hyper::Response<Body> {
+            let body = match self.body {
+                Kind::Empty => Body::empty(),
+                Kind::Whole => proxy::full("hello"),
+                Kind::Parts => Body::boxed(Parts(
+                    ["ab", "", "cde"]
+                        .into_iter()
+                        .map(|s| Bytes::from_static(s.as_bytes()))
+                        .collect(),
+                )),
+            };
+            let mut response = hyper::Response::new(body);
+            *response.status_mut() = StatusCode::from_u16(self.status).unwrap();
+            *response.version_mut() = self.version;
+            if let Some(reason) = self.reason {
+                response
+                    .extensions_mut()
+                    .insert(hyper::ext::ReasonPhrase::from_static(reason.as_bytes()));
+            }
+            for (name, value) in self.fields {
+                response
+                    .headers_mut()
+                    .append(*name, HeaderValue::from_static(value));
+            }
+            response
+        }
+
+        /// The request, and one more behind it (pipelined) that closes the connection:
+        /// what follows the first response shows whether the connection went on.
+        fn requests(&self) -> String {
+            let close = if self.close {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
+            format!(
+                "{} /case HTTP/1.1\r\nHost: a\r\n{close}\r\nGET /end HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                self.method
+            )
+        }
+    }
+
+    fn end() -> hyper::Response<Body> {
+        hyper::Response::new(proxy::full("end"))
+    }
+
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    async fn exchange(mut client: tokio::net::TcpStream, requests: &str) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        client.write_all(requests.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_end(&mut got),
+        );
+        read.await
+            .expect("the server ended the connection")
+            .unwrap();
+        got
+    }
+
+    /// What hyper's server, set up as wsgate's, writes for the case.
+    async fn through_hyper(case: &Case) -> Vec<u8> {
+        let (client, server) = pair().await;
+        let answer = case.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let response = if req.uri() == "/end" {
+                end()
+            } else {
+                answer.response()
+            };
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        crate::gate::tune_http1(&mut builder, 16 * 1024);
+        tokio::spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(server), service));
+        exchange(client, &case.requests()).await
+    }
+
+    /// What the loop's encoder and body writer write for the case.
+    async fn through_loop(case: &Case) -> Vec<u8> {
+        let (client, mut server) = pair().await;
+        let requests = case.requests();
+        let len = requests.len();
+        let method = Method::from_bytes(case.method.as_bytes()).unwrap();
+        let answers = [
+            (method, !case.close, case.response()),
+            (Method::GET, false, end()),
+        ];
+        tokio::spawn(async move {
+            // Both requests read first, as a server does before it closes.
+            let mut buf = BytesMut::new();
+            while buf.len() < len {
+                use tokio::io::AsyncReadExt;
+                if server.read_buf(&mut buf).await.unwrap() == 0 {
+                    return;
+                }
+            }
+            buf.clear();
+            let mut out = Vec::new();
+            for (method, keep_alive, response) in answers {
+                let (head, body) = response.into_parts();
+                let length = if body.is_end_stream() {
+                    None
+                } else {
+                    Some(
+                        body.size_hint()
+                            .exact()
+                            .map_or(BodyLength::Unknown, BodyLength::Known),
+                    )
+                };
+                out.clear();
+                let Ok(encoded) = encode_head(&mut out, &head, length, &method, keep_alive) else {
+                    return;
+                };
+                if !send_body(&mut server, &mut buf, &out, body, encoded.framing).await {
+                    return;
+                }
+                if encoded.last {
+                    let _ = server.shutdown().await;
+                    return;
+                }
+            }
+        });
+        exchange(client, &requests).await
+    }
+
+    /// The loop writes what hyper's server writes, byte for byte, for every mix of
+    /// method, `Connection: close`, status, version, reason phrase, framing fields and
+    /// body kind a forwarded or wsgate-made response can have.
+    #[tokio::test]
+    async fn the_loop_writes_what_hypers_server_writes() {
+        const FIELDS: &[&[(&str, &str)]] = &[
+            &[],
+            &[
+                ("content-type", "text/plain"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+            ],
+            &[("content-length", "5"), ("x-after", "1")],
+            &[("connection", "close"), ("retry-after", "1")],
+            &[
+                ("trailer", "x-sum"),
+                ("date", "Mon, 07 Dec 2026 20:00:00 GMT"),
+            ],
+            &[("transfer-encoding", "chunked")],
+            &[("connection", "keep-alive"), ("connection", "x-hop")],
+        ];
+        let mut differ = Vec::new();
+        let mut cases = 0;
+        for method in ["GET", "HEAD", "POST"] {
+            for close in [false, true] {
+                for status in [200, 201, 204, 304, 404, 299] {
+                    for version in [Version::HTTP_11, Version::HTTP_10] {
+                        for reason in [None, Some("Fine")] {
+                            for fields in FIELDS {
+                                for body in [Kind::Empty, Kind::Whole, Kind::Parts] {
+                                    let case = Case {
+                                        method,
+                                        close,
+                                        status,
+                                        version,
+                                        reason,
+                                        fields,
+                                        body,
+                                    };
+                                    // hyper checks a length field against a body of known
+                                    // length (in debug builds, by panicking); a forwarded
+                                    // response's always agree.
+                                    let length_field =
+                                        fields.iter().any(|(n, _)| *n == "content-length");
+                                    let chunked_field =
+                                        fields.iter().any(|(n, _)| *n == "transfer-encoding");
+                                    if length_field
+                                        && !matches!(body, Kind::Whole)
+                                        && method != "HEAD"
+                                    {
+                                        continue;
+                                    }
+                                    if chunked_field && !matches!(body, Kind::Parts) {
+                                        continue;
+                                    }
+                                    cases += 1;
+                                    let (hyper, ours) =
+                                        (through_hyper(&case).await, through_loop(&case).await);
+                                    if hyper != ours {
+                                        differ.push(format!(
+                                            "{case:?}\n  hyper: {:?}\n  loop:  {:?}",
+                                            String::from_utf8_lossy(&hyper),
+                                            String::from_utf8_lossy(&ours)
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 1000, "{cases}");
+        assert!(
+            differ.is_empty(),
+            "{} of {cases} differ:\n{}",
+            differ.len(),
+            differ[..differ.len().min(12)].join("\n")
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_are_lower_case_hex() {
+        let mut buf = [0u8; 18];
+        assert_eq!(chunk_size(&mut buf, 0), b"0\r\n");
+        assert_eq!(chunk_size(&mut buf, 10), b"a\r\n");
+        assert_eq!(chunk_size(&mut buf, 16), b"10\r\n");
+        assert_eq!(chunk_size(&mut buf, 0x4000), b"4000\r\n");
+        assert_eq!(chunk_size(&mut buf, usize::MAX), b"ffffffffffffffff\r\n");
+    }
+}
