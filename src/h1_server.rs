@@ -33,8 +33,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as _, Frame};
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::http::response;
-use hyper::{Method, Request, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::client::{Busy, ClientConn, ClientIo};
@@ -47,6 +46,10 @@ const MAX_HEADERS: usize = 64;
 
 /// Bytes read at once while waiting for a head.
 const READ_CHUNK: usize = 4096;
+
+/// The largest body a plain request may have: one that arrives with its head, in the
+/// reads a client's write of both takes (a bigger upload streams through hyper).
+const MAX_WHOLE_BODY: usize = 64 * 1024;
 
 /// hyper's limit on a request target (`414 URI Too Long` past it).
 const MAX_TARGET: usize = u16::MAX as usize - 1;
@@ -91,68 +94,78 @@ pub fn parse_head(buf: &Bytes) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
-    plain_request(&parsed, buf, len).unwrap_or(Parsed::Other)
+    plain_request(&parsed, buf, len)
 }
 
-/// The request, if it has the plain shape.
-fn plain_request(parsed: &httparse::Request<'_, '_>, buf: &Bytes, len: usize) -> Option<Parsed> {
+/// The request, if it has the plain shape; else `Other`.
+fn plain_request(parsed: &httparse::Request<'_, '_>, buf: &Bytes, len: usize) -> Parsed {
+    // `?` on the checks, without building the (large) result twice.
+    macro_rules! need {
+        ($e:expr) => {
+            match $e {
+                Some(v) => v,
+                None => return Parsed::Other,
+            }
+        };
+    }
     if parsed.version != Some(1) {
-        return None;
+        return Parsed::Other;
     }
-    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    let method = need!(
+        parsed
+            .method
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+    );
     if method == Method::CONNECT {
-        return None;
+        return Parsed::Other;
     }
-    let target = parsed
-        .path
-        .filter(|p| p.starts_with('/') && p.len() < MAX_TARGET)?;
+    let target = need!(
+        parsed
+            .path
+            .filter(|p| p.starts_with('/') && p.len() < MAX_TARGET)
+    );
     // Every line ends in CRLF: httparse also takes a bare LF, which proxies in front of
     // wsgate may read differently.
     let head = &buf[..len];
     if memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r') {
-        return None;
+        return Parsed::Other;
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
-    *request.uri_mut() = Uri::from_maybe_shared(buf.slice_ref(target.as_bytes())).ok()?;
+    *request.uri_mut() = need!(Uri::from_maybe_shared(buf.slice_ref(target.as_bytes())).ok());
     let headers = request.headers_mut();
     headers.reserve(parsed.headers.len());
     let (mut hosts, mut close, mut body_len) = (0, false, None);
     for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_maybe_shared(buf.slice_ref(field.value)).ok()?;
+        let name = need!(HeaderName::from_bytes(field.name.as_bytes()).ok());
+        let value = need!(HeaderValue::from_maybe_shared(buf.slice_ref(field.value)).ok());
         match name {
             // Framing other than a plain length, and what hyper's server answers or
             // hands over itself: hyper's.
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
-                return None;
+                return Parsed::Other;
             }
             header::CONTENT_LENGTH => {
                 if body_len.is_some() {
-                    return None;
+                    return Parsed::Other;
                 }
-                body_len = Some(plain_length(value.as_bytes())?);
+                body_len = Some(need!(plain_length(value.as_bytes())));
             }
             header::HOST => hosts += 1,
-            header::CONNECTION => {
-                close |= value
-                    .as_bytes()
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-            }
+            header::CONNECTION => close |= connection_close(value.as_bytes()),
             _ => {}
         }
         headers.append(name, value);
     }
     if hosts != 1 {
-        return None;
+        return Parsed::Other;
     }
-    Some(Parsed::Plain {
+    Parsed::Plain {
         request,
         len,
         body_len: body_len.unwrap_or(0),
         close,
-    })
+    }
 }
 
 /// A `Content-Length` value of digits only (no sign, list or space), at most 18 of them.
@@ -194,23 +207,23 @@ pub struct Encoded {
 /// it, on a connection that stays open after it if `keep_alive` — wsgate's settings:
 /// lower-case names, no `Date` added. `Err`: hyper refuses to send it (a 1xx, a field
 /// that contradicts the framing) and closes the connection.
-pub fn encode_head(
+pub fn encode_head<B>(
     out: &mut Vec<u8>,
-    head: &response::Parts,
+    head: &Response<B>,
     body: Option<BodyLength>,
     method: &Method,
     keep_alive: bool,
 ) -> Result<Encoded, ()> {
-    let status = head.status;
+    let status = head.status();
     if status.is_informational() {
         return Err(());
     }
     let mut last = !keep_alive;
-    let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
-    if head.version == Version::HTTP_11 && status == StatusCode::OK && reason.is_none() {
+    let reason = head.extensions().get::<hyper::ext::ReasonPhrase>();
+    if head.version() == Version::HTTP_11 && status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
-        out.extend_from_slice(if head.version == Version::HTTP_10 {
+        out.extend_from_slice(if head.version() == Version::HTTP_10 {
             b"HTTP/1.0 "
         } else {
             b"HTTP/1.1 "
@@ -226,7 +239,7 @@ pub fn encode_head(
     let can_chunk = method != Method::HEAD
         && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
     let can_have_length = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-    let http10 = head.version == Version::HTTP_10;
+    let http10 = head.version() == Version::HTTP_10;
     let mut framing = Framing::Length(0);
     let mut wrote_len = false;
     let mut length_value = None;
@@ -251,7 +264,7 @@ pub fn encode_head(
             out.extend_from_slice(b", close");
         }
     };
-    for (name, value) in &head.headers {
+    for (name, value) in head.headers() {
         if open.as_ref().is_some_and(|o| o != name) {
             add_close(out, &open, says_close);
             close_line(out, &mut open, chunked_last);
@@ -350,7 +363,7 @@ pub fn encode_head(
     }
     add_close(out, &open, says_close);
     close_line(out, &mut open, chunked_last);
-    if !keep_alive && !head.headers.contains_key(header::CONNECTION) {
+    if !keep_alive && !head.headers().contains_key(header::CONNECTION) {
         out.extend_from_slice(b"connection: close\r\n");
     }
     if !wrote_len {
@@ -440,12 +453,13 @@ pub async fn serve(
     closing: &AtomicBool,
 ) -> Ended {
     let max_head = gate.settings().config.http.max_header_size;
-    let mut buf = read
-        .try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-    let mut out = Vec::new();
+    let mut buf = thaw(read);
+    // Each response head is encoded here, reused.
+    let mut out = Vec::with_capacity(1024);
     loop {
         // The next request: a head in `buf`, or read until there is one.
+        // The body announced was not all there, even with what had arrived since.
+        let mut body_short = false;
         let (request, close) = loop {
             if buf.is_empty() {
                 if closing.load(Ordering::Relaxed) {
@@ -465,6 +479,19 @@ pub async fn serve(
                         break ((request, body), close);
                     }
                     Parsed::Partial if frozen.len() <= max_head => buf = thaw(frozen),
+                    // The body's first bytes came with the head, the rest is on its
+                    // way (a read is a few KiB): what has arrived meanwhile is taken,
+                    // without waiting for more.
+                    Parsed::Plain { len, body_len, .. }
+                        if body_len <= MAX_WHOLE_BODY && !body_short =>
+                    {
+                        buf = thaw(frozen);
+                        buf.reserve(len + body_len - buf.len());
+                        if !read_ready(&mut io, &mut buf).await {
+                            body_short = true;
+                        }
+                        continue;
+                    }
                     // Too long a head, a body still to come, anything else.
                     _ => return Ended::ToHyper(frozen, io.into_inner()),
                 }
@@ -501,29 +528,29 @@ pub async fn serve(
             client_left(&mut io, &mut buf, cx).map(|()| None)
         })
         .await;
-        let Some(response) = answered else {
+        let Some(mut response) = answered else {
             // Dropping the exchange records how it ended.
             return Ended::Closed;
         };
         let keep_alive =
             !asked_close && !closing.load(Ordering::Relaxed) && !conn.accepted_draining;
-        let (head, body) = response.into_parts();
         out.clear();
-        let length = if body.is_end_stream() {
-            None
-        } else {
-            Some(
-                body.size_hint()
-                    .exact()
-                    .map_or(BodyLength::Unknown, BodyLength::Known),
-            )
-        };
-        let Ok(encoded) = encode_head(&mut out, &head, length, &method, keep_alive) else {
-            tracing::debug!(status = %head.status, "a response hyper would not send: closing");
+        let length = body_length(response.body());
+        let Ok(encoded) = encode_head(&mut out, &response, length, &method, keep_alive) else {
+            tracing::debug!(status = %response.status(), "a response hyper would not send: closing");
             return Ended::Closed;
         };
-        drop(head);
-        if !send_body(&mut io, &mut buf, &out, body, encoded.framing).await {
+        let sent = send_body(
+            &mut io,
+            &mut buf,
+            &out,
+            response.body_mut(),
+            encoded.framing,
+        )
+        .await;
+        // The exchange ends with its body, if it had not.
+        drop(response);
+        if !sent {
             return Ended::Closed;
         }
         if encoded.last {
@@ -533,11 +560,35 @@ pub async fn serve(
     }
 }
 
+/// What hyper's server knows of a response body when it writes the head.
+fn body_length(body: &Body) -> Option<BodyLength> {
+    if body.is_end_stream() {
+        return None;
+    }
+    Some(
+        body.size_hint()
+            .exact()
+            .map_or(BodyLength::Unknown, BodyLength::Known),
+    )
+}
+
 /// `BytesMut` again from bytes nothing else holds (no copy); a copy otherwise.
 fn thaw(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()
         .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// Reads into `buf` what has arrived, without waiting for more: `true` if bytes came.
+async fn read_ready<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool {
+    std::future::poll_fn(
+        |cx| match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            Poll::Ready(Ok(n)) => Poll::Ready(n > 0),
+            // An error or the end is hyper's to find again when it reads.
+            Poll::Ready(Err(_)) | Poll::Pending => Poll::Ready(false),
+        },
+    )
+    .await
 }
 
 /// Reads into `buf` while it is empty, as hyper's dispatcher does while a request is in
@@ -576,21 +627,18 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     head: &[u8],
-    mut body: Body,
+    body: &mut Body,
     framing: Framing,
 ) -> bool {
     let mut remaining = match framing {
-        Framing::Length(0) => {
-            drop(body);
-            return write_parts(io, &[head]).await.is_ok();
-        }
+        Framing::Length(0) => return write_parts(io, &[head]).await.is_ok(),
         Framing::Length(n) => n,
         Framing::Chunked | Framing::Close => u64::MAX,
     };
     let mut head = Some(head);
     loop {
         let step = std::future::poll_fn(|cx| {
-            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                 return Poll::Ready(Step::Frame(frame));
             }
             if head.is_some() {
@@ -643,7 +691,6 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
-    drop(body);
     match framing {
         Framing::Chunked => write_parts(io, &[head.unwrap_or_default(), b"0\r\n\r\n"])
             .await
@@ -907,21 +954,22 @@ mod tests {
             buf.clear();
             let mut out = Vec::new();
             for (method, keep_alive, response) in answers {
-                let (head, body) = response.into_parts();
-                let length = if body.is_end_stream() {
-                    None
-                } else {
-                    Some(
-                        body.size_hint()
-                            .exact()
-                            .map_or(BodyLength::Unknown, BodyLength::Known),
-                    )
-                };
+                let mut response = response;
+                let length = body_length(response.body());
                 out.clear();
-                let Ok(encoded) = encode_head(&mut out, &head, length, &method, keep_alive) else {
+                let Ok(encoded) = encode_head(&mut out, &response, length, &method, keep_alive)
+                else {
                     return;
                 };
-                if !send_body(&mut server, &mut buf, &out, body, encoded.framing).await {
+                if !send_body(
+                    &mut server,
+                    &mut buf,
+                    &out,
+                    response.body_mut(),
+                    encoded.framing,
+                )
+                .await
+                {
                     return;
                 }
                 if encoded.last {
