@@ -739,6 +739,8 @@ async fn write_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: &[&[u8]]) -> io::
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn parse(text: &str) -> Parsed {
@@ -1059,6 +1061,148 @@ mod tests {
             "{} of {cases} differ:\n{}",
             differ.len(),
             differ[..differ.len().min(12)].join("\n")
+        );
+    }
+
+    /// Header lines the generator picks from: ordinary ones, and the shapes behind
+    /// request smuggling and parser disagreements.
+    fn field_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            1 => Just("Host: other.example".to_string()),
+            6 => Just("Accept: */*".to_string()),
+            1 => Just("Connection: close".to_string()),
+            1 => Just("Connection: keep-alive, Close".to_string()),
+            1 => Just("Connection: keep-alive".to_string()),
+            1 => Just("Cookie: a=b".to_string()),
+            6 => Just("Content-Length: 5".to_string()),
+            1 => Just("content-length: 0".to_string()),
+            1 => Just("Content-Length: 05".to_string()),
+            1 => Just("Content-Length: 5, 5".to_string()),
+            1 => Just("Content-Length: +5".to_string()),
+            1 => Just("Content-Length: 5 ".to_string()),
+            1 => Just("Content-Length: 99999999999999999999".to_string()),
+            1 => Just("Transfer-Encoding: chunked".to_string()),
+            1 => Just("Transfer-Encoding: identity".to_string()),
+            1 => Just("Expect: 100-continue".to_string()),
+            1 => Just("Upgrade: websocket".to_string()),
+            1 => Just("TE: trailers".to_string()),
+            1 => Just(" folded continuation".to_string()),
+            1 => Just("X-Bad\x01: value".to_string()),
+            1 => Just("X-Ctl: a\x7fb".to_string()),
+            1 => Just("X-Space : value".to_string()),
+            1 => Just(": no name".to_string()),
+            1 => Just("No-Colon".to_string()),
+            1 => Just("X-Utf8: caf\u{e9}".to_string()),
+            8 => "[A-Za-z-]{1,12}: [ -~]{0,20}",
+        ]
+    }
+
+    fn request_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop_oneof![
+            6 => Just("GET"),
+            4 => Just("POST"),
+            1 => Just("HEAD"),
+            1 => Just("PURGE"),
+            1 => Just("get"),
+            1 => Just("CONNECT"),
+        ];
+        let target = prop_oneof![
+            12 => Just("/api/q?x=1"),
+            1 => Just("/a b"),
+            1 => Just("http://dash.example/a"),
+            1 => Just("*"),
+            1 => Just("//x"),
+            1 => Just("/a?x=%00"),
+        ];
+        let version = prop_oneof![
+            12 => Just("HTTP/1.1"),
+            1 => Just("HTTP/1.0"),
+            1 => Just("HTTP/2.0"),
+        ];
+        // Most requests have their one `Host`, so that the rest decides.
+        let extra = prop::collection::vec((field_line(), prop::bool::weighted(0.97)), 0..4);
+        let lines = (prop::bool::weighted(0.8), extra)
+            .prop_map(|(host, mut lines)| {
+                if host {
+                    lines.push(("Host: dash.example".to_string(), true));
+                }
+                lines
+            })
+            .prop_shuffle();
+        // Behind the head: nothing, a body's worth, or a pipelined request.
+        let behind = prop_oneof![
+            Just(String::new()),
+            Just("hello".to_string()),
+            Just("hel".to_string()),
+            Just("helloGET /second HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
+        ];
+        (
+            method,
+            target,
+            version,
+            prop::bool::weighted(0.95),
+            lines,
+            behind,
+        )
+            .prop_map(|(method, target, version, crlf, lines, behind)| {
+                let eol = |crlf: bool| if crlf { "\r\n" } else { "\n" };
+                let mut s = format!("{method} {target} {version}{}", eol(crlf));
+                for (line, crlf) in lines {
+                    s.push_str(&line);
+                    s.push_str(eol(crlf));
+                }
+                s.push_str("\r\n");
+                s.push_str(&behind);
+                s.into_bytes()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Whatever the bytes, the loop either leaves them to hyper or takes exactly the
+        /// request hyper's server reads from them: method, target, version, fields, and a
+        /// body of the same bytes.
+        #[test]
+        fn the_loop_takes_only_what_hyper_reads_the_same_way(bytes in request_bytes()) {
+            let buf = Bytes::from(bytes.clone());
+            if let Parsed::Plain { request, len, body_len, .. } = parse_head(&buf) {
+                let text = String::from_utf8_lossy(&bytes[..len]).to_ascii_lowercase();
+                prop_assert!(!text.contains("transfer-encoding"));
+                prop_assert!(!text.contains("\n ") && !text.contains("\n\t"));
+                // hyper reads a request whose body is all there; the loop takes no other.
+                if bytes.len() < len + body_len {
+                    return Ok(());
+                }
+                let whole = &bytes[..len + body_len];
+                let theirs = crate::request_head::tests::hyper_reads(whole);
+                prop_assert!(theirs.is_some(), "hyper refused what the loop took: {:?}", text);
+                let (theirs, body) = theirs.unwrap();
+                prop_assert_eq!(theirs.method(), request.method());
+                prop_assert_eq!(theirs.uri(), request.uri());
+                prop_assert_eq!(theirs.version(), request.version());
+                prop_assert_eq!(theirs.headers(), request.headers());
+                prop_assert_eq!(body.as_deref(), Some(&bytes[len..len + body_len]));
+            }
+        }
+    }
+
+    #[test]
+    fn the_generator_produces_requests_the_loop_takes() {
+        // The property above means little if the loop never takes anything.
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = request_bytes();
+        let taken = (0..2000)
+            .filter(|_| {
+                let bytes = strategy.new_tree(&mut runner).unwrap().current();
+                matches!(parse_head(&Bytes::from(bytes)), Parsed::Plain { .. })
+            })
+            .count();
+        println!("{taken} of 2000 generated requests taken by the loop");
+        assert!(
+            taken > 200,
+            "only {taken} of 2000 generated requests were taken"
         );
     }
 
