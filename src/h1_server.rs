@@ -2,17 +2,18 @@
 //!
 //! Most requests a dashboard sends are plain: a `GET` of a page, an asset or a query, a
 //! small `POST`. Served by hyper's server, each cost its connection state machine, its
-//! dispatcher and the header map round trips of its encoder: about a sixth of wsgate's
-//! user-space work per keep-alive request and a quarter of a one-request connection's
-//! (callgrind, see bench/README.md). So a client connection's requests are read here
+//! dispatcher and the header map round trips of its encoder: a tenth of wsgate's
+//! user-space work per keep-alive GET, a seventh of a one-request connection's, a sixth
+//! of a small POST's (callgrind, see bench/README.md). So a client connection's requests are read here
 //! ([`parse_head`]) and, while they keep a narrow shape, forwarded and answered here;
 //! the first that does not — or any doubt — goes to hyper with the bytes not yet
 //! consumed, and hyper serves the rest of the connection ([`Ended::ToHyper`]), as
 //! [`crate::request_head`] does for a connection's first request.
 //!
 //! The shape: HTTP/1.1, an origin-form target, any method but `CONNECT`, lines ending in
-//! CRLF, exactly one `Host`, no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE`, and a
-//! body only with one plain `Content-Length` whose bytes arrived with the head. Within it
+//! CRLF, exactly one `Host`, no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE`, a head
+//! within `http.max_header_size`, and a body only with one plain `Content-Length` whose
+//! bytes have arrived by the time the head was read (up to 64 KiB). Within it
 //! the loop behaves as hyper's server does with wsgate's settings, byte for byte on the
 //! wire: [`encode_head`] follows hyper's encoder, which a differential test holds it to;
 //! a request in flight watches its client as hyper's dispatcher does (an end of stream
@@ -457,62 +458,22 @@ pub async fn serve(
     // Each response head is encoded here, reused.
     let mut out = Vec::with_capacity(1024);
     loop {
-        // The next request: a head in `buf`, or read until there is one.
-        // The body announced was not all there, even with what had arrived since.
-        let mut body_short = false;
-        let (request, close) = loop {
-            if buf.is_empty() {
-                if closing.load(Ordering::Relaxed) {
+        let (request, body, asked_close) =
+            match next_request(&mut io, &mut buf, max_head, closing).await {
+                Next::Request {
+                    request,
+                    body,
+                    close,
+                } => (request, body, close),
+                // The client closed, or the drain or the exit asked: closed as hyper
+                // closes (TLS: with its close_notify).
+                Next::End => {
+                    let _ = io.shutdown().await;
                     return Ended::Closed;
                 }
-            } else {
-                let frozen = buf.split().freeze();
-                match parse_head(&frozen) {
-                    Parsed::Plain {
-                        request,
-                        len,
-                        body_len,
-                        close,
-                    } if frozen.len() - len >= body_len => {
-                        let body = frozen.slice(len..len + body_len);
-                        buf.extend_from_slice(&frozen[len + body_len..]);
-                        break ((request, body), close);
-                    }
-                    Parsed::Partial if frozen.len() <= max_head => buf = thaw(frozen),
-                    // The body's first bytes came with the head, the rest is on its
-                    // way (a read is a few KiB): what has arrived meanwhile is taken,
-                    // without waiting for more.
-                    Parsed::Plain { len, body_len, .. }
-                        if body_len <= MAX_WHOLE_BODY && !body_short =>
-                    {
-                        buf = thaw(frozen);
-                        buf.reserve(len + body_len - buf.len());
-                        if !read_ready(&mut io, &mut buf).await {
-                            body_short = true;
-                        }
-                        continue;
-                    }
-                    // Too long a head, a body still to come, anything else.
-                    _ => return Ended::ToHyper(frozen, io.into_inner()),
-                }
-            }
-            if buf.capacity() - buf.len() < READ_CHUNK {
-                buf.reserve(READ_CHUNK);
-            }
-            let read = std::future::poll_fn(|cx| {
-                // Nothing half-read to finish: a graceful close ends it here.
-                if buf.is_empty() && closing.load(Ordering::Relaxed) {
-                    return Poll::Ready(Ok(0));
-                }
-                tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)
-            })
-            .await;
-            match read {
-                Ok(0) | Err(_) => return Ended::Closed,
-                Ok(_) => {}
-            }
-        };
-        let ((request, body), asked_close) = (request, close);
+                Next::Failed => return Ended::Closed,
+                Next::Other(read) => return Ended::ToHyper(read, io.into_inner()),
+            };
         let method = request.method().clone();
         let busy = Busy::new(conn.clone());
         let forwarding = if body.is_empty() {
@@ -534,28 +495,148 @@ pub async fn serve(
         };
         let keep_alive =
             !asked_close && !closing.load(Ordering::Relaxed) && !conn.accepted_draining;
-        out.clear();
-        let length = body_length(response.body());
-        let Ok(encoded) = encode_head(&mut out, &response, length, &method, keep_alive) else {
-            tracing::debug!(status = %response.status(), "a response hyper would not send: closing");
-            return Ended::Closed;
-        };
-        let sent = send_body(
+        let after = respond(
             &mut io,
             &mut buf,
-            &out,
-            response.body_mut(),
-            encoded.framing,
+            &mut out,
+            &mut response,
+            &method,
+            keep_alive,
         )
         .await;
         // The exchange ends with its body, if it had not.
         drop(response);
-        if !sent {
-            return Ended::Closed;
+        match after {
+            After::Next => {}
+            After::Close => {
+                let _ = io.shutdown().await;
+                return Ended::Closed;
+            }
+            After::Abort => return Ended::Closed,
         }
-        if encoded.last {
-            let _ = io.shutdown().await;
-            return Ended::Closed;
+    }
+}
+
+/// What follows a response on its connection.
+#[derive(Debug, PartialEq, Eq)]
+enum After {
+    /// The next request.
+    Next,
+    /// A clean close (TLS: with close_notify).
+    Close,
+    /// An abrupt one: the client learns the response was cut.
+    Abort,
+}
+
+/// Writes `response` to a request of `method`, on a connection that stays open after it
+/// if `keep_alive` (and the response does not say `close`).
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    response: &mut Response<Body>,
+    method: &Method,
+    keep_alive: bool,
+) -> After {
+    out.clear();
+    let length = body_length(response.body());
+    let Ok(encoded) = encode_head(out, response, length, method, keep_alive) else {
+        tracing::debug!(status = %response.status(), "a response hyper would not send: closing");
+        return After::Abort;
+    };
+    match send_body(io, buf, out, response.body_mut(), encoded.framing).await {
+        Sent::Whole if !encoded.last => After::Next,
+        Sent::Whole | Sent::ToTheEnd => After::Close,
+        // Cut: no clean end tells the client so.
+        Sent::Broken => After::Abort,
+    }
+}
+
+/// What comes next on a connection.
+// One at a time, briefly, as `Parsed`.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// A plain request, its body whole; `close`: it asks to close after its response.
+    Request {
+        request: Request<()>,
+        body: Bytes,
+        close: bool,
+    },
+    /// The client closed between requests, or the connection is to close (`closing`).
+    End,
+    /// Reading failed.
+    Failed,
+    /// Something for hyper: these bytes on.
+    Other(Bytes),
+}
+
+/// Reads the next request into `buf` (which may hold it already) — within
+/// `max_head` bytes of head, and a body that has arrived with it — or what else comes.
+async fn next_request<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    max_head: usize,
+    closing: &AtomicBool,
+) -> Next {
+    // The body announced was not all there, even with what had arrived since.
+    let mut body_short = false;
+    loop {
+        if buf.is_empty() {
+            if closing.load(Ordering::Relaxed) {
+                return Next::End;
+            }
+        } else {
+            let frozen = buf.split().freeze();
+            match parse_head(&frozen) {
+                Parsed::Plain {
+                    request,
+                    len,
+                    body_len,
+                    close,
+                } if len <= max_head && frozen.len() - len >= body_len => {
+                    let body = frozen.slice(len..len + body_len);
+                    buf.extend_from_slice(&frozen[len + body_len..]);
+                    return Next::Request {
+                        request,
+                        body,
+                        close,
+                    };
+                }
+                Parsed::Partial if frozen.len() <= max_head => *buf = thaw(frozen),
+                // The body's first bytes came with the head, the rest is on its way (a
+                // read is a few KiB): what has arrived meanwhile is taken, without
+                // waiting for more.
+                Parsed::Plain { len, body_len, .. }
+                    if len <= max_head && body_len <= MAX_WHOLE_BODY && !body_short =>
+                {
+                    *buf = thaw(frozen);
+                    buf.reserve(len + body_len - buf.len());
+                    if !read_ready(io, buf).await {
+                        body_short = true;
+                    }
+                    continue;
+                }
+                // Too long a head, a body still to come, anything else.
+                _ => return Next::Other(frozen),
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = std::future::poll_fn(|cx| {
+            // Nothing half-read to finish: a graceful close ends it here.
+            if buf.is_empty() && closing.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(0));
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
+        })
+        .await;
+        match read {
+            Ok(0) if buf.is_empty() => return Next::End,
+            // Closed inside a head: hyper answers that as it always does.
+            Ok(0) => return Next::Other(buf.split().freeze()),
+            Ok(_) => {}
+            Err(_) => return Next::Failed,
         }
     }
 }
@@ -618,20 +699,37 @@ enum Step {
     ClientLeft,
 }
 
+/// How a response went.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Whole: the connection may carry another.
+    Whole,
+    /// Whole, its end the connection's (close-delimited).
+    ToTheEnd,
+    /// The client left, the body failed or came short, a write failed: the connection
+    /// ends without a clean close.
+    Broken,
+}
+
 /// Writes the head `head` and the body in `framing`; the next part of the body is asked
 /// for once the last one was written (the exchange's stall watch counts on that). The
-/// head goes with the body's first part when that is ready at once. `false`: the
-/// connection cannot go on (the client left, the body failed or came short, a write
-/// failed).
+/// head goes with the body's first part when that is ready at once.
 async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     head: &[u8],
     body: &mut Body,
     framing: Framing,
-) -> bool {
+) -> Sent {
+    let sent = |written: io::Result<()>| {
+        if written.is_ok() {
+            Sent::Whole
+        } else {
+            Sent::Broken
+        }
+    };
     let mut remaining = match framing {
-        Framing::Length(0) => return write_parts(io, &[head]).await.is_ok(),
+        Framing::Length(0) => return sent(write_parts(io, &[head]).await),
         Framing::Length(n) => n,
         Framing::Chunked | Framing::Close => u64::MAX,
     };
@@ -652,13 +750,13 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(head) = head.take()
                     && write_parts(io, &[head]).await.is_err()
                 {
-                    return false;
+                    return Sent::Broken;
                 }
                 continue;
             }
-            Step::ClientLeft => return false,
+            Step::ClientLeft => return Sent::Broken,
             // The backend's body failed, or was cut: the client sees a truncation.
-            Step::Frame(Some(Err(_))) => return false,
+            Step::Frame(Some(Err(_))) => return Sent::Broken,
             Step::Frame(None) => break,
             Step::Frame(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => data,
@@ -685,25 +783,22 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
             Framing::Close => write_parts(io, &[head_part, &data]).await,
         };
         if written.is_err() {
-            return false;
+            return Sent::Broken;
         }
         if remaining == 0 || body.is_end_stream() {
             break;
         }
     }
     match framing {
-        Framing::Chunked => write_parts(io, &[head.unwrap_or_default(), b"0\r\n\r\n"])
-            .await
-            .is_ok(),
+        Framing::Chunked => sent(write_parts(io, &[head.unwrap_or_default(), b"0\r\n\r\n"]).await),
         // A body shorter than its length: hyper ends the connection.
-        Framing::Length(_) => remaining == 0,
+        Framing::Length(_) if remaining != 0 => Sent::Broken,
+        Framing::Length(_) => Sent::Whole,
         // Its end is the connection's.
-        Framing::Close => {
-            if let Some(head) = head {
-                let _ = write_parts(io, &[head]).await;
-            }
-            false
-        }
+        Framing::Close => match head {
+            Some(head) if write_parts(io, &[head]).await.is_err() => Sent::Broken,
+            _ => Sent::ToTheEnd,
+        },
     }
 }
 
@@ -957,26 +1052,22 @@ mod tests {
             let mut out = Vec::new();
             for (method, keep_alive, response) in answers {
                 let mut response = response;
-                let length = body_length(response.body());
-                out.clear();
-                let Ok(encoded) = encode_head(&mut out, &response, length, &method, keep_alive)
-                else {
-                    return;
-                };
-                if !send_body(
+                match respond(
                     &mut server,
                     &mut buf,
-                    &out,
-                    response.body_mut(),
-                    encoded.framing,
+                    &mut out,
+                    &mut response,
+                    &method,
+                    keep_alive,
                 )
                 .await
                 {
-                    return;
-                }
-                if encoded.last {
-                    let _ = server.shutdown().await;
-                    return;
+                    After::Next => {}
+                    After::Close => {
+                        let _ = server.shutdown().await;
+                        return;
+                    }
+                    After::Abort => return,
                 }
             }
         });
@@ -1204,6 +1295,57 @@ mod tests {
             taken > 200,
             "only {taken} of 2000 generated requests were taken"
         );
+    }
+
+    /// `next_request` over the client end of a pipe that has `sent` in it (and is
+    /// closed after it if `eof`).
+    async fn next_of(sent: &[u8], eof: bool, max_head: usize, closing: bool) -> Next {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(sent).await.unwrap();
+        if eof {
+            client.shutdown().await.unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let closing = AtomicBool::new(closing);
+        let next = next_request(&mut server, &mut buf, max_head, &closing);
+        tokio::time::timeout(std::time::Duration::from_secs(5), next)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn what_comes_next_on_a_connection() {
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let Next::Request {
+            request,
+            body,
+            close,
+        } = next_of(get, false, 1024, false).await
+        else {
+            panic!("not a request");
+        };
+        assert_eq!((request.uri().path(), body.len(), close), ("/", 0, false));
+        // A head past `http.max_header_size` is hyper's to refuse (431).
+        assert!(matches!(next_of(get, false, 20, false).await, Next::Other(b) if b[..] == get[..]));
+        // A body written right behind its head is taken with it.
+        let post = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody";
+        let Next::Request { body, .. } = next_of(post, false, 1024, false).await else {
+            panic!("not a request");
+        };
+        assert_eq!(&body[..], b"body");
+        // Cut short by the client's end: hyper's, bytes and all.
+        assert!(
+            matches!(next_of(&post[..40], true, 1024, false).await, Next::Other(b) if b[..] == post[..40])
+        );
+        assert!(
+            matches!(next_of(&get[..10], true, 1024, false).await, Next::Other(b) if b[..] == get[..10])
+        );
+        // Nothing more: the client closed between requests, or the drain asks to close.
+        assert!(matches!(next_of(b"", true, 1024, false).await, Next::End));
+        assert!(matches!(next_of(b"", false, 1024, true).await, Next::End));
+        // As hyper's: an idle connection closes when the drain begins, what the client
+        // sent meanwhile unread.
+        assert!(matches!(next_of(get, false, 1024, true).await, Next::End));
     }
 
     #[test]
