@@ -48,6 +48,9 @@ const MAX_HEADERS: usize = 64;
 /// Bytes read at once while waiting for a head.
 const READ_CHUNK: usize = 4096;
 
+/// Room below which a read gets a fresh [`READ_CHUNK`].
+const MIN_READ: usize = 1024;
+
 /// The largest body a plain request may have: one that arrives with its head, in the
 /// reads a client's write of both takes (a bigger upload streams through hyper).
 const MAX_WHOLE_BODY: usize = 64 * 1024;
@@ -620,9 +623,7 @@ async fn next_request<S: AsyncRead + Unpin>(
                 _ => return Next::Other(frozen),
             }
         }
-        if buf.capacity() - buf.len() < READ_CHUNK {
-            buf.reserve(READ_CHUNK);
-        }
+        make_room(buf);
         let read = std::future::poll_fn(|cx| {
             // Nothing half-read to finish: a graceful close ends it here.
             if buf.is_empty() && closing.load(Ordering::Relaxed) {
@@ -651,6 +652,15 @@ fn body_length(body: &Body) -> Option<BodyLength> {
             .exact()
             .map_or(BodyLength::Unknown, BodyLength::Known),
     )
+}
+
+/// Room in `buf` for a read: what is left behind the last head is used while it can
+/// hold a typical one (a fresh buffer for each read cost an allocation and, with the
+/// head before it still in use, a copy).
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < MIN_READ {
+        buf.reserve(READ_CHUNK);
+    }
 }
 
 /// `BytesMut` again from bytes nothing else holds (no copy); a copy otherwise.
@@ -684,7 +694,7 @@ fn client_left<S: AsyncRead + Unpin>(
     if !buf.is_empty() {
         return Poll::Pending;
     }
-    buf.reserve(READ_CHUNK);
+    make_room(buf);
     match tokio_util::io::poll_read_buf(Pin::new(io), cx, buf) {
         Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(()),
         _ => Poll::Pending,

@@ -229,7 +229,7 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
         // wsgate's answer to the upgrade: hyper writes it and serves what follows.
         Some(_) => (read, stream),
         // Plain requests are served here until one is not (`h1_server`).
-        None => match Box::pin(serve_plain(&gate, stream, &conn, read)).await {
+        None => match serve_plain(&gate, stream, &conn, read).await {
             Some(rest) => rest,
             None => return,
         },
