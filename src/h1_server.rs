@@ -35,6 +35,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as _, Frame};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::client::{Busy, ClientConn, ClientIo};
@@ -50,6 +51,15 @@ const READ_CHUNK: usize = 4096;
 
 /// Room below which a read gets a fresh [`READ_CHUNK`].
 const MIN_READ: usize = 1024;
+
+/// Body parts written at once, at most, and the bytes past which no more are gathered:
+/// about what hyper's write queue takes before it flushes (16 buffers, or its buffer
+/// size), so that the body is asked for no further ahead of the client than with hyper.
+const BATCH_PARTS: usize = 16;
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// A part of a body of unknown length this large has others behind it, likely ready.
+const GATHER_AFTER: usize = 4096;
 
 /// The largest body a plain request may have: one that arrives with its head, in the
 /// reads a client's write of both takes (a bigger upload streams through hyper).
@@ -721,9 +731,10 @@ enum Sent {
     Broken,
 }
 
-/// Writes the head `head` and the body in `framing`; the next part of the body is asked
-/// for once the last one was written (the exchange's stall watch counts on that). The
-/// head goes with the body's first part when that is ready at once.
+/// Writes the head `head` and the body in `framing`: the parts of the body that are ready
+/// go out together (with the head, and with the end when it is there too), in one
+/// write, as hyper's server writes them; the head goes out alone when the body has
+/// nothing yet. The body is asked for more once what it gave was written, or gathered.
 async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
@@ -731,22 +742,26 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
     body: &mut Body,
     framing: Framing,
 ) -> Sent {
-    let sent = |written: io::Result<()>| {
-        if written.is_ok() {
-            Sent::Whole
-        } else {
-            Sent::Broken
-        }
-    };
     let mut remaining = match framing {
-        Framing::Length(0) => return sent(write_parts(io, &[head]).await),
+        Framing::Length(0) => {
+            return match write_parts(io, &[head]).await {
+                Ok(()) => Sent::Whole,
+                Err(_) => Sent::Broken,
+            };
+        }
         Framing::Length(n) => n,
         Framing::Chunked | Framing::Close => u64::MAX,
     };
     let mut head = Some(head);
+    let mut parts: SmallVec<[Bytes; 4]> = SmallVec::new();
+    // The body said it had nothing more just before the last write: it will wake the
+    // task when it has (an event stream's body arms its timers each time it is asked).
+    let mut asked = false;
     loop {
         let step = std::future::poll_fn(|cx| {
-            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+            if !std::mem::take(&mut asked)
+                && let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx)
+            {
                 return Poll::Ready(Step::Frame(frame));
             }
             if head.is_some() {
@@ -755,7 +770,7 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
             client_left(io, buf, cx).map(|()| Step::ClientLeft)
         })
         .await;
-        let data = match step {
+        let mut then = match step {
             Step::Waiting => {
                 if let Some(head) = head.take()
                     && write_parts(io, &[head]).await.is_err()
@@ -767,49 +782,128 @@ async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
             Step::ClientLeft => return Sent::Broken,
             // The backend's body failed, or was cut: the client sees a truncation.
             Step::Frame(Some(Err(_))) => return Sent::Broken,
-            Step::Frame(None) => break,
-            Step::Frame(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => data,
+            Step::Frame(None) => Then::End,
+            Step::Frame(Some(Ok(frame))) => {
                 // Trailers: hyper sends them only to a request with `TE: trailers`,
                 // which is not a plain one.
-                Err(_) => continue,
-            },
+                if let Ok(data) = frame.into_data() {
+                    parts.push(data);
+                }
+                Then::More
+            }
         };
-        let head_part = head.take().unwrap_or_default();
-        let written = match framing {
-            Framing::Chunked if data.is_empty() => write_parts(io, &[head_part]).await,
-            Framing::Chunked => {
+        // What else is ready, while the batch has room: for a body of known length (a
+        // download, arriving in reads) or a large part. An event stream's small parts
+        // go one by one: asking its body again at once only arms its timers twice.
+        let mut bytes = parts.iter().map(Bytes::len).sum::<usize>();
+        let gather = matches!(framing, Framing::Length(_)) || bytes >= GATHER_AFTER;
+        while gather
+            && then == Then::More
+            && !body.is_end_stream()
+            && parts.len() < BATCH_PARTS
+            && bytes < BATCH_BYTES
+            && (bytes as u64) < remaining
+        {
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+            {
+                Poll::Pending => {
+                    asked = true;
+                    break;
+                }
+                Poll::Ready(None) => then = Then::End,
+                Poll::Ready(Some(Err(_))) => then = Then::Failed,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes += data.len();
+                        parts.push(data);
+                    }
+                }
+            }
+        }
+        if then == Then::More && body.is_end_stream() {
+            // hyper asks no more of a body that says it has ended.
+            then = Then::End;
+        }
+        // The batch on the wire: the head if it is still owed, each part in its
+        // framing, the end's if it is there.
+        let end: &[u8] = if then == Then::End && framing == Framing::Chunked {
+            b"0\r\n\r\n"
+        } else {
+            b""
+        };
+        let head = head.take().unwrap_or_default();
+        let written = match &parts[..] {
+            [] => write_parts(io, &[head, end]).await,
+            [data] => {
                 let mut size = [0u8; 18];
-                let size = chunk_size(&mut size, data.len());
-                write_parts(io, &[head_part, size, &data, b"\r\n"]).await
+                let [before, data, after] = on_wire(framing, &mut remaining, data, &mut size);
+                write_parts(io, &[head, before, data, after, end]).await
             }
-            Framing::Length(_) => {
-                let take = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(data.len());
-                remaining -= take as u64;
-                write_parts(io, &[head_part, &data[..take]]).await
+            many => {
+                let mut sizes = [[0u8; 18]; BATCH_PARTS];
+                let mut pieces: SmallVec<[&[u8]; 3 * BATCH_PARTS + 2]> = SmallVec::new();
+                pieces.push(head);
+                for (data, size) in many.iter().zip(sizes.iter_mut()) {
+                    pieces.extend(on_wire(framing, &mut remaining, data, size));
+                }
+                pieces.push(end);
+                write_parts(io, &pieces).await
             }
-            Framing::Close => write_parts(io, &[head_part, &data]).await,
         };
+        // Let go of the parts before waiting: they share the backend connection's read
+        // buffer, which cannot be reused while they live.
+        parts.clear();
         if written.is_err() {
             return Sent::Broken;
         }
-        if remaining == 0 || body.is_end_stream() {
-            break;
+        match then {
+            Then::Failed => return Sent::Broken,
+            Then::More if remaining != 0 => {}
+            // Whole (past its length: hyper stops there too).
+            Then::More | Then::End => {
+                return match framing {
+                    // A body shorter than its length: hyper ends the connection.
+                    Framing::Length(_) if remaining != 0 => Sent::Broken,
+                    Framing::Length(_) | Framing::Chunked => Sent::Whole,
+                    // Its end is the connection's.
+                    Framing::Close => Sent::ToTheEnd,
+                };
+            }
         }
     }
-    match framing {
-        Framing::Chunked => sent(write_parts(io, &[head.unwrap_or_default(), b"0\r\n\r\n"]).await),
-        // A body shorter than its length: hyper ends the connection.
-        Framing::Length(_) if remaining != 0 => Sent::Broken,
-        Framing::Length(_) => Sent::Whole,
-        // Its end is the connection's.
-        Framing::Close => match head {
-            Some(head) if write_parts(io, &[head]).await.is_err() => Sent::Broken,
-            _ => Sent::ToTheEnd,
-        },
+}
+
+/// A body part as it goes on the wire in `framing`: its chunk's size line, itself, the
+/// chunk's end; past a known length it is cut, as hyper cuts it.
+fn on_wire<'a>(
+    framing: Framing,
+    remaining: &mut u64,
+    data: &'a [u8],
+    size: &'a mut [u8; 18],
+) -> [&'a [u8]; 3] {
+    if data.is_empty() {
+        // An empty chunk would end the body.
+        return [b"", b"", b""];
     }
+    match framing {
+        Framing::Chunked => [chunk_size(size, data.len()), data, b"\r\n"],
+        Framing::Length(_) => {
+            let take = usize::try_from(*remaining)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            *remaining -= take as u64;
+            [b"", &data[..take], b""]
+        }
+        Framing::Close => [b"", data, b""],
+    }
+}
+
+/// What follows a batch of body parts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    More,
+    End,
+    Failed,
 }
 
 /// `"{len:x}\r\n"` in `buf`.
@@ -825,7 +919,7 @@ fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
 
 /// Writes `parts` (in as few system calls as the stream allows) and flushes.
 async fn write_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: &[&[u8]]) -> io::Result<()> {
-    let mut slices: smallvec::SmallVec<[IoSlice<'_>; 4]> = parts
+    let mut slices: SmallVec<[IoSlice<'_>; 8]> = parts
         .iter()
         .filter(|p| !p.is_empty())
         .map(|p| IoSlice::new(p))
