@@ -40,9 +40,18 @@ impl Progress {
 #[derive(Debug)]
 pub struct RequestBody {
     /// `None`: no body at all.
-    inner: Option<Incoming>,
+    inner: Option<Inner>,
     /// `None` for a request without a body: nothing to count.
     progress: Option<Arc<Progress>>,
+}
+
+/// Where a request body comes from.
+#[derive(Debug)]
+enum Inner {
+    /// hyper's server reads it.
+    Incoming(Incoming),
+    /// It came whole with its head (see [`crate::h1_server`]); taken when sent.
+    Whole(Option<Bytes>),
 }
 
 impl RequestBody {
@@ -57,8 +66,22 @@ impl RequestBody {
             })
         });
         let shared = progress.clone();
-        let inner = Some(inner);
+        let inner = Some(Inner::Incoming(inner));
         (RequestBody { inner, progress }, shared)
+    }
+
+    /// A body that came whole, at `started` (with its head).
+    pub fn whole(body: Bytes, started: Instant) -> (RequestBody, Option<Arc<Progress>>) {
+        let progress = Arc::new(Progress {
+            started,
+            bytes: AtomicU64::new(body.len() as u64),
+            last_us: AtomicU64::new(1),
+        });
+        let body = RequestBody {
+            inner: Some(Inner::Whole(Some(body))),
+            progress: Some(progress.clone()),
+        };
+        (body, Some(progress))
     }
 
     /// No body.
@@ -79,8 +102,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = &mut this.inner else {
-            return Poll::Ready(None);
+        let inner = match &mut this.inner {
+            None => return Poll::Ready(None),
+            Some(Inner::Whole(body)) => {
+                return Poll::Ready(body.take().map(|b| Ok(Frame::data(b))));
+            }
+            Some(Inner::Incoming(inner)) => inner,
         };
         let polled = Pin::new(inner).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(p)) = (&polled, &this.progress)
@@ -95,12 +122,18 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.inner {
+            None | Some(Inner::Whole(None)) => true,
+            Some(Inner::Whole(Some(_))) => false,
+            Some(Inner::Incoming(inner)) => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        match &self.inner {
+            None | Some(Inner::Whole(None)) => SizeHint::with_exact(0),
+            Some(Inner::Whole(Some(body))) => SizeHint::with_exact(body.len() as u64),
+            Some(Inner::Incoming(inner)) => inner.size_hint(),
+        }
     }
 }

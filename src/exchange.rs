@@ -116,6 +116,13 @@ impl Exchange {
         body
     }
 
+    /// A request body that came whole with its head.
+    pub fn whole_request_body(&mut self, body: Bytes) -> RequestBody {
+        let (body, progress) = RequestBody::whole(body, self.started);
+        self.request = progress;
+        body
+    }
+
     /// Sends `req` to the backend and waits for the response head, at most until
     /// `deadline`: the response for a client speaking `client_version`, with a body
     /// that carries the exchange on (see [`Exchange::respond`]), or the error wsgate

@@ -249,16 +249,7 @@ pub struct Settings {
 impl Settings {
     fn new(config: Config, workers: usize) -> Result<Settings, TlsError> {
         let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            // hyper's head timer is a timer made and dropped per request; the
-            // connection's task closes one idle for `header_read_timeout` instead (a
-            // keep-alive connection left idle, a head that does not come whole), with
-            // one timer moved only as needed (see `crate::abort::Watch`).
-            .header_read_timeout(None)
-            .max_buf_size(config.http.max_header_size.max(8192))
-            // Responses carry the backend's own Date, or none: wsgate adds nothing.
-            .auto_date_header(false);
+        tune_http1(&mut http1, config.http.max_header_size);
         Ok(Settings {
             max_connections: config
                 .max_connections
@@ -270,6 +261,21 @@ impl Settings {
             config,
         })
     }
+}
+
+/// hyper's HTTP/1.1 server as wsgate runs it (and as [`crate::h1_server`] writes
+/// responses).
+pub(crate) fn tune_http1(http1: &mut http1::Builder, max_header_size: usize) {
+    http1
+        .timer(TokioTimer::new())
+        // hyper's head timer is a timer made and dropped per request; the connection's
+        // task closes one idle for `header_read_timeout` instead (a keep-alive
+        // connection left idle, a head that does not come whole), with one timer moved
+        // only as needed (see `crate::abort::Watch`).
+        .header_read_timeout(None)
+        .max_buf_size(max_header_size.max(8192))
+        // Responses carry the backend's own Date, or none: wsgate adds nothing.
+        .auto_date_header(false);
 }
 
 /// Every task serving a client, a backend handshake or a relay, and the signals that

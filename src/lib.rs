@@ -70,6 +70,7 @@ mod exit;
 pub mod frame;
 mod gate;
 mod h1;
+mod h1_server;
 mod handshake;
 mod headers;
 mod history;
@@ -77,6 +78,7 @@ mod listener;
 mod live;
 pub mod logging;
 mod metrics;
+
 mod proxy;
 mod pump;
 mod record;

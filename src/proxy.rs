@@ -14,6 +14,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, Uri, Version};
 
+use crate::body::RequestBody;
 use crate::client::Busy;
 use crate::error::ProxyError;
 use crate::exchange::{self, Exchange, ForwardedBody};
@@ -133,6 +134,26 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// is prepared here, at once, and the future returned waits for the response — the
 /// backend's, streaming, or wsgate's own when the backend cannot answer.
 pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwarding {
+    forward_with(gate, busy, req, |ex, body| ex.request_body(body))
+}
+
+/// [`forward`] for a request without a body (read by [`crate::h1_server`]).
+pub fn forward_bodiless(gate: Arc<Gate>, busy: Busy, req: Request<()>) -> Forwarding {
+    forward_with(gate, busy, req, |_, ()| RequestBody::empty())
+}
+
+/// [`forward`] for a request whose body came whole with its head (read by
+/// [`crate::h1_server`]).
+pub fn forward_full(gate: Arc<Gate>, busy: Busy, req: Request<Bytes>) -> Forwarding {
+    forward_with(gate, busy, req, |ex, body| ex.whole_request_body(body))
+}
+
+fn forward_with<B>(
+    gate: Arc<Gate>,
+    busy: Busy,
+    req: Request<B>,
+    body_of: impl FnOnce(&mut Exchange, B) -> RequestBody,
+) -> Forwarding {
     let (scheme, limit) = {
         let settings = gate.settings();
         let config = &settings.config;
@@ -154,7 +175,7 @@ pub fn forward(gate: Arc<Gate>, busy: Busy, req: Request<Incoming>) -> Forwardin
     let added = prepare_request_headers(&mut parts.headers, &forwarded_for, scheme);
     parts.uri = origin_form(parts.uri);
     parts.version = Version::HTTP_11;
-    let body = ex.request_body(body);
+    let body = body_of(&mut ex, body);
     let deadline = exchange::deadline(limit);
     // Encoded at once: the bytes are smaller than the request, and the exchange's
     // future keeps them.

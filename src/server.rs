@@ -1,18 +1,21 @@
 //! The client-facing listener: accepts TCP connections, enforces `max_connections`,
-//! terminates TLS, serves HTTP/1.1 or HTTP/2 on each with hyper and hands every request
-//! to [`crate::route`]. The plain WebSocket upgrade that opens an HTTP/1.1 connection is
-//! read and carried out here, before hyper (see [`crate::request_head`]), watching the
-//! client while the backend answers. Every task serving clients can be ended from
-//! outside: at the exit, when the drain begins, and by an exchange's [`Abort`].
+//! terminates TLS, serves HTTP/1.1 or HTTP/2 on each and hands every request to
+//! [`crate::route`]. On an HTTP/1.1 connection the plain WebSocket upgrade that opens it
+//! is read and carried out here (see [`crate::request_head`]), watching the client while
+//! the backend answers; plain requests are served by [`crate::h1_server`], and from the
+//! first request that is neither on, hyper serves the connection. HTTP/2 is hyper's.
+//! Every task serving clients can be ended from outside: at the exit, when the drain
+//! begins, and by an exchange's [`Abort`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -27,6 +30,7 @@ use crate::abort::{Abort, Watch};
 use crate::client::{Busy, ClientConn, ClientIo, Signals};
 use crate::error::ProxyError;
 use crate::gate::Gate;
+use crate::h1_server;
 use crate::proxy::{self, Body};
 use crate::relay::{self, Handoff, Leg};
 use crate::request_head::{self, FirstRequest};
@@ -221,6 +225,15 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
             }
         }
     };
+    let (read, stream) = match first_response {
+        // wsgate's answer to the upgrade: hyper writes it and serves what follows.
+        Some(_) => (read, stream),
+        // Plain requests are served here until one is not (`h1_server`).
+        None => match serve_plain(&gate, stream, &conn, read).await {
+            Some(rest) => rest,
+            None => return,
+        },
+    };
     Box::pin(serve_http1(
         gate,
         Prefixed::new(read, stream),
@@ -370,6 +383,44 @@ async fn serve_http2(gate: Arc<Gate>, stream: Stream, conn: Arc<ClientConn>) {
     ended(result);
 }
 
+/// Serves an HTTP/1.1 connection's plain requests with [`h1_server`], `read` the bytes
+/// read from it so far, under the same driving as hyper's connections. `Some`: a
+/// request that is not plain, which hyper serves from these bytes on.
+async fn serve_plain(
+    gate: &Arc<Gate>,
+    stream: Stream,
+    conn: &Arc<ClientConn>,
+    read: Bytes,
+) -> Option<(Bytes, Stream)> {
+    let (head_limit, write_timeout) = {
+        let settings = gate.settings();
+        let http = &settings.config.http;
+        (http.header_read_timeout, http.write_timeout)
+    };
+    // Set by the driving when the drain or the exit asks the connection to stop taking
+    // requests; the loop reads it between requests and before a response's head.
+    let closing = AtomicBool::new(false);
+    let io = ClientIo::new(stream, conn.clone(), write_timeout);
+    let served = Box::pin(h1_server::serve(
+        gate.clone(),
+        io,
+        conn.clone(),
+        read,
+        &closing,
+    ));
+    let driving = Driving {
+        conn,
+        drain: !conn.accepted_draining,
+        idle: None,
+        abort: Some(&conn.abort),
+        head_limit: Some(head_limit),
+    };
+    match drive(served, |_| closing.store(true, Ordering::Relaxed), driving).await {
+        Some(h1_server::Ended::ToHyper(read, stream)) => Some((read, stream)),
+        Some(h1_server::Ended::Closed) | None => None,
+    }
+}
+
 /// Serves an HTTP/1.1 connection with hyper until it ends; `first` answers its first
 /// request if given.
 async fn serve_http1(
@@ -406,8 +457,25 @@ async fn serve_http1(
     ended(result);
 }
 
-fn ended(result: hyper::Result<()>) {
-    if let Err(e) = result {
+/// What a served connection's end says of its client.
+trait Noted {
+    fn note(&self, conn: &ClientConn);
+}
+
+impl Noted for hyper::Result<()> {
+    fn note(&self, conn: &ClientConn) {
+        if let Err(e) = self {
+            conn.note_error(e);
+        }
+    }
+}
+
+impl Noted for h1_server::Ended {
+    fn note(&self, _: &ClientConn) {}
+}
+
+fn ended(result: Option<hyper::Result<()>>) {
+    if let Some(Err(e)) = result {
         // Clients hang up mid-request all the time: not an error of wsgate's.
         tracing::debug!(error = %e, "client connection ended with an error");
     }
@@ -451,17 +519,16 @@ async fn drive<F>(
     mut served: Pin<Box<F>>,
     graceful: impl FnOnce(Pin<&mut F>),
     d: Driving<'_>,
-) -> hyper::Result<()>
+) -> Option<F::Output>
 where
-    F: Future<Output = hyper::Result<()>>,
+    F: Future,
+    F::Output: Noted,
 {
     let conn = d.conn;
-    let note = |result: hyper::Result<()>| {
-        if let Err(e) = &result {
-            // Before `served` drops the exchanges still on it: they read why.
-            conn.note_error(e);
-        }
-        result
+    let note = |result: F::Output| {
+        // Before `served` drops the exchanges still on it: they read why.
+        result.note(conn);
+        Some(result)
     };
     // The signals, the exchange's abort and the task's deadlines: a few atomic
     // operations per wake-up.
@@ -510,7 +577,7 @@ where
             biased;
             result = served.as_mut() => return note(result),
             next = &mut turn => match next {
-                Turn::Now => return Ok(()),
+                Turn::Now => return None,
                 Turn::Graceful => {
                     if let Some(graceful) = graceful.take() {
                         graceful(served.as_mut());
@@ -523,7 +590,7 @@ where
                     graceful(served.as_mut());
                 }
             }
-            () = &mut nothing_open, if graceful.is_none() => return Ok(()),
+            () = &mut nothing_open, if graceful.is_none() => return None,
         }
     }
 }

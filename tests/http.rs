@@ -831,3 +831,92 @@ async fn a_backend_that_closes_after_each_answer_gets_a_new_connection_per_reque
     }
     within(answering).await.unwrap();
 }
+
+/// A backend that answers every request with what it got: method, target and body.
+async fn echo_backend() -> SocketAddr {
+    let (addr, _) = http_backend(|req: Request<Incoming>| async move {
+        let what = format!("{} {}", req.method(), req.uri());
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(format!("{what} {}", String::from_utf8_lossy(&body))))
+    })
+    .await;
+    addr
+}
+
+/// Requests pipelined on one connection, in and out of the shape wsgate serves itself
+/// (`h1_server`): a plain GET, a POST whose body came with it, a chunked POST (from
+/// which hyper serves the connection), a GET after it, and a POST whose body comes
+/// later. Each is answered, in order, with what the backend got.
+#[tokio::test]
+async fn plain_requests_then_others_on_one_connection_are_answered_in_order() {
+    let gate = start_gate(test_config(echo_backend().await)).await;
+    let mut s = within(TcpStream::connect(gate.addr)).await.unwrap();
+    let pipelined = "GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n\
+        POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz\
+        POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n0\r\n\r\n\
+        GET /d HTTP/1.1\r\nHost: h\r\n\r\n";
+    within(s.write_all(pipelined.as_bytes())).await.unwrap();
+    for expected in ["GET /a?x=1 ", "POST /b xyz", "POST /c wxyz", "GET /d "] {
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(status(&head), 200, "{head}");
+        assert_eq!(String::from_utf8(body).unwrap(), expected);
+    }
+}
+
+/// A request whose body has not arrived with its head goes to the backend at once (its
+/// body streamed as it comes, by hyper, which serves the connection from then on): it
+/// is not held back until its body is whole.
+#[tokio::test]
+async fn a_body_that_comes_after_its_head_is_streamed() {
+    let (heads_tx, mut heads) = mpsc::unbounded_channel();
+    let (backend, _) = http_backend(move |req: Request<Incoming>| {
+        let _ = heads_tx.send(req.uri().to_string());
+        async move {
+            let what = format!("{} {}", req.method(), req.uri());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(full(format!("{what} {}", String::from_utf8_lossy(&body))))
+        }
+    })
+    .await;
+    let gate = start_gate(test_config(backend)).await;
+    let mut s = within(TcpStream::connect(gate.addr)).await.unwrap();
+    within(s.write_all(b"POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"))
+        .await
+        .unwrap();
+    assert_eq!(within(heads.recv()).await.unwrap(), "/e");
+    within(s.write_all(b"hello")).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_eq!(body, b"POST /e hello");
+    // A plain request after it, on the same connection.
+    within(s.write_all(b"GET /f HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_eq!(header(&head, "connection"), Some("close"));
+    assert_eq!(body, b"GET /f ");
+    let mut rest = Vec::new();
+    assert_eq!(within(s.read_to_end(&mut rest)).await.unwrap(), 0);
+}
+
+/// A plain request is counted as any other: its method and status class.
+#[tokio::test]
+async fn a_plain_post_is_counted() {
+    let gate = start_gate(test_config(echo_backend().await)).await;
+    let (head, body) = request_once(
+        gate.addr,
+        "POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nabcd",
+    )
+    .await;
+    assert_eq!(status(&head), 200, "{head}");
+    assert_eq!(body, b"POST /up abcd");
+    let (_, text) = http_get(gate.admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            "wsgate_http_requests_total{status_class=\"2xx\",method=\"POST\"}"
+        ),
+        1.0
+    );
+}

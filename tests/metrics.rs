@@ -40,7 +40,9 @@ async fn scrape(gate: &Gate) -> String {
     body
 }
 
-/// Waits until `n` connections have ended, by the metrics.
+/// Waits until `n` connections have ended and none is open, by the metrics. Both in one
+/// scrape: a scrape reads the open count first and the counters after, so a relay on
+/// another worker that ends in between is counted ended and still open.
 async fn ended(gate: &Gate, n: f64) -> String {
     let mut text = String::new();
     eventually(async || {
@@ -50,7 +52,7 @@ async fn ended(gate: &Gate, n: f64) -> String {
             .filter(|l| l.starts_with("wsgate_websocket_connections_ended_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        total >= n
+        total >= n && sample(&text, "wsgate_websocket_connections_active") == 0.0
     })
     .await;
     text
