@@ -1340,15 +1340,9 @@ mod tests {
             behind,
         )
             .prop_map(|(method, target, version, crlf, lines, behind)| {
-                let eol = |crlf: bool| if crlf { "\r\n" } else { "\n" };
-                let mut s = format!("{method} {target} {version}{}", eol(crlf));
-                for (line, crlf) in lines {
-                    s.push_str(&line);
-                    s.push_str(eol(crlf));
-                }
-                s.push_str("\r\n");
-                s.push_str(&behind);
-                s.into_bytes()
+                crate::request_head::tests::request_text(
+                    method, target, version, crlf, &lines, &behind,
+                )
             })
     }
 

@@ -423,16 +423,29 @@ pub(crate) mod tests {
             behind,
         )
             .prop_map(|(method, target, version, crlf, lines, behind)| {
-                let eol = |crlf: bool| if crlf { "\r\n" } else { "\n" };
-                let mut s = format!("{method} {target} {version}{}", eol(crlf));
-                for (line, crlf) in lines {
-                    s.push_str(&line);
-                    s.push_str(eol(crlf));
-                }
-                s.push_str("\r\n");
-                s.push_str(&behind);
-                s.into_bytes()
+                request_text(method, target, version, crlf, &lines, &behind)
             })
+    }
+
+    /// A request's bytes: its request line and header lines, each ending in CRLF or (if
+    /// its flag is false) a bare LF, the empty line, then `behind`.
+    pub(crate) fn request_text(
+        method: &str,
+        target: &str,
+        version: &str,
+        crlf: bool,
+        lines: &[(String, bool)],
+        behind: &str,
+    ) -> Vec<u8> {
+        let eol = |crlf: bool| if crlf { "\r\n" } else { "\n" };
+        let mut s = format!("{method} {target} {version}{}", eol(crlf));
+        for (line, crlf) in lines {
+            s.push_str(line);
+            s.push_str(eol(*crlf));
+        }
+        s.push_str("\r\n");
+        s.push_str(behind);
+        s.into_bytes()
     }
 
     proptest! {
