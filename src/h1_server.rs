@@ -331,14 +331,10 @@ pub fn encode_head<B>(
                 }
                 wrote_len = true;
                 chunked_last = is_chunked(value.as_bytes());
-                if continuing {
-                    out.extend_from_slice(b", ");
-                } else {
+                if !continuing {
                     framing = Framing::Chunked;
-                    out.extend_from_slice(b"transfer-encoding: ");
-                    open = Some(name.clone());
                 }
-                out.extend_from_slice(value.as_bytes());
+                join(out, &mut open, name, value.as_bytes());
                 continue;
             }
             header::CONNECTION => {
@@ -346,26 +342,14 @@ pub fn encode_head<B>(
                     last = true;
                     says_close = true;
                 }
-                if continuing {
-                    out.extend_from_slice(b", ");
-                } else {
-                    out.extend_from_slice(b"connection: ");
-                    open = Some(name.clone());
-                }
-                out.extend_from_slice(value.as_bytes());
+                join(out, &mut open, name, value.as_bytes());
                 continue;
             }
             header::TRAILER => {
                 if http10 || !can_chunk {
                     continue;
                 }
-                if continuing {
-                    out.extend_from_slice(b", ");
-                } else {
-                    out.extend_from_slice(b"trailer: ");
-                    open = Some(name.clone());
-                }
-                out.extend_from_slice(value.as_bytes());
+                join(out, &mut open, name, value.as_bytes());
                 continue;
             }
             _ => {}
@@ -412,6 +396,20 @@ pub fn encode_head<B>(
         last = true;
     }
     Ok(Encoded { framing, last })
+}
+
+/// Writes a value of a field that hyper's encoder writes on one line, its values joined
+/// with `, ` (`Transfer-Encoding`, `Connection`, `Trailer`): the line is `open` until
+/// another field comes.
+fn join(out: &mut Vec<u8>, open: &mut Option<HeaderName>, name: &HeaderName, value: &[u8]) {
+    if open.as_ref() == Some(name) {
+        out.extend_from_slice(b", ");
+    } else {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        *open = Some(name.clone());
+    }
+    out.extend_from_slice(value);
 }
 
 /// A `Content-Length` value as hyper's encoder reads one: digits, or a list of equal
