@@ -6,6 +6,7 @@
 #
 # TOOL: perf     `perf record -e cpu-clock -g` (no hardware counters needed), then the
 #                top symbols, user space and kernel
+#       stat     `perf stat`: CPU, context switches and migrations per message
 #       strace   `strace -c -f`: system calls per message (or per churn cycle)
 #       callgrind valgrind's exact user-space instruction count per message, then the
 #                functions by self cost (slow: run at least 6 s)
@@ -25,18 +26,19 @@
 # strace or valgrind (and for http: nginx and wrk; HTTP2=1: h2load and openssl) (Debian: linux-perf, strace,
 # valgrind). Output goes to stdout; raw data stays in a temporary directory that is
 # printed first. Environment: PROXY (`wsgate`, or `nginx`: the benchmark's nginx from
-# bench/nginx.conf, one worker and no master process so that one process does all the
-# work, no access log; CONFIG, RUST_LOG and WORKERS are then wsgate's only);
+# bench/nginx.conf, no access log, WORKERS workers (default 1, and then no master
+# process, so that one process does all the work; callgrind follows only that one);
+# CONFIG and RUST_LOG are then wsgate's only);
 # CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
 # 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
 # `lean`: as `wsgate-lean` — pings off, no admin listener, RUST_LOG=warn), CONNECTIONS
 # (the load's connections), RUST_LOG (overrides the configuration's log level), WORKERS
-# (wsgate's `workers`, default "auto"), WSGATE (another wsgate binary to profile, e.g.
+# (wsgate's `workers`, default "auto"; nginx's `worker_processes`, default 1), WSGATE (another wsgate binary to profile, e.g.
 # an earlier commit's build, for a before/after count). The admin listener is not
 # scraped here.
 set -euo pipefail
 
-tool=${1:?TOOL: perf, strace or callgrind}
+tool=${1:?TOOL: perf, stat, strace or callgrind}
 mode=${2:?MODE: echo, bulk, latency, churn, http or sse}
 secs=${3:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -116,9 +118,11 @@ wsgate)
 nginx)
     mkdir -p "$tmp/proxy"
     sed -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" -e "s|{{BACKEND}}|127.0.0.1:$backend_port|" \
-        -e "s|{{DIR}}|$tmp/proxy|g" -e "s|{{WORKERS}}|1|" -e "s|{{ACCESS_LOG}}|access_log off;|" \
-        -e "s|{{LISTEN_TLS}}|$tls_listen|" -e "s|{{TLS}}|$tls_nginx|" -e "s|^master_process on;|master_process off;|" \
-        "$root/bench/nginx.conf" >"$tmp/proxy.conf"
+        -e "s|{{DIR}}|$tmp/proxy|g" -e "s|{{WORKERS}}|${WORKERS:-1}|" -e "s|{{ACCESS_LOG}}|access_log off;|" \
+        -e "s|{{LISTEN_TLS}}|$tls_listen|" -e "s|{{TLS}}|$tls_nginx|" "$root/bench/nginx.conf" >"$tmp/proxy.conf"
+    if [ "${WORKERS:-1}" = 1 ]; then
+        sed -i "s|^master_process on;|master_process off;|" "$tmp/proxy.conf"
+    fi
     "${wrap[@]}" nginx -c "$tmp/proxy.conf" -e "$tmp/proxy/error.log" 2>"$tmp/wsgate.log" &
     ;;
 *)
@@ -172,7 +176,9 @@ load() {
 
 case $tool in
 perf)
-    perf record -F 999 -e cpu-clock -g -p "$wsgate_pid" -o "$tmp/perf.data" -- sleep "$secs" \
+    # nginx with WORKERS > 1: its master and workers.
+    pids=$(pgrep -d, -P "$wsgate_pid" || true)
+    perf record -F 999 -e cpu-clock -g -p "$wsgate_pid${pids:+,$pids}" -o "$tmp/perf.data" -- sleep "$secs" \
         2>"$tmp/perf.log" &
     perf_pid=$!
     n=$(load "$secs")
@@ -182,6 +188,21 @@ perf)
         grep '%' | head -5
     perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
         grep '%' | head -40
+    ;;
+stat)
+    # Software counters only (no hardware counters needed): how often the proxy's
+    # threads block and are woken again, per request. nginx with WORKERS > 1: its
+    # master and workers.
+    pids=$(pgrep -d, -P "$wsgate_pid" || true)
+    perf stat -e task-clock,context-switches,cpu-migrations -p "$wsgate_pid${pids:+,$pids}" -x, \
+        -o "$tmp/stat.txt" -- sleep "$secs" &
+    stat_pid=$!
+    n=$(load "$secs")
+    wait "$stat_pid" || true
+    echo "${unit}s: $n; per $unit:"
+    awk -F, -v n="$n" '$3 ~ /^(task-clock|context-switches|cpu-migrations)$/ {
+        if ($3 == "task-clock") printf "  %-18s %8.2f µs\n", "CPU", $1 * 1000 / n
+        else printf "  %-18s %8.3f\n", $3, $1 / n }' "$tmp/stat.txt"
     ;;
 strace)
     strace -c -f -p "$wsgate_pid" -o "$tmp/strace.txt" &

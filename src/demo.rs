@@ -780,13 +780,6 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim_start().starts_with("application/json"))
 }
 
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
 /// Whether `Origin`, if present, names the host the request was sent to: another site
 /// open in the browser may not run queries.
 fn same_origin(headers: &HeaderMap) -> bool {
@@ -815,8 +808,8 @@ fn query(state: &Arc<State>, mut req: Request<Incoming>) -> Resp {
         return respond(StatusCode::BAD_REQUEST, text, "unknown panel\n");
     };
     let headers = req.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket")
-        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    if !crate::headers::has_token(headers, header::UPGRADE, "websocket")
+        || !crate::headers::has_token(headers, header::CONNECTION, "upgrade")
     {
         return respond(
             StatusCode::BAD_REQUEST,

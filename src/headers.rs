@@ -21,9 +21,28 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// True when a `name` header lists `token` among its comma-separated tokens
+/// (`Connection: keep-alive, Upgrade` lists `upgrade`), trimmed and compared ASCII
+/// case-insensitively; values that are not text are skipped. Read on bytes: splitting
+/// and trimming `str`s cost more than the rest of an upgrade's classification.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        let bytes = value.as_bytes();
+        // Not text (`to_str` fails on it): skipped.
+        bytes
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+            && bytes
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
 /// The comma-separated tokens of every `name` header (`Connection: keep-alive, Upgrade`
-/// gives `keep-alive`, `Upgrade`), trimmed; values that are not text are skipped.
-pub fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+/// gives `keep-alive`, `Upgrade`), trimmed; values that are not text are skipped. The
+/// plain reading of the lists, which [`has_token`] is held to.
+#[cfg(test)]
+fn header_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
         .into_iter()
@@ -393,6 +412,43 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(address_value(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
+
+    /// The byte scan finds a token exactly where the `str` reading of the lists does.
+    #[test]
+    fn has_token_finds_what_the_plain_reading_of_the_lists_finds() {
+        let values: [&[u8]; 14] = [
+            b"upgrade",
+            b"Upgrade",
+            b"keep-alive, Upgrade",
+            b"keep-alive,upgrade ",
+            b"\tupgrade\t",
+            b"upgrades",
+            b"up grade",
+            b"",
+            b",,",
+            b"keep-alive",
+            b"upgrade, \xff",
+            b"\xffupgrade",
+            b"upgrade\x80",
+            b"close , UPGRADE , x",
+        ];
+        for value in values {
+            for repeat in [false, true] {
+                let mut h = HeaderMap::new();
+                h.append(header::CONNECTION, HeaderValue::from_bytes(value).unwrap());
+                if repeat {
+                    h.append(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let expected = header_tokens(&h, header::CONNECTION)
+                    .any(|t| t.eq_ignore_ascii_case("upgrade"));
+                assert_eq!(
+                    has_token(&h, header::CONNECTION, "upgrade"),
+                    expected,
+                    "{value:?}"
+                );
+            }
         }
     }
 

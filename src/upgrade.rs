@@ -58,8 +58,8 @@ pub enum Upgrade {
 /// HTTP/2 extended CONNECT (RFC 8441).
 pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
     is_extended_connect(req)
-        || (header_has_token(req.headers(), header::CONNECTION, "upgrade")
-            && header_has_token(req.headers(), header::UPGRADE, "websocket"))
+        || (headers::has_token(req.headers(), header::CONNECTION, "upgrade")
+            && headers::has_token(req.headers(), header::UPGRADE, "websocket"))
 }
 
 /// An HTTP/2 extended CONNECT with `:protocol websocket` (RFC 8441 §4).
@@ -69,10 +69,6 @@ pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
             .extensions()
             .get::<hyper::ext::Protocol>()
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
-}
-
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers::header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Checks the client's opening handshake; the error says what is wrong.
