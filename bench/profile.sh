@@ -27,7 +27,7 @@
 # valgrind). Output goes to stdout; raw data stays in a temporary directory that is
 # printed first. Environment: PROXY (`wsgate`, or `nginx`: the benchmark's nginx from
 # bench/nginx.conf, no access log, WORKERS workers (default 1, and then no master
-# process, so that one process does all the work; callgrind follows only that one);
+# process, so that one process does all the work: count instructions with one);
 # CONFIG and RUST_LOG are then wsgate's only);
 # CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
 # 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
