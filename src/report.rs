@@ -186,7 +186,7 @@ fn line(r: &Record, format: LogFormat, at: SystemTime) -> Vec<u8> {
             }
         }
         Details::Http(h) => {
-            l.display("method", &h.method);
+            l.display_str("method", h.method.as_str());
             l.display_str("path", &r.info.path);
             if let Some(status) = h.status {
                 l.uint("status", status.into());
@@ -234,11 +234,13 @@ fn write_millis(out: &mut Vec<u8>, d: Duration, json: bool) {
         b'0' + (frac / 10 % 10) as u8,
         b'0' + (frac % 10) as u8,
     ];
-    let keep = match frac {
-        0 => 1,
-        f if f % 100 == 0 => 1,
-        f if f % 10 == 0 => 2,
-        _ => 3,
+    // Trailing zeros dropped, one digit kept.
+    let keep = if frac.is_multiple_of(100) {
+        1
+    } else if frac.is_multiple_of(10) {
+        2
+    } else {
+        3
     };
     out.extend_from_slice(&digits[..keep]);
 }
