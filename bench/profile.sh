@@ -27,7 +27,9 @@
 # valgrind). Output goes to stdout; raw data stays in a temporary directory that is
 # printed first. Environment: PROXY (`wsgate`, or `nginx`: the benchmark's nginx from
 # bench/nginx.conf, no access log, WORKERS workers (default 1, and then no master
-# process, so that one process does all the work: count instructions with one);
+# process, so that one process does all the work: count instructions with one); or
+# `haproxy`: the benchmark's HAProxy from bench/haproxy.cfg, no log, WORKERS threads
+# (default 1));
 # CONFIG and RUST_LOG are then wsgate's only);
 # CONFIG (`default`: wsgate's defaults, as `wsgate` in a benchmark run — pings every
 # 20 s, the admin listener on loopback, the INFO line per connection, written to a file;
@@ -125,8 +127,21 @@ nginx)
     fi
     "${wrap[@]}" nginx -c "$tmp/proxy.conf" -e "$tmp/proxy/error.log" 2>"$tmp/wsgate.log" &
     ;;
+haproxy)
+    # As the benchmark's haproxy (THREADS = WORKERS, default 1), no log per request.
+    mkdir -p "$tmp/proxy"
+    bind_tls=""
+    if [ -n "${HTTP2:-}" ]; then
+        cat "$tmp/cert.pem" "$tmp/key.pem" >"$tmp/haproxy.pem"
+        bind_tls=" ssl crt $tmp/haproxy.pem alpn h2,http/1.1 prefer-client-ciphers"
+    fi
+    sed -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" -e "s|{{BACKEND}}|127.0.0.1:$backend_port|" \
+        -e "s|{{DIR}}|$tmp/proxy|g" -e "s|{{THREADS}}|${WORKERS:-1}|" -e "s|{{MAXCONN}}|4000|g" \
+        -e "s|{{LOG}}|no log|" -e "s|{{BIND_TLS}}|$bind_tls|" "$root/bench/haproxy.cfg" >"$tmp/proxy.cfg"
+    "${wrap[@]}" haproxy -db -f "$tmp/proxy.cfg" 2>"$tmp/wsgate.log" &
+    ;;
 *)
-    echo "unknown PROXY $PROXY: wsgate or nginx" >&2
+    echo "unknown PROXY $PROXY: wsgate, nginx or haproxy" >&2
     exit 2
     ;;
 esac
@@ -222,7 +237,8 @@ callgrind)
     callgrind_control -i on "$wsgate_pid" >/dev/null
     n=$(load "$secs")
     callgrind_control -i off "$wsgate_pid" >/dev/null
-    kill -INT "$wsgate_pid"
+    # HAProxy under valgrind does not stop on SIGINT; on SIGTERM it does.
+    if [ "${PROXY:-wsgate}" = haproxy ]; then kill -TERM "$wsgate_pid"; else kill -INT "$wsgate_pid"; fi
     wait "$wsgate_pid" || true
     out=$tmp/callgrind.out
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')

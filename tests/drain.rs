@@ -218,10 +218,10 @@ async fn sigterm_alone_drains_with_the_spread_and_exits_once_the_websockets_are_
 
 #[tokio::test]
 async fn wsgate_drain_says_when_nothing_listens() {
-    let dead = dead_addr().await;
+    let dead = dead_addr();
     let out = within(
         tokio::process::Command::new(BIN)
-            .args(["drain", "--admin", &dead.to_string()])
+            .args(["drain", "--admin", &dead.addr.to_string()])
             .output(),
     )
     .await

@@ -354,7 +354,8 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
 
 #[tokio::test]
 async fn backend_down_is_a_502_for_http_and_upgrades() {
-    let gate = start_gate(test_config(dead_addr().await)).await;
+    let dead = dead_addr();
+    let gate = start_gate(test_config(dead.addr)).await;
 
     let (head, body) = http_raw(
         gate.addr,
@@ -700,7 +701,8 @@ async fn a_connect_is_refused_without_reaching_the_backend() {
 async fn bad_handshakes_are_refused_without_contacting_the_backend() {
     // Nothing listens at the backend address: had wsgate tried it, the answer would be
     // a 502, so a 400 or 426 shows it did not.
-    let gate = start_gate(test_config(dead_addr().await)).await;
+    let dead = dead_addr();
+    let gate = start_gate(test_config(dead.addr)).await;
 
     let (head, body) = request_once(
         gate.addr,

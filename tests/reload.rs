@@ -135,7 +135,8 @@ async fn a_changed_listen_keeps_the_running_one_with_a_warning() {
     let (backend_l, backend_addr) = listener().await;
     let path = temp_file("listen.toml", &wsgate_config(backend_addr, ""));
     let (child, addr, _admin, mut log) = spawn_wsgate_with(&path).await;
-    let elsewhere = dead_addr().await;
+    let nowhere = dead_addr();
+    let elsewhere = nowhere.addr;
     let text = wsgate_config(backend_addr, "").replace(
         "listen = \"127.0.0.1:0\"\nbackend",
         &format!("listen = \"{elsewhere}\"\nbackend"),

@@ -447,7 +447,8 @@ async fn a_backend_that_dies_mid_stream_shows_the_client_a_truncation() {
 
 #[tokio::test]
 async fn backend_unreachable_and_backend_timeout_are_recorded() {
-    let gate = gate_for(dead_addr().await, |_| {}).await;
+    let dead = dead_addr();
+    let gate = gate_for(dead.addr, |_| {}).await;
     let (code, _) = http_request(gate.addr, "POST", "/api/q", "{}").await;
     assert_eq!(code, 502);
     let r = recorded(&gate, "backend_unreachable", "/api/q").await;

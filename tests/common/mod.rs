@@ -233,11 +233,22 @@ pub async fn listener() -> (TcpListener, SocketAddr) {
     (l, addr)
 }
 
-/// An address where nothing listens.
-pub async fn dead_addr() -> SocketAddr {
-    let (l, addr) = listener().await;
-    drop(l);
-    addr
+/// An address where nothing listens, for as long as the value lives: a socket bound
+/// there that never listens, so that connecting is refused. A listener bound and closed
+/// would leave the port free for the next `bind` to port 0 — another test's backend,
+/// running at the same time, which would then receive this test's requests.
+pub struct DeadAddr {
+    pub addr: SocketAddr,
+    _held: tokio::net::TcpSocket,
+}
+
+pub fn dead_addr() -> DeadAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    DeadAddr {
+        addr: socket.local_addr().unwrap(),
+        _held: socket,
+    }
 }
 
 /// Reads an HTTP head (up to the blank line); returns it and the bytes read after it.
