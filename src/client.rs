@@ -390,6 +390,10 @@ impl<S> ClientIo<S> {
         self.io
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
     /// A write is waiting: fails it once it has waited `write_timeout`.
     fn waited(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let Some(limit) = self.write_timeout else {

@@ -191,6 +191,42 @@ async fn wss_client_to_plain_backend_echoes_and_closes() {
     assert_eq!(within(backend).await.unwrap(), vec![None]);
 }
 
+/// A request that asks to close is answered, then the connection ends with TLS's
+/// close_notify: without it, the client could not tell the end from a cut (rustls
+/// reports an unexpected end of file).
+#[tokio::test]
+async fn an_https_request_that_asks_to_close_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = pki("close");
+    let d = dir();
+    let (backend_l, backend_addr) = listener().await;
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = within(backend_l.accept()).await.unwrap();
+        let (head, _) = read_head(&mut s).await;
+        within(s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+            .await
+            .unwrap();
+        head
+    });
+    let gate = tls_gate(&p, &d, backend_addr).await;
+
+    let mut tls = within(connect_tls(gate.addr, &p.ca_pem, &[b"http/1.1"]))
+        .await
+        .unwrap();
+    within(tls.write_all(b"GET /bye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within(tls.read_to_end(&mut got))
+        .await
+        .expect("the stream ends with close_notify");
+    let got = String::from_utf8(got).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nok"), "{got}");
+    let seen = within(backend).await.unwrap();
+    assert!(seen.starts_with("GET /bye HTTP/1.1\r\n"), "{seen}");
+}
+
 #[tokio::test]
 async fn plain_client_to_wss_backend_echoes_and_every_close_reaches_both_sides() {
     let p = pki("b");
