@@ -183,12 +183,13 @@ mod tests {
 
     #[test]
     fn a_scraper_counts_what_it_could_not_scrape() {
-        // A port nothing listens on (bound, then closed): every scrape fails at connect.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap();
+        // A port bound by a socket that never listens, held for the whole test: a
+        // connect is refused, and no other test's listener can be given the port.
+        let nowhere = tokio::net::TcpSocket::new_v4().unwrap();
+        nowhere.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = nowhere.local_addr().unwrap();
+        // The first scrape is made before the thread looks for the stop: one, failed.
         let scraper = Scraper::start(addr);
-        std::thread::sleep(Duration::from_millis(100));
         let scrapes = scraper.stop();
         assert_eq!(scrapes.ok, 0);
         assert_eq!(scrapes.failed, 1, "{scrapes:?}");
