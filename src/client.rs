@@ -390,6 +390,8 @@ impl<S> ClientIo<S> {
         self.io
     }
 
+    /// The stream inside, to look at (what kind it is), not to do I/O on past the
+    /// write timeout.
     pub fn get_ref(&self) -> &S {
         &self.io
     }
