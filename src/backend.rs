@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::boxed::boxed;
 use crate::config::{self, Config};
 use crate::error::{ProxyError, TlsError};
 use crate::h1;
@@ -62,7 +63,7 @@ impl Connector {
             // resolved on each connect, so a changed DNS record is followed.
             let tcp = match t.ip {
                 Some(ip) => TcpStream::connect((ip, b.port)).await,
-                None => Box::pin(TcpStream::connect((b.host.as_str(), b.port))).await,
+                None => boxed(|| TcpStream::connect((b.host.as_str(), b.port))).await,
             };
             let tcp = tcp.map_err(|e| {
                 tracing::debug!(error = %e, backend = %b.authority, "backend connect failed");
@@ -81,7 +82,7 @@ impl Connector {
             };
             // Boxed: a TLS session is large, and inline it would make every upgrade's
             // future that large, TLS or not.
-            let tls = Box::pin(tls.connector.connect(tls.server_name.clone(), tcp))
+            let tls = boxed(|| tls.connector.connect(tls.server_name.clone(), tcp))
                 .await
                 .map_err(|e| {
                     // An untrusted or misnamed certificate: worth a warning, it is a

@@ -37,6 +37,7 @@ use tokio::time::Sleep;
 use crate::abort::Abort;
 use crate::backend::Lease;
 use crate::body::{Progress, RequestBody};
+use crate::boxed::boxed;
 use crate::client::Busy;
 use crate::config::HttpLog;
 use crate::error::ProxyError;
@@ -165,8 +166,9 @@ impl Exchange {
                     None => {
                         let settings = self.gate.settings_full();
                         // Boxed: a connect's future is large, and most requests reuse a
-                        // connection; inline it would make every request's future larger.
-                        let mut fresh = Box::pin(settings.backend.fresh());
+                        // connection; inline (or boxed in place, see `crate::boxed`) it
+                        // would make every request's future larger.
+                        let mut fresh = boxed(|| settings.backend.fresh());
                         let fresh = std::future::poll_fn(|cx| match fresh.as_mut().poll(cx) {
                             Poll::Ready(lease) => Poll::Ready(lease),
                             Poll::Pending if overdue() => {

@@ -60,6 +60,7 @@ mod abort;
 mod admin;
 mod backend;
 mod body;
+mod boxed;
 mod client;
 pub mod config;
 pub mod demo;

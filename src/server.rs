@@ -27,6 +27,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
 use crate::abort::{Abort, Watch};
+use crate::boxed::boxed;
 use crate::client::{Busy, ClientConn, ClientIo, Signals};
 use crate::error::ProxyError;
 use crate::gate::Gate;
@@ -132,7 +133,7 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
     let mut stream = match &settings.tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
-            let accepted = Box::pin(tls.acceptor.accept(tcp));
+            let accepted = boxed(|| tls.acceptor.accept(tcp));
             match tokio::time::timeout(tls.handshake_timeout, accepted).await {
                 Ok(Ok(s)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s))),
                 Ok(Err(e)) => {
@@ -146,101 +147,129 @@ async fn serve_client(gate: Arc<Gate>, tcp: TcpStream, conn: Arc<ClientConn>) {
             }
         }
     };
-    let http = settings.config.http.clone();
+    let (h2c, max_head, head_timeout) = {
+        let http = &settings.config.http;
+        (http.h2c, http.max_header_size, http.header_read_timeout)
+    };
     let h2 = match &stream {
-        Stream::Plain(tcp) => {
-            http.h2c && starts_with_h2_preface(tcp, http.header_read_timeout).await
-        }
+        Stream::Plain(tcp) => h2c && starts_with_h2_preface(tcp, head_timeout).await,
         _ => stream.alpn() == Some(b"h2"),
     };
     drop(settings);
     if h2 {
-        Box::pin(serve_http2(gate, stream, conn)).await;
+        boxed(|| serve_http2(gate, stream, conn)).await;
         return;
     }
-    // HTTP/1.1: the first request's head is read here. A plain WebSocket upgrade goes
-    // on in this task, relay included; the rest is hyper's (`request_head`).
-    let first =
-        request_head::read_first(&mut stream, http.max_header_size, http.header_read_timeout).await;
-    let (read, first_response) = match first {
+    // HTTP/1.1: the first request's head is read here. Plain requests are served by
+    // `h1_server` and a plain WebSocket upgrade in its own step, relay included, until
+    // a request comes that is neither; hyper serves the connection from there.
+    let first = request_head::read_first(&mut stream, max_head, head_timeout).await;
+    let (read, stream, first_response) = match first {
         FirstRequest::Gone => return,
-        FirstRequest::Other(read) => (read, None),
+        FirstRequest::Other(read) => match serve_plain(&gate, stream, &conn, read).await {
+            Some((read, stream)) => (read, stream, None),
+            None => return,
+        },
         FirstRequest::Upgrade {
             request,
             head,
             rest,
-        } => {
-            let busy = Busy::new(conn.clone());
-            let mut pending = PendingUpgrade::new(&gate, &conn, &request);
-            let mut early = BytesMut::from(&rest[..]);
-            // The client is watched while the backend answers: one that leaves (a
-            // query cancelled right after it started) has its backend connection
-            // closed at once, not when the backend finally answers.
-            let upgraded = tokio::select! {
-                upgraded = Box::pin(route::upgrade(&gate, &conn, request, &mut pending)) => upgraded,
-                () = client_leaves(&mut stream, &mut early) => {
-                    tracing::debug!(peer = %conn.peer, "client left before the backend answered its upgrade");
-                    // Closes the backend's connection and records the ending.
-                    drop(pending);
-                    return;
-                }
-            };
-            drop(pending);
-            match upgraded {
-                Ok(accepted) => {
-                    let head = response_head(&accepted.response);
-                    drop(accepted.response);
-                    if let Err(e) = write_all(&mut stream, &head).await {
-                        // The client left. The relay still runs: it finds the client
-                        // gone at once and tells the backend with a Close, and the
-                        // connection is recorded as it ended.
-                        tracing::debug!(error = %e, "writing the 101 to the client failed");
-                    }
-                    let handoff = Handoff {
-                        client: Leg {
-                            stream,
-                            buffered: early.freeze(),
-                        },
-                        backend: accepted.backend,
-                        negotiated: accepted.negotiated,
-                        info: accepted.info,
-                    };
-                    // A task of its own, the size of the relay (under 1 KiB), for the
-                    // WebSocket's whole life: this task's future, with every step before
-                    // the relay in it, is three times that. It keeps the connection's
-                    // seat (its slot) until it ends. Boxed, as the client's task is
-                    // (see `accept`): one copy into its task instead of eight.
-                    let relay =
-                        relay::start(handoff, &gate.live, gate.metrics.clone(), busy.keep(false));
-                    gate.tasks.tracker.spawn(Box::pin(relay));
-                    return;
-                }
-                // An answer of wsgate's or the backend's refusal: hyper writes it, with
-                // everything HTTP/1.1 asks of a response, and serves what follows.
-                Err(response) => {
-                    let mut read = BytesMut::from(&head[..]);
-                    read.extend_from_slice(&early);
-                    (read.freeze(), Some(response))
-                }
-            }
-        }
-    };
-    let (read, stream) = match first_response {
-        // wsgate's answer to the upgrade: hyper writes it and serves what follows.
-        Some(_) => (read, stream),
-        // Plain requests are served here until one is not (`h1_server`).
-        None => match serve_plain(&gate, stream, &conn, read).await {
-            Some(rest) => rest,
-            None => return,
+        } => match boxed(|| upgrade_first(&gate, &conn, stream, request, head, rest)).await {
+            FirstUpgrade::Done => return,
+            // hyper writes wsgate's answer to the upgrade and serves what follows.
+            FirstUpgrade::Answered {
+                read,
+                stream,
+                response,
+            } => (read, stream, Some(response)),
         },
     };
-    Box::pin(serve_http1(
-        gate,
-        Prefixed::new(read, stream),
-        conn,
-        first_response,
-    ))
-    .await;
+    boxed(|| serve_http1(gate, Prefixed::new(read, stream), conn, first_response)).await;
+}
+
+/// How the WebSocket upgrade that opened a connection went.
+// One per upgrade, returned at once.
+#[allow(clippy::large_enum_variant)]
+enum FirstUpgrade {
+    /// Relayed (the relay runs as a task of its own), or the client left before the
+    /// backend answered: nothing more on this connection here.
+    Done,
+    /// Answered without a WebSocket (wsgate's own answer or the backend's refusal):
+    /// hyper writes `response` and serves what follows, from the bytes `read` on.
+    Answered {
+        read: Bytes,
+        stream: Stream,
+        response: Response<Body>,
+    },
+}
+
+/// Carries out the WebSocket upgrade that opened a connection: `request` (read as
+/// `head`, `rest` the bytes behind it) goes to the backend while the client is
+/// watched; on a 101 the relay takes both sockets over.
+async fn upgrade_first(
+    gate: &Arc<Gate>,
+    conn: &Arc<ClientConn>,
+    mut stream: Stream,
+    request: Request<()>,
+    head: Bytes,
+    rest: Bytes,
+) -> FirstUpgrade {
+    let busy = Busy::new(conn.clone());
+    let mut pending = PendingUpgrade::new(gate, conn, &request);
+    let mut early = BytesMut::from(&rest[..]);
+    // The client is watched while the backend answers: one that leaves (a query
+    // cancelled right after it started) has its backend connection closed at once, not
+    // when the backend finally answers.
+    let upgraded = tokio::select! {
+        upgraded = boxed(|| route::upgrade(gate, conn, request, &mut pending)) => upgraded,
+        () = client_leaves(&mut stream, &mut early) => {
+            tracing::debug!(peer = %conn.peer, "client left before the backend answered its upgrade");
+            // Closes the backend's connection and records the ending.
+            drop(pending);
+            return FirstUpgrade::Done;
+        }
+    };
+    drop(pending);
+    match upgraded {
+        Ok(accepted) => {
+            let head = response_head(&accepted.response);
+            drop(accepted.response);
+            if let Err(e) = write_all(&mut stream, &head).await {
+                // The client left. The relay still runs: it finds the client gone at
+                // once and tells the backend with a Close, and the connection is
+                // recorded as it ended.
+                tracing::debug!(error = %e, "writing the 101 to the client failed");
+            }
+            let handoff = Handoff {
+                client: Leg {
+                    stream,
+                    buffered: early.freeze(),
+                },
+                backend: accepted.backend,
+                negotiated: accepted.negotiated,
+                info: accepted.info,
+            };
+            // A task of its own, the size of the relay (under 1 KiB), for the
+            // WebSocket's whole life, keeping the connection's seat (its slot) until it
+            // ends. Boxed, as the client's task is (see `accept`): one copy into its
+            // task instead of eight.
+            let relay =
+                boxed(|| relay::start(handoff, &gate.live, gate.metrics.clone(), busy.keep(false)));
+            gate.tasks.tracker.spawn(relay);
+            FirstUpgrade::Done
+        }
+        // An answer of wsgate's or the backend's refusal: hyper writes it, with
+        // everything HTTP/1.1 asks of a response, and serves what follows.
+        Err(response) => {
+            let mut read = BytesMut::from(&head[..]);
+            read.extend_from_slice(&early);
+            FirstUpgrade::Answered {
+                read: read.freeze(),
+                stream,
+                response,
+            }
+        }
+    }
 }
 
 /// Reads what a client sends while it waits for its upgrade's answer into `early`;
@@ -401,13 +430,7 @@ async fn serve_plain(
     // requests; the loop reads it between requests and before a response's head.
     let closing = AtomicBool::new(false);
     let io = ClientIo::new(stream, conn.clone(), write_timeout);
-    let served = Box::pin(h1_server::serve(
-        gate.clone(),
-        io,
-        conn.clone(),
-        read,
-        &closing,
-    ));
+    let served = boxed(|| h1_server::serve(gate.clone(), io, conn.clone(), read, &closing));
     let driving = Driving {
         conn,
         drain: !conn.accepted_draining,
@@ -650,5 +673,38 @@ async fn reject_client(gate: Arc<Gate>, stream: TcpStream, _permit: OwnedSemapho
     tokio::select! {
         _ = tokio::time::timeout(limit, served) => {}
         () = gate.tasks.force.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Clients, Slots};
+    use crate::config::Config;
+
+    /// A client's task is copied whole into fresh memory on every accept, and the task
+    /// of a plain HTTP/1.1 connection lives in it: what only an upgrade, TLS, HTTP/2 or
+    /// hyper needs must stay in boxes of their own (`crate::boxed`), not in its state.
+    #[tokio::test]
+    async fn a_client_task_keeps_only_what_a_plain_connection_needs() {
+        let gate = Arc::new(Gate::new(Config::default(), 1, None).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let slot = Arc::new(Slots::new(1)).try_take().unwrap();
+        let conn = ClientConn::new(
+            1,
+            tcp.peer_addr().unwrap(),
+            0,
+            false,
+            slot,
+            gate.metrics.connections_active.clone(),
+            &Arc::new(Clients::new(1)),
+        );
+        let task = serve_client(gate, tcp, conn);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("serve_client: {size} bytes");
+        assert!(size <= 2048, "a client's task is {size} bytes");
     }
 }
