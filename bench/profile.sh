@@ -9,7 +9,8 @@
 #       stat     `perf stat`: CPU, context switches and migrations per message
 #       strace   `strace -c -f`: system calls per message (or per churn cycle)
 #       callgrind valgrind's exact user-space instruction count per message, then the
-#                functions by self cost (slow: run at least 6 s)
+#                functions by self cost (slow: run at least 6 s); CACHE_SIM=1 adds
+#                simulated L1 cache misses and mispredicted branches per message
 # MODE: echo | bulk | latency | churn (as `wsgate-bench load --mode`), or
 #       http: keep-alive `GET /small` (100 B; HTTP_PATH=/large: 16 KiB; HTTP_PATH=/post:
 #       the POST of 4 KiB answered with 100 B; HTTP_CLOSE=1: a new connection per
@@ -111,6 +112,9 @@ EOF
 wrap=()
 if [ "$tool" = callgrind ]; then
     wrap=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$tmp/callgrind.out")
+    # Simulated first-level caches (this host's sizes, no prefetching) and branch
+    # predictors: counts of misses, which say where time goes that instructions do not.
+    [ "${CACHE_SIM:-0}" = 1 ] && wrap+=(--cache-sim=yes --branch-sim=yes)
 fi
 case ${PROXY:-wsgate} in
 wsgate)
@@ -243,6 +247,15 @@ callgrind)
     out=$tmp/callgrind.out
     total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
     echo "${unit}s: $n; user-space instructions per $unit: $((total / n))"
+    if [ "${CACHE_SIM:-0}" = 1 ]; then
+        # The totals line: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim.
+        callgrind_annotate "$out" 2>/dev/null | awk -v n="$n" -v unit="$unit" '/PROGRAM TOTALS/ {
+            gsub(",", ""); v = 0
+            for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) x[++v] = $i
+            printf "per %s: L1 instruction misses %.0f, L1 data misses %.0f (reads %.0f, writes %.0f), last-level misses %.1f, mispredicted branches %.0f (conditional %.0f, indirect %.0f)\n", unit,
+                x[4] / n, (x[5] + x[6]) / n, x[5] / n, x[6] / n, (x[7] + x[8] + x[9]) / n, (x[11] + x[13]) / n, x[11] / n, x[13] / n
+        }'
+    fi
     callgrind_annotate "$out" 2>/dev/null | sed -n '/^Ir/,$p' | head -40
     ;;
 *)
