@@ -47,16 +47,6 @@ fn head_of(bytes: &[u8]) -> String {
     text[..end + 4].to_string()
 }
 
-/// Answers one plain HTTP request on `backend` with 200 "ok"; returns the request head.
-async fn answer_http_once(backend: &TcpListener) -> String {
-    let (mut s, _) = within(backend.accept()).await.unwrap();
-    let (head, _) = read_head(&mut s).await;
-    within(s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"))
-        .await
-        .unwrap();
-    head
-}
-
 /// A normal request on a new connection is forwarded and answered.
 async fn plain_request_works(gate: &Gate, backend: &TcpListener) {
     let (seen, (head, body)) = tokio::join!(

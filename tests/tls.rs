@@ -200,14 +200,7 @@ async fn an_https_request_that_asks_to_close_ends_with_close_notify() {
     let p = pki("close");
     let d = dir();
     let (backend_l, backend_addr) = listener().await;
-    let backend = tokio::spawn(async move {
-        let (mut s, _) = within(backend_l.accept()).await.unwrap();
-        let (head, _) = read_head(&mut s).await;
-        within(s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-            .await
-            .unwrap();
-        head
-    });
+    let backend = tokio::spawn(async move { answer_http_once(&backend_l).await });
     let gate = tls_gate(&p, &d, backend_addr).await;
 
     let mut tls = within(connect_tls(gate.addr, &p.ca_pem, &[b"http/1.1"]))

@@ -270,6 +270,17 @@ pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
     }
 }
 
+/// Answers one plain HTTP request on `backend` with 200 "ok" and closes; returns the
+/// request head.
+pub async fn answer_http_once(backend: &TcpListener) -> String {
+    let (mut s, _) = within(backend.accept()).await.unwrap();
+    let (head, _) = read_head(&mut s).await;
+    within(s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"))
+        .await
+        .unwrap();
+    head
+}
+
 /// A backend that refuses an upload: it takes the connection on `l`, checks the request
 /// is a `POST` of `path`, lets the first 64 KiB of its body arrive (the upload is under
 /// way), answers 413 `too large` with `Connection: close`, and closes with the rest of
